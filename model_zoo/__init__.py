@@ -1,0 +1,32 @@
+"""archscale's model zoo: CD, ND and ED transformers on one block library.
+
+    import model_zoo
+    model = model_zoo.build("nd", "debug")            # or "cd", "ed"; sizes: model_zoo.SIZES
+    out = model(input_ids, prefix_lengths=torch.tensor([3, 5]))
+    out.logits                                          # (B, T, vocab)
+
+Single-device torch + transformers only: no DeepSpeed, no training code. Models are Hugging Face
+`PreTrainedModel`s (save_pretrained / from_pretrained / generate), registered with the Auto
+classes so `AutoModelForCausalLM.from_pretrained(dir)` and `AutoModelForSeq2SeqLM` load them.
+"""
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from .config import DecoderConfig, EncoderDecoderConfig, option_names
+from .models import DecoderLM, EncoderDecoderLM, LMOutput
+from .sizes import ALIASES, ARCHS, SIZES, build, make_config, num_params, size_names, train_flops
+
+AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
+AutoConfig.register(EncoderDecoderConfig.model_type, EncoderDecoderConfig, exist_ok=True)
+AutoModelForCausalLM.register(DecoderConfig, DecoderLM, exist_ok=True)
+AutoModelForSeq2SeqLM.register(EncoderDecoderConfig, EncoderDecoderLM, exist_ok=True)
+
+
+def load(path, **kwargs):
+    """Load any archscale model directory written by save_pretrained (CD, ND or ED)."""
+    config = AutoConfig.from_pretrained(path)
+    cls = EncoderDecoderLM if config.model_type == EncoderDecoderConfig.model_type else DecoderLM
+    return cls.from_pretrained(path, **kwargs)
+
+
+__all__ = ["ALIASES", "ARCHS", "SIZES", "DecoderConfig", "DecoderLM", "EncoderDecoderConfig", "EncoderDecoderLM",
+           "LMOutput", "build", "load", "make_config", "num_params", "option_names", "size_names", "train_flops"]

@@ -1,0 +1,138 @@
+"""Hugging Face configs for the three architectures.
+
+`DecoderConfig` serves CD and ND: they are one model class with identical parameters and differ
+only in `prefix_attention` (ND: tokens of an example's prefix attend to each other in both
+directions). A CD checkpoint therefore loads as ND unchanged (the NC-A adaptation).
+`EncoderDecoderConfig` is ED: a bidirectional encoder and a causal decoder with cross-attention,
+each `n_layers` deep, built from the same blocks.
+
+Every option is validated here, with the valid choices in the message, so that a typo fails at
+construction and not somewhere inside a forward pass.
+"""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("geglu", "swiglu", "gelu")
+POSITIONS = ("rope", "t5_bias", "learned", "none")
+BIDIRECTIONAL_MODES = ("full", "mixed_heads", "mixed_layers")
+ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
+
+# Every option shared by both configs, with its default and meaning. The defaults are the
+# reference experiment's choices (Wang et al. 2022: T5.1.1-style blocks, GEGLU, RMSNorm,
+# T5 relative position buckets, tied embeddings, vocab 32128) at a tiny shape.
+COMMON_DEFAULTS = dict(
+    vocab_size=32128,        # T5's SentencePiece vocabulary incl. 100 sentinels, padded to x128
+    d_model=64,              # residual stream width
+    n_layers=2,              # decoder-only: layers; ED: layers of the encoder AND of the decoder
+    n_heads=4,               # attention heads
+    head_dim=16,             # width of one head (n_heads * head_dim need not equal d_model)
+    d_ff=128,                # MLP hidden width (per branch for the gated MLPs)
+    mlp="geglu",             # geglu (tanh-GELU gate, T5.1.1) | swiglu (Llama) | gelu (GPT-2, no gate)
+    norm="rmsnorm",          # rmsnorm (T5/Llama, fp32 statistics) | layernorm
+    norm_eps=1e-6,
+    position="t5_bias",      # rope | t5_bias (relative buckets, additive score bias) | learned | none
+    rope_theta=10000.0,      # RoPE base
+    rel_buckets=32,          # T5 relative-position buckets
+    rel_max_distance=128,    # T5: distances beyond this share the last bucket
+    max_position_embeddings=2048,  # size of the learned absolute table (position="learned")
+    tie_embeddings=True,     # lm_head shares the input embedding matrix
+    scale_tied_logits=True,  # tied: multiply final hidden by d_model**-0.5 before lm_head (T5/t5x)
+    scale_attn=True,         # scores * head_dim**-0.5; T5 uses False (the scale lives in the init)
+    bidirectional_mode="full",  # how bidirectional attention runs: full | mixed_heads | mixed_layers
+    attn_impl="auto",        # auto (flex on CUDA, SDPA on CPU) | reference | sdpa | flex
+    dropout=0.0,             # residual-branch and embedding dropout (reference: 0 pretrain, 0.1 MT-F)
+    z_loss=0.0,              # coefficient of log(Z)^2 added to the loss (reference: 1e-4)
+    initializer_range=0.02,  # std of the normal init of linear and embedding weights
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+class _ArchscaleConfig(PretrainedConfig):
+    """Fields and validation shared by both configs (see COMMON_DEFAULTS for each option)."""
+
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+        "intermediate_size": "d_ff",
+    }
+
+    def __init__(self, **kwargs):
+        own = {k: kwargs.pop(k, v) for k, v in COMMON_DEFAULTS.items()}
+        tie = own.pop("tie_embeddings")
+        for k, v in own.items():
+            setattr(self, k, v)
+        self.tie_embeddings = tie
+        kwargs.setdefault("tie_word_embeddings", tie)
+        super().__init__(pad_token_id=own["pad_token_id"], eos_token_id=own["eos_token_id"], **kwargs)
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("bidirectional_mode", self.bidirectional_mode, BIDIRECTIONAL_MODES)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
+        if self.bidirectional_mode == "mixed_heads" and self.n_heads % 2:
+            raise ValueError(f"bidirectional_mode='mixed_heads' needs an even n_heads, got {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss={self.z_loss} must be >= 0")
+
+
+class DecoderConfig(_ArchscaleConfig):
+    """CD / ND decoder-only model. `prefix_attention=False` is CD, True is ND.
+
+    ND: the tokens marked bidirectional (an example's prefix: `prefix_lengths` or the batch's
+    `bidirectional` tensor) attend to each other in both directions; all other tokens are causal.
+    With position="t5_bias" the decoder-only model uses bidirectional buckets for both CD and ND,
+    so the two share parameters exactly.
+    """
+
+    model_type = "archscale_decoder"
+
+    def __init__(self, prefix_attention: bool = False, **kwargs):
+        self.prefix_attention = prefix_attention
+        super().__init__(**kwargs)
+
+    @property
+    def arch(self) -> str:
+        return "nd" if self.prefix_attention else "cd"
+
+
+class EncoderDecoderConfig(_ArchscaleConfig):
+    """ED: bidirectional encoder, causal decoder with cross-attention; `n_layers` each.
+
+    The encoder uses bidirectional T5 buckets, the decoder unidirectional ones (as T5 does).
+    """
+
+    model_type = "archscale_ed"
+
+    def __init__(self, decoder_start_token_id: int | None = None, **kwargs):
+        kwargs.setdefault("is_encoder_decoder", True)
+        super().__init__(**kwargs)
+        self.decoder_start_token_id = self.pad_token_id if decoder_start_token_id is None else decoder_start_token_id
+
+    @property
+    def arch(self) -> str:
+        return "ed"
+
+
+def option_names() -> list[str]:
+    """All model options a user may set through `build(..., **overrides)`."""
+    return sorted(COMMON_DEFAULTS)

@@ -1,0 +1,242 @@
+"""Every attention mask of the project, written once.
+
+For a query token q and a key token k of one row (decoder self-attention):
+
+    allowed(q, k) = same_segment(q, k) and (
+                      direction(h, layer)(q, k)   if bidir[q] and bidir[k]   # both in a bidirectional prefix
+                      else k <= q )                                         # causal everywhere else
+
+`direction` is `full` (always true), `forward` (k <= q: lower-triangular) or `backward`
+(k >= q: upper-triangular). Mixed-direction attention gives half of the heads (`mixed_heads`) or
+every other layer (`mixed_layers`) the backward direction, so each head's matrix over the prefix
+is triangular (full rank) while the block as a whole stays bidirectional. (This refines the
+formula in shared/DESIGN.md, `k <= q or (bidir and direction)`, under which a backward head would
+see the whole prefix again: see docs/design.md.)
+
+* CD: no bidirectional tokens, so `same_segment and k <= q`.
+* ND: `bidir` marks each example's prefix.
+* Encoder: every token is bidirectional and nothing is causal: `same_segment and direction`.
+* Cross-attention: `same_segment` alone (decoder segment s sees encoder segment s).
+
+Padding is its own segment, so every query sees at least itself and no softmax row is empty.
+
+A mask is described by compact per-token tensors (`MaskSpec`: segment ids, bidirectional flags,
+the query offset of a KV cache) and turned, once per forward pass, into what the kernel needs:
+nothing for plain causal / full attention (flash SDPA), a flex-attention `BlockMask` (GPU path),
+or a dense boolean `[B, H|1, Tq, Tk]` tensor (reference path, CPU). Pipeline stages carry the
+per-token tensors, never a dense mask. The T5 relative-position bias is a score modification
+(`PositionBias`) kept next to the masks, never a dense `[B, H, T, T]` tensor on the GPU path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+DIRECTIONS = ("full", "forward", "backward", "mixed_heads")
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_idx, kv_idx) -> bool
+
+
+# --------------------------------------------------------------------------------------------
+# Predicates. Each works on broadcastable index tensors (dense masks) and on the scalar index
+# tensors flex attention traces them with.
+# --------------------------------------------------------------------------------------------
+def same_segment(q_seg: Tensor, kv_seg: Tensor) -> MaskMod:
+    return lambda b, h, q, k: q_seg[b, q] == kv_seg[b, k]
+
+
+def causal(offset: int = 0) -> MaskMod:
+    """k <= q, where query i sits at key index offset + i (KV cache)."""
+    return lambda b, h, q, k: k <= q + offset
+
+
+def anticausal(offset: int = 0) -> MaskMod:
+    return lambda b, h, q, k: k >= q + offset
+
+
+def direction(name: str, n_heads: int, offset: int = 0) -> Optional[MaskMod]:
+    """The predicate of a bidirectional block: None for `full` (no constraint)."""
+    if name == "full":
+        return None
+    if name == "forward":
+        return causal(offset)
+    if name == "backward":
+        return anticausal(offset)
+    if name == "mixed_heads":  # heads [0, H/2) forward, [H/2, H) backward
+        half = n_heads // 2
+        return lambda b, h, q, k: torch.where(h < half, k <= q + offset, k >= q + offset)
+    raise ValueError(f"direction={name!r} is not valid; choose one of {', '.join(DIRECTIONS)}")
+
+
+def both_bidirectional(q_bidir: Tensor, kv_bidir: Tensor) -> MaskMod:
+    return lambda b, h, q, k: q_bidir[b, q] & kv_bidir[b, k]
+
+
+def and_(*mods: Optional[MaskMod]) -> MaskMod:
+    mods = [m for m in mods if m is not None]
+
+    def mod(b, h, q, k):
+        out = mods[0](b, h, q, k)
+        for m in mods[1:]:
+            out = out & m(b, h, q, k)
+        return out
+
+    return mod
+
+
+def where(cond: MaskMod, if_true: Optional[MaskMod], if_false: MaskMod) -> MaskMod:
+    """cond ? if_true : if_false (if_true None means always allowed)."""
+    if if_true is None:
+        return lambda b, h, q, k: cond(b, h, q, k) | if_false(b, h, q, k)
+    return lambda b, h, q, k: torch.where(cond(b, h, q, k), if_true(b, h, q, k), if_false(b, h, q, k))
+
+
+# --------------------------------------------------------------------------------------------
+# The compact description of one attention call's mask.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MaskSpec:
+    """Per-token description of a mask; see the module docstring for the formula.
+
+    q_segments [B, Tq], kv_segments [B, Tk]: segment ids (None = one segment per row).
+    q_bidir [B, Tq], kv_bidir [B, Tk]: bidirectional-prefix flags (None = none: CD).
+    causal: decoder self-attention (False: encoder self-attention or cross-attention).
+    offset: index of query 0 among the keys (Tk - Tq with a KV cache, else 0).
+    direction: full | forward | backward | mixed_heads, for the bidirectional block.
+    cross: cross-attention: only `same_segment` applies.
+    """
+
+    q_segments: Optional[Tensor]
+    kv_segments: Optional[Tensor]
+    q_len: int
+    kv_len: int
+    causal: bool
+    q_bidir: Optional[Tensor] = None
+    kv_bidir: Optional[Tensor] = None
+    offset: int = 0
+    direction: str = "full"
+    cross: bool = False
+    n_heads: int = 1
+
+    @property
+    def per_head(self) -> bool:
+        return self.direction == "mixed_heads" and not self.cross and (self.q_bidir is not None or not self.causal)
+
+    def plain(self) -> Optional[str]:
+        """'causal' or 'full' when flash SDPA alone computes this mask, else None.
+
+        Decided from which tensors are present, never from their values (no host sync).
+        """
+        if self.q_segments is not None or self.kv_segments is not None:
+            return None
+        if self.cross:
+            return "full"
+        if not self.causal:
+            return "full" if self.direction == "full" else None
+        if self.q_bidir is not None:
+            return None
+        # causal with a cache offset: SDPA's is_causal is top-left aligned, so only Tq == 1
+        # (sees everything) or no offset are plain.
+        if self.q_len == 1:
+            return "full"
+        return "causal" if self.offset == 0 else None
+
+    def mask_mod(self) -> MaskMod:
+        seg = None
+        if self.q_segments is not None or self.kv_segments is not None:
+            if self.q_segments is None or self.kv_segments is None:
+                raise ValueError("segment ids must be given for both queries and keys, or for neither")
+            seg = same_segment(self.q_segments, self.kv_segments)
+        if self.cross:
+            allowed = None
+        elif not self.causal:
+            allowed = direction(self.direction, self.n_heads, self.offset)
+        elif self.q_bidir is None:
+            allowed = causal(self.offset)
+        else:
+            allowed = where(both_bidirectional(self.q_bidir, self.kv_bidir),
+                            direction(self.direction, self.n_heads, self.offset), causal(self.offset))
+        mods = [m for m in (seg, allowed) if m is not None]
+        if not mods:
+            return lambda b, h, q, k: torch.ones_like(q + k, dtype=torch.bool)
+        return and_(*mods)
+
+    def dense(self, batch_size: int, device) -> Tensor:
+        """Boolean [B, H|1, Tq, Tk] mask (reference path)."""
+        n_h = self.n_heads if self.per_head else 1
+        b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(n_h, device=device).view(1, -1, 1, 1)
+        q = torch.arange(self.q_len, device=device).view(1, 1, -1, 1)
+        k = torch.arange(self.kv_len, device=device).view(1, 1, 1, -1)
+        m = self.mask_mod()(b, h, q, k)
+        return m.expand(batch_size, n_h, self.q_len, self.kv_len)
+
+    def block_mask(self, batch_size: int, device):
+        """flex-attention BlockMask (built once per forward pass and shared by the layers)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n_h = self.n_heads if self.per_head else None
+        return create_block_mask(self.mask_mod(), batch_size, n_h, self.q_len, self.kv_len, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# T5 relative position bias as a score modification.
+# --------------------------------------------------------------------------------------------
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Tensor:
+    """T5's bucketing of (key position - query position).
+
+    Half of the buckets (all of them when unidirectional) hold exact small distances; the rest
+    grow logarithmically up to `max_distance`, beyond which distances share the last bucket.
+    Unidirectional: keys after the query all map to bucket 0 (they are masked anyway).
+    """
+    ret = torch.zeros_like(relative_position)
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        ret = ret + (relative_position > 0).long() * n
+        dist = relative_position.abs()
+    else:
+        dist = (-relative_position).clamp(min=0)
+    max_exact = n // 2
+    is_small = dist < max_exact
+    # log-spaced buckets for max_exact <= dist < max_distance; fp32 math exactly as in T5, so
+    # that bucket boundaries match its checkpoints
+    large = max_exact + (
+        torch.log(dist.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+        * (n - max_exact)
+    ).long()
+    large = large.clamp(max=n - 1)
+    return ret + torch.where(is_small, dist, large)
+
+
+@dataclass
+class PositionBias:
+    """Additive score bias table[k_pos - q_pos + span, h] (T5 relative positions).
+
+    table [2*span+1, H]: the bias for every relative distance in [-span, span] (distances are
+    clamped to that range: beyond it all share T5's last bucket), computed once per forward from
+    the learned bucket embedding. q_pos [B, Tq], k_pos [B, Tk]: per-token positions
+    (they restart at 0 in every packed example, so distances are measured within an example).
+    """
+
+    table: Tensor
+    q_pos: Tensor
+    k_pos: Tensor
+    span: int
+
+    def dense(self) -> Tensor:
+        rel = (self.k_pos[:, None, :] - self.q_pos[:, :, None]).clamp(-self.span, self.span) + self.span  # (B, Tq, Tk)
+        return self.table[rel].permute(0, 3, 1, 2)  # (B, H, Tq, Tk)
+
+    def score_mod(self):
+        table, q_pos, k_pos, span = self.table, self.q_pos, self.k_pos, self.span
+
+        def mod(score, b, h, q, k):
+            return score + table[torch.clamp(k_pos[b, k] - q_pos[b, q], -span, span) + span, h].to(score.dtype)
+
+        return mod

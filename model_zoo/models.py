@@ -1,0 +1,317 @@
+"""The three architectures as Hugging Face models, all made of `blocks.Stack`.
+
+* `DecoderLM`: CD and ND. One class, one set of parameters; `config.prefix_attention` decides
+  whether the tokens marked bidirectional (`prefix_lengths` or `bidirectional`) see each other in
+  both directions. Labels follow the Hugging Face convention (aligned with input_ids, shifted
+  here).
+* `EncoderDecoderLM`: ED. Encoder bidirectional over `input_ids`; decoder causal over
+  `decoder_input_ids` with cross-attention; labels aligned with the decoder outputs (T5).
+
+Packed rows: `segment_ids` (padding is its own segment) keep examples apart in every attention,
+cross-attention included, and positions restart in every example unless `position_ids` are
+given. Without segment ids, `attention_mask` (1 = token, 0 = padding) plays their role.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .blocks import Stack, positions_from_segments
+from .config import DecoderConfig, EncoderDecoderConfig
+
+# Keyword arguments that Hugging Face utilities pass and that these models accept and ignore.
+_IGNORED_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
+                   "token_type_ids", "decoder_attention_mask", "head_mask", "decoder_head_mask",
+                   "cross_attn_head_mask", "num_items_in_batch"}
+
+
+def _check_kwargs(kwargs: dict, model: str) -> None:
+    unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"{model}.forward got unexpected argument(s) {unknown}; see its docstring for the inputs")
+
+
+# transformers renamed `past_key_values` to `cache` (5.2x); generate reads whichever it knows.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_OUTPUT_FIELDS = {"loss": Optional[Tensor], "logits": Optional[Tensor], "ce_loss": Optional[Tensor],
+                  "z_loss": Optional[Tensor], "encoder_last_hidden_state": Optional[Tensor],
+                  _CACHE_FIELD: Optional[object]}
+LMOutput = dataclass(type("LMOutput", (ModelOutput,), {
+    "__annotations__": _OUTPUT_FIELDS, **dict.fromkeys(_OUTPUT_FIELDS), "__module__": __name__,
+    "__doc__": "loss (cross-entropy + z-loss), its parts `ce_loss` and `z_loss`, logits [B, T, V], the "
+               "encoder output (ED) and the KV cache (field `cache`, or `past_key_values` on older transformers)."}))
+
+
+def _output(cache, **fields) -> LMOutput:
+    return LMOutput(**fields, **{_CACHE_FIELD: cache})
+
+
+def lm_loss(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy over labels != -100, plus z_loss * mean(logsumexp(logits)^2) over the
+    same tokens (PaLM / the reference experiment's z-loss keeps the softmax normaliser near 1)."""
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V) fp32
+    labels = labels.reshape(-1)
+    ce = F.cross_entropy(logits, labels, ignore_index=-100)
+    if z_loss == 0:
+        zero = ce.new_zeros(())
+        return ce, ce, zero
+    keep = labels != -100
+    z = (torch.logsumexp(logits[keep], dim=-1) ** 2).mean() if keep.any() else ce.new_zeros(())
+    return ce + z_loss * z, ce, z
+
+
+def _key_segments(segment_ids, attention_mask, past: int, t_new: int, name: str) -> Optional[Tensor]:
+    """Segment ids over all keys (cached + new): segment_ids, else the 0/1 attention mask."""
+    seg = segment_ids if segment_ids is not None else attention_mask
+    if seg is None:
+        return None
+    if seg.shape[1] != past + t_new:
+        raise ValueError(f"{name} has length {seg.shape[1]} but the cache holds {past} tokens and {t_new} are new: "
+                         f"pass it over the whole sequence ({past + t_new} tokens)")
+    return seg.long()
+
+
+class _PreTrained(PreTrainedModel):
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _no_split_modules = ["Block"]
+
+    def _lm_logits(self, hidden: Tensor) -> Tensor:
+        if self.config.tie_embeddings and self.config.scale_tied_logits:
+            hidden = hidden * self.config.d_model ** -0.5  # t5x: logits through the embedding are rescaled
+        return self.lm_head(hidden)  # (B, T, V)
+
+
+# ============================================================================ decoder: CD / ND
+class DecoderModel(Stack):
+    """Token embedding + the decoder stack (the trunk of CD and ND)."""
+
+    def __init__(self, config: DecoderConfig):
+        # bidirectional buckets for both CD and ND, so that they share parameters exactly
+        super().__init__(config, causal=True, cross=False, rel_bidirectional=True)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+
+
+class DecoderLM(_PreTrained, GenerationMixin):
+    """CD / ND decoder-only language model.
+
+    forward(input_ids [B, T], labels=None [B, T], prefix_lengths=None [B], segment_ids=None [B, T],
+    position_ids=None [B, T], bidirectional=None [B, T] bool, attention_mask=None [B, T], cache=None)
+    * prefix_lengths: the first n tokens of each row are its bidirectional prefix (ND; CD ignores
+      it). `bidirectional` is the general per-token form (several packed examples per row).
+    * With a KV cache, segment_ids / attention_mask / bidirectional cover the whole sequence
+      (cached + new tokens), as transformers' generate passes them.
+    """
+
+    config_class = DecoderConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _bidirectional(self, prefix_lengths, bidirectional, total: int, device) -> Optional[Tensor]:
+        if not self.config.prefix_attention:
+            return None  # CD: the same batch, every token causal
+        if bidirectional is not None:
+            if bidirectional.shape[1] != total:
+                raise ValueError(f"bidirectional has length {bidirectional.shape[1]}, expected {total}")
+            return bidirectional.bool()
+        if prefix_lengths is not None:
+            return torch.arange(total, device=device)[None, :] < prefix_lengths.to(device)[:, None]
+        return None
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
+                segment_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                bidirectional: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, cache=None,
+                past_key_values=None, use_cache: Optional[bool] = None, **kwargs) -> LMOutput:
+        _check_kwargs(kwargs, "DecoderLM")
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if not use_cache and use_cache is not None:
+            cache = None
+        b, t = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        kv_seg = _key_segments(segment_ids, attention_mask, past, t, "segment_ids" if segment_ids is not None
+                               else "attention_mask")
+        q_seg = kv_seg[:, past:] if kv_seg is not None else None
+        if kv_seg is not None:
+            kv_pos = positions_from_segments(kv_seg)
+        else:
+            kv_pos = torch.arange(past + t, device=input_ids.device).expand(b, -1)
+        if position_ids is not None and past == 0:
+            kv_pos = position_ids
+        q_pos = position_ids if position_ids is not None else kv_pos[:, past:]
+        kv_bidir = self._bidirectional(prefix_lengths, bidirectional, past + t, input_ids.device)
+        q_bidir = kv_bidir[:, past:] if kv_bidir is not None else None
+
+        stack = self.model
+        hidden = stack.embed_tokens(input_ids)  # (B, T, D)
+        ctx = stack.build_context(hidden, segment_ids=q_seg, kv_segment_ids=kv_seg, positions=q_pos,
+                                  kv_positions=kv_pos, bidirectional=q_bidir, kv_bidirectional=kv_bidir,
+                                  offset=past, cache=cache)
+        hidden = stack.run(hidden, ctx, q_pos)
+        logits = self._lm_logits(hidden)
+        loss = ce = z = None
+        if labels is not None:
+            loss, ce, z = lm_loss(logits[:, :-1], labels[:, 1:], self.config.z_loss)  # predict the next token
+        return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z)
+
+    def generate(self, input_ids: Optional[Tensor] = None, **kwargs):
+        """transformers' generate. ND: the prompt is the bidirectional prefix unless
+        `prefix_lengths` says otherwise; the prefix stays fixed while tokens are generated."""
+        if self.config.prefix_attention and input_ids is not None and kwargs.get("prefix_lengths") is None \
+                and kwargs.get("bidirectional") is None:
+            kwargs["prefix_lengths"] = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+        return super().generate(input_ids, **kwargs)
+
+
+# ================================================================================ ED
+class Encoder(Stack):
+    """The ED encoder: bidirectional over each segment (direction per config.bidirectional_mode).
+    It reads the shared embedding of its parent model (held without registering it twice)."""
+
+    main_input_name = "input_ids"  # read by transformers' generate
+
+    def __init__(self, config: EncoderDecoderConfig, embed: nn.Embedding):
+        super().__init__(config, causal=False, cross=False, rel_bidirectional=True)
+        object.__setattr__(self, "_embed", embed)  # not a submodule: the parent owns `shared`
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                segment_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                **kwargs) -> BaseModelOutput:
+        _check_kwargs(kwargs, "Encoder")
+        b, t = input_ids.shape
+        seg = _key_segments(segment_ids, attention_mask, 0, t, "segment_ids")
+        if position_ids is None:
+            position_ids = positions_from_segments(seg) if seg is not None else torch.arange(
+                t, device=input_ids.device).expand(b, -1)
+        hidden = self._embed(input_ids)  # (B, Ti, D)
+        ctx = self.build_context(hidden, segment_ids=seg, kv_segment_ids=seg, positions=position_ids,
+                                 kv_positions=position_ids, bidirectional=None, kv_bidirectional=None, offset=0)
+        return BaseModelOutput(last_hidden_state=self.run(hidden, ctx, position_ids))
+
+
+class EncoderDecoderLM(_PreTrained, GenerationMixin):
+    """ED encoder-decoder language model (T5 layout).
+
+    forward(input_ids [B, Ti], decoder_input_ids [B, To] (or derived from labels by T5's shift
+    right), labels=None [B, To], attention_mask / segment_ids [B, Ti], position_ids [B, Ti],
+    decoder_segment_ids / decoder_position_ids [B, To], encoder_outputs=None, cache=None).
+    Cross-attention joins equal segment ids only. Without segment ids, every decoder token sees
+    the encoder tokens whose attention_mask is 1.
+    """
+
+    config_class = EncoderDecoderConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "shared.weight"}
+
+    def __init__(self, config: EncoderDecoderConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Encoder(config, self.shared)
+        self.decoder = Stack(config, causal=True, cross=True, rel_bidirectional=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, value):
+        self.shared = value
+        object.__setattr__(self.encoder, "_embed", value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_encoder(self, modality=None):
+        return self.encoder
+
+    def shift_right(self, labels: Tensor, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """T5's decoder inputs: decoder_start_token_id then the labels minus the last, with -100
+        read as padding; with segment ids, every packed example starts anew."""
+        start = self.config.decoder_start_token_id
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        if segment_ids is not None:
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            shifted = torch.where(first, torch.full_like(shifted, start), shifted)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def forward(self, input_ids: Optional[Tensor] = None, decoder_input_ids: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                segment_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                decoder_segment_ids: Optional[Tensor] = None, decoder_position_ids: Optional[Tensor] = None,
+                encoder_outputs=None, cache=None, past_key_values=None, use_cache: Optional[bool] = None,
+                **kwargs) -> LMOutput:
+        _check_kwargs(kwargs, "EncoderDecoderLM")
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("EncoderDecoderLM needs input_ids or encoder_outputs")
+            encoder_outputs = self.encoder(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+                                           position_ids=position_ids)
+        enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("EncoderDecoderLM needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels, decoder_segment_ids)
+
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if not use_cache and use_cache is not None:
+            cache = None
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        b, t = decoder_input_ids.shape
+        past = self_cache.get_seq_length() if self_cache is not None else 0
+
+        enc_seg = segment_ids if segment_ids is not None else attention_mask
+        enc_seg = enc_seg.long() if enc_seg is not None else None
+        kv_seg = _key_segments(decoder_segment_ids, None, past, t, "decoder_segment_ids")
+        q_seg = kv_seg[:, past:] if kv_seg is not None else None
+        # cross-attention: decoder segment s sees encoder segment s; without decoder segments
+        # every decoder token belongs to the encoder's (attention_mask) segment 1
+        cross_q_seg = q_seg
+        if cross_q_seg is None and enc_seg is not None:
+            cross_q_seg = torch.ones(b, t, dtype=torch.long, device=enc.device)
+        if kv_seg is not None:
+            kv_pos = positions_from_segments(kv_seg)
+        else:
+            kv_pos = torch.arange(past + t, device=enc.device).expand(b, -1)
+        if decoder_position_ids is not None and past == 0:
+            kv_pos = decoder_position_ids
+        q_pos = decoder_position_ids if decoder_position_ids is not None else kv_pos[:, past:]
+
+        hidden = self.shared(decoder_input_ids)  # (B, To, D)
+        ctx = self.decoder.build_context(hidden, segment_ids=q_seg, kv_segment_ids=kv_seg, positions=q_pos,
+                                         kv_positions=kv_pos, bidirectional=None, kv_bidirectional=None,
+                                         offset=past, cache=self_cache, encoder_hidden=enc,
+                                         encoder_segment_ids=enc_seg, decoder_segments_for_cross=cross_q_seg)
+        hidden = self.decoder.run(hidden, ctx, q_pos)
+        logits = self._lm_logits(hidden)
+        loss = ce = z = None
+        if labels is not None:
+            loss, ce, z = lm_loss(logits, labels, self.config.z_loss)  # labels aligned with outputs (T5)
+        return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z, encoder_last_hidden_state=enc)

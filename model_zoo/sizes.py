@@ -1,0 +1,136 @@
+"""Named sizes, `build`, the analytic parameter count and the FLOPs formula.
+
+Sizes follow the T5 v1.1 ladder of shapes, whose largest, `xxl`, is exactly the reference
+experiment's (Wang et al. 2022): 24 layers, d_model 4096, 64 heads of 64, d_ff 10240 GEGLU,
+vocab 32128. The same shape is a 4.8B-parameter CD/ND model and an 11B ED model (24 encoder +
+24 decoder layers), hence the aliases `4.8b` and `11b`. A size fixes the shape; every other
+option keeps the reference defaults (config.COMMON_DEFAULTS) unless overridden.
+"""
+from __future__ import annotations
+
+from .config import COMMON_DEFAULTS, DecoderConfig, EncoderDecoderConfig
+
+SIZES: dict[str, dict] = {
+    # tiny, for tests and CPU debugging: seconds per step on a laptop
+    "debug": dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128, vocab_size=512),
+    "tiny": dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=640),
+    "small": dict(d_model=512, n_layers=8, n_heads=6, head_dim=64, d_ff=1024),  # T5.1.1-small
+    "base": dict(d_model=768, n_layers=12, n_heads=12, head_dim=64, d_ff=2048),  # T5.1.1-base
+    "large": dict(d_model=1024, n_layers=24, n_heads=16, head_dim=64, d_ff=2816),  # T5.1.1-large
+    "xl": dict(d_model=2048, n_layers=24, n_heads=32, head_dim=64, d_ff=5120),  # T5.1.1-xl
+    "xxl": dict(d_model=4096, n_layers=24, n_heads=64, head_dim=64, d_ff=10240),  # the reference shape
+}
+ALIASES = {"4.8b": "xxl", "11b": "xxl"}  # the reference CD/ND and ED models
+ARCHS = ("cd", "nd", "ed")
+
+
+def size_names() -> list[str]:
+    return list(SIZES) + list(ALIASES)
+
+
+def make_config(arch: str, size: str = "debug", **overrides):
+    """The HF config of `arch` ("cd" | "nd" | "ed") at a named `size`, with option overrides."""
+    arch = arch.lower() if isinstance(arch, str) else arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    key = ALIASES.get(size, size)
+    if key not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(size_names())}")
+    valid = set(COMMON_DEFAULTS) | ({"decoder_start_token_id"} if arch == "ed" else set())
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
+    kwargs = {**SIZES[key], **overrides}
+    if arch == "ed":
+        return EncoderDecoderConfig(**kwargs)
+    return DecoderConfig(prefix_attention=(arch == "nd"), **kwargs)
+
+
+def build(arch: str, size: str = "debug", *, device=None, dtype=None, **overrides):
+    """A freshly initialised model: `build("cd", "debug")`, `build("ed", "11b", device="meta")`.
+
+    device="meta" builds the structure without memory (parameter counting, planning).
+    """
+    import torch
+
+    from .models import DecoderLM, EncoderDecoderLM
+
+    config = make_config(arch, size, **overrides)
+    cls = EncoderDecoderLM if config.arch == "ed" else DecoderLM
+    if device is not None and str(device) == "meta":
+        with torch.device("meta"):
+            model = cls(config)
+    else:
+        model = cls(config)
+        if device is not None:
+            model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+# ------------------------------------------------------------------------------- parameters
+def _block_params(c, cross: bool) -> int:
+    d, inner = c.d_model, c.n_heads * c.head_dim
+    norm = d if c.norm == "rmsnorm" else 2 * d  # LayerNorm has a bias
+    attn = 4 * d * inner  # q, k, v, o
+    mlp = (3 if c.mlp in ("geglu", "swiglu") else 2) * d * c.d_ff
+    return attn + mlp + 2 * norm + ((attn + norm) if cross else 0)
+
+
+def _stack_params(c, cross: bool) -> int:
+    norm = c.d_model if c.norm == "rmsnorm" else 2 * c.d_model
+    pos = {"t5_bias": c.rel_buckets * c.n_heads, "learned": c.max_position_embeddings * c.d_model}.get(c.position, 0)
+    return c.n_layers * _block_params(c, cross) + norm + pos
+
+
+def num_params(config) -> int:
+    """Parameters of the model `config` describes, counting tied matrices once."""
+    embed = config.vocab_size * config.d_model
+    head = 0 if config.tie_embeddings else embed
+    if config.arch == "ed":
+        return embed + head + _stack_params(config, cross=False) + _stack_params(config, cross=True)
+    return embed + head + _stack_params(config, cross=False)
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+def attended_pairs(seq_len: int, prefix_len: int = 0, causal: bool = True) -> float:
+    """Number of (query, key) pairs a mask allows in one example of `seq_len` tokens.
+
+    causal: T(T+1)/2. Prefix of p tokens (ND): p^2 + sum_{i=p}^{T-1} (i+1). Bidirectional
+    (encoder): T^2. Mixed-direction heads count as their union (the kernel computes whole blocks).
+    """
+    t, p = seq_len, min(prefix_len, seq_len)
+    if not causal:
+        return float(t * t)
+    return p * p + (t * (t + 1) - p * (p + 1)) / 2
+
+
+def train_flops(config, seq_len: int, prefix_len: int = 0, target_len: int = 0) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of one example. Documented formula:
+
+    forward = 2 * (matmul parameters a token passes through) * tokens
+            + 4 * n_layers * (n_heads * head_dim) * attended (query, key) pairs
+    (2 FLOPs per multiply-add; the attention term is QK^T and AV). The embedding lookup costs
+    nothing; the LM head (V x D) counts for every token that produces logits (decoder tokens).
+
+    Decoder (CD / ND): `seq_len` tokens, the first `prefix_len` bidirectional (ND; 0 for CD).
+    ED: `seq_len` encoder tokens and `target_len` decoder tokens; the decoder's cross-attention
+    K/V projections run on the encoder tokens once per decoder layer.
+    The same formula serves every architecture, so MFU and compute-matched comparisons agree.
+    """
+    c = config
+    d, inner, L = c.d_model, c.n_heads * c.head_dim, c.n_layers
+    attn_proj = 4 * d * inner
+    mlp = (3 if c.mlp in ("geglu", "swiglu") else 2) * d * c.d_ff
+    head = c.vocab_size * d
+    if c.arch != "ed":
+        fwd = 2 * (L * (attn_proj + mlp) + head) * seq_len
+        fwd += 4 * L * inner * attended_pairs(seq_len, prefix_len if c.arch == "nd" else 0, causal=True)
+        return 3.0 * fwd
+    ti, to = seq_len, target_len
+    enc = 2 * L * (attn_proj + mlp) * ti + 4 * L * inner * attended_pairs(ti, causal=False)
+    cross_kv = 2 * L * (2 * d * inner) * ti  # k, v projections of the encoder output
+    dec = 2 * (L * (attn_proj + 2 * d * inner + mlp) + head) * to  # self-attn, cross q/o, MLP, head
+    dec += 4 * L * inner * (attended_pairs(to, causal=True) + to * ti)  # self + cross attention
+    return 3.0 * (enc + cross_kv + dec)
