@@ -1,0 +1,255 @@
+"""Submit one run, a sweep (one job array over a grid) or a chain (afterok dependencies).
+
+Every submission is checked before anything is queued (partition, GPUs, nodes, time limit, a
+writable run directory) and recorded in RUN/slurm/submissions.jsonl, which `status` reads.
+`dry_run=True` renders the script and returns it: no Slurm command runs, no file is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import re
+import time
+
+from . import cluster
+from .cluster import SlurmError
+from .render import FINISHED, Resources, render_array, render_job, trainer_command, check_path
+
+
+@dataclasses.dataclass
+class Submission:
+    job_id: str | None  # None for a dry run, or a sweep with nothing left to run
+    script: str  # the rendered script's text
+    script_path: pathlib.Path | None  # where it was written (None for a dry run)
+    run_dir: pathlib.Path
+
+
+def _record(run_dir: pathlib.Path, **fields) -> None:
+    with open(run_dir / "slurm" / "submissions.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}) + "\n")
+
+
+def submissions(run_dir) -> list[dict]:
+    p = pathlib.Path(run_dir) / "slurm" / "submissions.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _check_not_active(run_dir: pathlib.Path) -> None:
+    """Two jobs writing one run directory would corrupt it: refuse while one is queued or running."""
+    subs = submissions(run_dir)
+    if not subs:
+        return
+    active = cluster.active_jobs()
+    for s in reversed(subs):
+        jid = s.get("job_id")
+        if jid and jid in active:
+            raise SlurmError(f"run directory {run_dir} already has job {jid} {active[jid][0].lower()}; "
+                             f"cancel it (scancel {jid}) or choose another run directory")
+
+
+def submit(config: str, overrides=(), *, run_dir, resources: Resources = Resources(),
+           after: str | None = None, dry_run: bool = False, command: list[str] | None = None,
+           entry=None, env: dict | None = None, job_name: str | None = None,
+           python: str | None = None) -> Submission:
+    """Render RUN_DIR/slurm/job.sh for `python -m train train CONFIG OVERRIDES run_dir=RUN_DIR`
+    and submit it (after job `after` succeeds, if given). `command` replaces the whole trainer
+    command line; `entry` only the `-m train train` part."""
+    run_dir = pathlib.Path(run_dir).absolute()
+    try:
+        check_path(run_dir)
+    except ValueError as e:
+        raise SlurmError(str(e)) from None
+    if pathlib.Path(config).is_file():  # the job may start elsewhere (a cell, a resubmission)
+        config = str(pathlib.Path(config).absolute())
+    if command is None:
+        command = trainer_command(config, overrides, run_dir, python=python,
+                                  **({"entry": entry} if entry is not None else {}))
+    script = render_job(command, run_dir, resources, job_name=job_name, after=after, env=env)
+    if dry_run:
+        return Submission(None, script, None, run_dir)
+    cluster.check_resources(resources)
+    cluster.check_writable(run_dir)
+    _check_not_active(run_dir)
+    path = run_dir / "slurm" / "job.sh"
+    path.write_text(script)
+    job_id = cluster.sbatch(path)
+    _record(run_dir, job_id=job_id, script=str(path), command=command, after=after)
+    return Submission(job_id, script, path, run_dir)
+
+
+# ---------------------------------------------------------------- sweeps
+@dataclasses.dataclass
+class Sweep:
+    """A grid of overrides (the product of every key's values), one run directory per cell."""
+    dir: pathlib.Path
+    config: str
+    grid: dict[str, list]
+    overrides: list[str] = dataclasses.field(default_factory=list)  # common to every cell
+    resources: Resources = dataclasses.field(default_factory=Resources)
+    concurrency: int | None = None  # at most this many cells at once (--array=...%K)
+    entry: list[str] | None = None  # replaces `-m train train` (tests: a stand-in trainer)
+    name: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path) -> "Sweep":
+        """config, grid {key: [values]}, and optionally dir, overrides, concurrency, slurm {...},
+        entry, name. Relative paths are relative to the YAML file's folder."""
+        import yaml  # only the YAML front end needs it
+
+        path = pathlib.Path(path)
+        d = yaml.safe_load(path.read_text()) or {}
+        known = {"config", "grid", "dir", "overrides", "concurrency", "slurm", "entry", "name"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SlurmError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        for key in ("config", "grid"):
+            if key not in d:
+                raise SlurmError(f"{path}: missing {key!r}")
+        base = path.parent
+        name = d.get("name") or path.stem
+        try:
+            res = Resources.from_dict(d.get("slurm"))
+        except (TypeError, ValueError) as e:
+            raise SlurmError(f"{path}: {e}") from None
+        config = d["config"]
+        if not pathlib.Path(config).is_absolute() and (base / config).exists():
+            config = str((base / config).resolve())
+        return cls(dir=(base / d.get("dir", f"runs/{name}")).absolute(), config=str(config),
+                   grid=d["grid"], overrides=list(d.get("overrides") or []), resources=res,
+                   concurrency=d.get("concurrency"), entry=d.get("entry"), name=name)
+
+    def cells(self) -> list[dict]:
+        """[{index, name, run_dir, overrides}] in a fixed order (the grid's key order)."""
+        if not isinstance(self.grid, dict) or not self.grid:
+            raise SlurmError("the grid must map override keys to lists of values")
+        keys = list(self.grid)
+        values = [v if isinstance(v, list) else [v] for v in self.grid.values()]
+        cells, seen = [], set()
+        for i, combo in enumerate(itertools.product(*values)):
+            name = "-".join(_label(k, v) for k, v in zip(keys, combo))
+            if name in seen:
+                name = f"{i:03d}-{name}"
+            seen.add(name)
+            cells.append({"index": i, "name": name, "run_dir": str(self.dir / name),
+                          "overrides": [*self.overrides, *(f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo))]})
+        return cells
+
+
+def _label(key: str, value) -> str:
+    """A short, path-safe label: the value, prefixed by the key's last part when it is a number."""
+    v = re.sub(r"[^A-Za-z0-9._+-]", "_", _yaml_value(value))
+    return f"{key.split('.')[-1]}{v}" if isinstance(value, (int, float)) and not isinstance(value, bool) else v
+
+
+def _yaml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def is_finished(run_dir) -> bool:
+    return (pathlib.Path(run_dir) / FINISHED).exists()
+
+
+def submit_sweep(sweep: Sweep, *, dry_run: bool = False, after: str | None = None,
+                 python: str | None = None) -> Submission:
+    """One job array over the cells that are not finished. Writes SWEEP/sweep.json (the manifest
+    the array tasks read by SLURM_ARRAY_TASK_ID) and each cell's RUN/slurm/job.sh."""
+    cells = sweep.cells()
+    todo = [c for c in cells if not is_finished(c["run_dir"])]
+    manifest = sweep.dir / "sweep.json"
+    scripts = {}
+    for c in cells:
+        command = trainer_command(sweep.config, c["overrides"], c["run_dir"], python=python,
+                                  **({"entry": sweep.entry} if sweep.entry else {}))
+        c["command"] = command
+        scripts[c["index"]] = render_job(command, c["run_dir"], sweep.resources,
+                                         job_name=f"archscale-{c['name']}")
+    indices = [c["index"] for c in todo]
+    array = render_array(manifest, indices or [0], sweep.resources, concurrency=sweep.concurrency,
+                         job_name=f"archscale-{sweep.name or sweep.dir.name}", after=after, python=python)
+    if dry_run:
+        return Submission(None, array, None, sweep.dir)
+    cluster.check_writable(sweep.dir)
+    manifest.write_text(json.dumps({"name": sweep.name, "config": sweep.config, "grid": sweep.grid,
+                                    "cells": cells}, indent=1) + "\n")
+    for c in cells:
+        run_dir = pathlib.Path(c["run_dir"])
+        cluster.check_writable(run_dir)
+        (run_dir / "slurm" / "job.sh").write_text(scripts[c["index"]])
+    if not todo:
+        return Submission(None, array, None, sweep.dir)
+    cluster.check_resources(sweep.resources)
+    active = cluster.active_jobs()
+    for c in todo:
+        for s in reversed(submissions(c["run_dir"])):
+            if s.get("job_id") in active:
+                raise SlurmError(f"cell {c['name']} already has job {s['job_id']} queued or running; "
+                                 f"cancel it or wait")
+    path = sweep.dir / "slurm" / "array.sh"
+    path.write_text(array)
+    job_id = cluster.sbatch(path)
+    _record(sweep.dir, job_id=job_id, script=str(path), indices=indices, after=after)
+    for c in todo:
+        _record(pathlib.Path(c["run_dir"]), job_id=f"{job_id}_{c['index']}", script=str(path), sweep=str(manifest))
+    return Submission(job_id, array, path, sweep.dir)
+
+
+# ---------------------------------------------------------------- chains
+@dataclasses.dataclass
+class Stage:
+    """One step of a chain (e.g. pretrain -> adapt -> finetune -> evaluate): its own run."""
+    config: str
+    run_dir: pathlib.Path
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    resources: Resources = dataclasses.field(default_factory=Resources)
+    entry: list[str] | None = None
+    name: str | None = None
+
+
+def load_chain(path) -> list[Stage]:
+    """YAML: `slurm: {...}` defaults for every stage, `stages: [{name, config, run_dir,
+    overrides, slurm, entry}, ...]` in order. Relative paths are relative to the file's folder."""
+    import yaml
+
+    path = pathlib.Path(path)
+    d = yaml.safe_load(path.read_text()) or {}
+    if not d.get("stages"):
+        raise SlurmError(f"{path}: no stages")
+    base = path.parent
+    stages = []
+    for i, s in enumerate(d["stages"]):
+        missing = [k for k in ("config", "run_dir") if k not in s]
+        if missing:
+            raise SlurmError(f"{path}: stage {i} lacks {', '.join(missing)}")
+        try:
+            res = Resources.from_dict({**(d.get("slurm") or {}), **(s.get("slurm") or {})})
+        except (TypeError, ValueError) as e:
+            raise SlurmError(f"{path}: stage {i}: {e}") from None
+        stages.append(Stage(config=str(s["config"]), run_dir=(base / s["run_dir"]).absolute(),
+                            overrides=list(s.get("overrides") or []), resources=res,
+                            entry=s.get("entry") or d.get("entry"), name=s.get("name")))
+    return stages
+
+
+def submit_chain(stages: list[Stage], *, after: str | None = None, dry_run: bool = False,
+                 python: str | None = None) -> list[Submission]:
+    """Each stage waits for the previous one to succeed (afterok); if one fails, Slurm cancels
+    the rest (--kill-on-invalid-dep=yes) instead of leaving them pending forever. All stages are
+    checked before the first is submitted."""
+    if not dry_run:
+        for s in stages:
+            cluster.check_resources(s.resources)
+            cluster.check_writable(pathlib.Path(s.run_dir).absolute())
+    subs, parent = [], after
+    for s in stages:
+        sub = submit(s.config, s.overrides, run_dir=s.run_dir, resources=s.resources, after=parent,
+                     dry_run=dry_run, entry=s.entry, python=python,
+                     job_name=f"archscale-{s.name}" if s.name else None)
+        subs.append(sub)
+        parent = sub.job_id or f"<job of {s.name or s.run_dir}>"
+    return subs

@@ -1,0 +1,409 @@
+"""The Slurm launchers against a real single-node Slurm cluster (slurm/local_cluster.sh).
+
+The trainer is played by a stand-in program (STANDIN below) that keeps the trainer's side of the
+contract: it counts steps, keeps RUN/checkpoints/latest, saves and exits on USR1 or TERM, resumes
+from the latest checkpoint and writes RUN/FINISHED at the end. Every job that takes a while is
+submitted at once by the `launched` fixture, so they run side by side (the node declares 8 CPUs)
+while the quick tests run; each slow test then polls for its own job's outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import slurm
+from slurm import Resources, cluster
+from slurm.render import compress
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+
+STANDIN = r'''
+"""Stand-in trainer: counts steps, keeps checkpoints/latest, saves and exits on USR1/TERM."""
+import json, os, pathlib, signal, sys, time
+
+kv = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)  # argv: CONFIG a=b ... run_dir=RUN
+run = pathlib.Path(kv["run_dir"])
+steps, dt, mode = int(kv.get("steps", 10)), float(kv.get("dt", 0.05)), kv.get("mode", "ok")
+rank = int(os.environ.get("RANK", 0))
+ckpt = run / "checkpoints" / "latest"
+ckpt.parent.mkdir(parents=True, exist_ok=True)
+step = int(ckpt.read_text().split("-")[1]) if ckpt.exists() else 0
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
+signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
+
+
+def event(kind, **kw):
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")}
+    rec = {"event": kind, "time": time.time(), "step": step, "rank": rank, "config": sys.argv[1],
+           "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)), **env, **kw}
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save():
+    if rank == 0:
+        tmp = ckpt.with_suffix(".tmp")
+        tmp.write_text(f"step-{step:08d}\n")
+        tmp.replace(ckpt)
+
+
+event("start", overrides=sys.argv[2:])
+if mode == "crash":
+    event("crash")
+    sys.exit(3)
+while step < steps:
+    if got:
+        save()
+        event("saved", signal=got[0])
+        sys.exit(0)
+    time.sleep(dt)
+    step += 1
+    if step % 10 == 0:
+        save()
+save()
+event("end")
+if rank == 0:
+    (run / "FINISHED").write_text("")
+'''
+
+
+# ---------------------------------------------------------------- helpers
+def wait_for(pred, timeout: float, what: str, logs: pathlib.Path | None = None):
+    """Poll pred() every 0.5 s until it returns something truthy; fail with `what` (and the job
+    logs under `logs`) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = ""
+            if logs is not None:
+                detail = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(logs.rglob("*.out")))
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{detail}")
+        time.sleep(0.5)
+
+
+def final_state(job_id: str) -> str | None:
+    """The job's state once it has ended (None while queued, running or requeued)."""
+    state = cluster.job_states([job_id]).get(job_id, (None,))[0]
+    if state in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
+        return None
+    return state
+
+
+def events(run_dir) -> list[dict]:
+    p = pathlib.Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+# ---------------------------------------------------------------- the cluster
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the local cluster (installing Slurm if needed); stop it afterwards if we started it.
+    ARCHSCALE_SLURM_KEEP=1 leaves it running."""
+    have_slurm = all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged"))
+    if os.geteuid() != 0 and not have_slurm:
+        pytest.skip("Slurm is not installed and installing it needs root (run as root, or install "
+                    "slurmctld slurmd slurm-client munge)")
+    if not have_slurm and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and there is no apt-get to install it")
+    env = {**os.environ}
+    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, env=env).returncode == 0
+    p = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        pytest.fail(f"slurm/local_cluster.sh start failed:\n{p.stdout}\n{p.stderr}")
+    conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout
+    os.environ["SLURM_CONF"] = conf.strip().split("=", 1)[1]
+    yield
+    if not was_up and not os.environ.get("ARCHSCALE_SLURM_KEEP"):
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> list[str]:
+    """The `entry` that replaces `-m train train`: the stand-in trainer script."""
+    path = tmp_path_factory.mktemp("standin") / "standin.py"
+    path.write_text(STANDIN)
+    return [str(path)]
+
+
+@pytest.fixture(scope="module")
+def launched(slurm_cluster, standin, tmp_path_factory):
+    """Submit every slow job at once; the tests below wait for their own."""
+    base = tmp_path_factory.mktemp("jobs")
+    jobs = {"base": base}
+    cfg = str(base / "config.yaml")
+    pathlib.Path(cfg).write_text("# the stand-in ignores its config\n")
+    jobs["cfg"] = cfg
+    # USR1 55 s before a 1-minute limit: at slurmctld's first limit check (every ~30 s), so each run
+    # is cut after 5-35 s; 40 s of work therefore needs at least one requeue.
+    jobs["timelimit"] = slurm.submit(
+        cfg, ["steps=400", "dt=0.1"], run_dir=base / "timelimit", entry=standin,
+        resources=Resources(time="1", signal_seconds=55, max_restarts=6))
+    jobs["crash"] = slurm.submit(cfg, ["mode=crash"], run_dir=base / "crash", entry=standin,
+                                 resources=Resources(max_restarts=2))
+    jobs["ranks"] = slurm.submit(cfg, ["steps=20"], run_dir=base / "ranks", entry=standin,
+                                 resources=Resources(gpus_per_node=2, time="5"))
+    sweep = slurm.Sweep(dir=base / "sweep", config=cfg, grid={"model.arch": ["cd", "nd"], "seed": [0, 1]},
+                        overrides=["steps=30"], concurrency=2, entry=standin, name="tiny")
+    jobs["sweep"] = sweep, slurm.submit_sweep(sweep)
+    stages = [slurm.Stage(cfg, base / f"chain/{n}", ["steps=10"], entry=standin, name=n)
+              for n in ("pretrain", "adapt", "finetune")]
+    jobs["chain"] = slurm.submit_chain(stages)
+    bad = [slurm.Stage(cfg, base / "badchain/pretrain", ["mode=crash"], Resources(max_restarts=0), standin),
+           slurm.Stage(cfg, base / "badchain/adapt", [], entry=standin),
+           slurm.Stage(cfg, base / "badchain/eval", [], entry=standin)]
+    jobs["badchain"] = slurm.submit_chain(bad)
+    return jobs
+
+
+def test_cluster_up_and_jobs_queued(launched):
+    parts = cluster.partitions()
+    assert parts["debug"].default and parts["debug"].gpus_per_node == 2
+    for key in ("timelimit", "crash", "ranks"):
+        assert launched[key].job_id.isdigit()
+    # the rendered script lives in the run directory; the submission is recorded
+    sub = launched["ranks"]
+    assert sub.script_path == sub.run_dir / "slurm" / "job.sh" and sub.script_path.read_text() == sub.script
+    assert slurm.submit.__module__  # the API is importable from the package root
+
+
+# ---------------------------------------------------------------- rendering (no cluster needed)
+def test_rendered_script_is_thin_and_complete(tmp_path):
+    cmd = slurm.trainer_command("cfg.yaml", ["model.arch=nd", "optim.lr=3e-4"], tmp_path / "run")
+    assert cmd[1:] == ["-m", "train", "train", "cfg.yaml", "model.arch=nd", "optim.lr=3e-4",
+                       f"{slurm.RUN_DIR_KEY}={tmp_path / 'run'}"]
+    res = Resources(nodes=2, gpus_per_node=4, time="2:00:00", partition="gpu", account="proj",
+                    signal_seconds=120, max_restarts=5)
+    s = slurm.render_job(cmd, tmp_path / "run", res, after="41")
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --dependency=afterok:41", "#SBATCH --kill-on-invalid-dep=yes",
+                 f"#SBATCH --output={tmp_path}/run/slurm/job-%j.out", "MAX_RESTARTS=5"]:
+        assert line in s.splitlines(), line
+    # rendezvous: first host of the node list, a port from the job id
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in s
+    assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in s
+    # signals are trapped and forwarded to srun, which runs in the background so the trap can run
+    assert "trap 'forward USR1' USR1" in s and "trap 'forward TERM' TERM" in s
+    assert "srun --kill-on-bad-exit=1" in s and "model.arch=nd optim.lr=3e-4" in s
+    assert 'wait "$child"' in s and 'scontrol requeue "$SLURM_JOB_ID"' in s
+    assert "SLURM_RESTART_COUNT" in s
+    # no training logic in bash: the script is short and calls one Python entry point
+    assert len(s.splitlines()) < 80 and s.count("-m train train") == 1
+    # without GPUs: one task per node, no --gpus line, and valid bash
+    s0 = slurm.render_job(cmd, tmp_path / "run")
+    assert "#SBATCH --ntasks-per-node=1" in s0 and "--gpus" not in s0 and "--dependency" not in s0
+    script = tmp_path / "job.sh"
+    script.write_text(s)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_render_refuses_paths_sbatch_cannot_take(tmp_path):
+    with pytest.raises(ValueError, match="whitespace"):
+        slurm.render_job(["x"], tmp_path / "my run")
+    with pytest.raises(slurm.SlurmError, match="whitespace"):
+        slurm.submit("c.yaml", run_dir=tmp_path / "a b", dry_run=True)
+
+
+def test_array_syntax_and_times():
+    assert compress([0, 1, 2, 5, 7, 8]) == ["0-2", "5", "7-8"]
+    assert cluster.parse_time("90") == 5400 and cluster.parse_time("1:30:00") == 5400
+    assert cluster.parse_time("1-02:00:00") == 93600 and cluster.parse_time("2-3") == 183600
+    assert cluster.parse_time("10:30") == 630 and cluster.parse_time("infinite") is None
+    assert cluster.gpus_in("gpu:a100:4(S:0-1),gpu:v100:2,shard:8") == 6
+    assert cluster.gpus_in("(null)") == 0
+
+
+def test_dry_run_submits_nothing(tmp_path, monkeypatch):
+    def no_slurm(*a, **k):
+        raise AssertionError(f"a dry run ran a Slurm command: {a}")
+    monkeypatch.setattr(cluster, "run", no_slurm)
+    run_dir = tmp_path / "run"
+    sub = slurm.submit("cfg.yaml", ["a.b=1"], run_dir=run_dir, dry_run=True)
+    assert sub.job_id is None and sub.script_path is None and sub.script.startswith("#!/bin/bash")
+    assert not run_dir.exists()
+    from slurm.cli import main_submit
+    assert main_submit(["cfg.yaml", "a.b=1", "--run-dir", str(run_dir), "--dry-run"]) == 0
+    assert not run_dir.exists()
+
+
+def test_sweep_cells_and_yaml(tmp_path):
+    (tmp_path / "base.yaml").write_text("{}\n")
+    (tmp_path / "grid.yaml").write_text(
+        "config: base.yaml\nconcurrency: 3\noverrides: [train.steps=100]\n"
+        "grid:\n  model.arch: [cd, nd, ed]\n  objective.name: [flm, plm]\n  model.size: [debug]\n  seed: [0, 1]\n"
+        "slurm: {gpus_per_node: 1, time: '04:00:00'}\n")
+    sweep = slurm.Sweep.from_yaml(tmp_path / "grid.yaml")
+    cells = sweep.cells()
+    assert len(cells) == 12 and len({c["run_dir"] for c in cells}) == 12
+    assert cells[0]["name"] == "cd-flm-debug-seed0"
+    assert cells[0]["overrides"] == ["train.steps=100", "model.arch=cd", "objective.name=flm",
+                                     "model.size=debug", "seed=0"]
+    assert sweep.dir == tmp_path / "runs" / "grid" and sweep.resources.gpus_per_node == 1
+    sub = slurm.submit_sweep(sweep, dry_run=True)
+    assert "#SBATCH --array=0-11%3" in sub.script and "SLURM_ARRAY_TASK_ID" in sub.script
+    assert not sweep.dir.exists()
+    (tmp_path / "bad.yaml").write_text("config: base.yaml\ngrid: {seed: [0]}\nsbatch: {}\n")
+    with pytest.raises(slurm.SlurmError, match="unknown key.*sbatch"):
+        slurm.Sweep.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_slurm_package_stays_light():
+    """`archscale submit` runs on a login node: importing slurm pulls in no torch, no model code."""
+    code = ("import sys, slurm, slurm.cli; bad = [m for m in ('torch', 'deepspeed', 'model_zoo', 'numpy') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    layering = pathlib.Path("/work/shared/tools/layering.py")
+    if layering.exists():
+        subprocess.run([sys.executable, str(layering), str(ROOT), "slurm-light"], check=True,
+                       capture_output=True)
+
+
+# ---------------------------------------------------------------- bad input, against the cluster
+def test_bad_input_fails_at_submit_time(slurm_cluster, tmp_path):
+    def err(**kw):
+        kw.setdefault("run_dir", tmp_path / "run")
+        with pytest.raises(slurm.SlurmError) as e:
+            slurm.submit("cfg.yaml", **kw)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "partition 'nope' does not exist; available: debug, long" in err(resources=Resources(partition="nope"))
+    assert "3 GPUs per node asked for" in err(resources=Resources(gpus_per_node=3))
+    assert "at most 2" in err(resources=Resources(gpus_per_node=3))
+    assert "2 nodes asked for" in err(resources=Resources(nodes=2))
+    assert "not a Slurm time" in err(resources=Resources(time="soon"))
+    (tmp_path / "file").write_text("")
+    assert "is not writable" in err(run_dir=tmp_path / "file" / "run")
+    assert not (tmp_path / "run").exists()  # nothing was written for the refused submissions
+    # the command line says the same in one line, exit code 2
+    from slurm.cli import main_submit
+    p = subprocess.run([sys.executable, "-m", "slurm", "submit", "cfg.yaml", "--run-dir", str(tmp_path / "r"),
+                        "--partition", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "archscale submit: error: partition 'nope' does not exist; available: debug, long"]
+    assert main_submit
+
+
+def test_run_dir_in_use_is_refused(launched):
+    sub = launched["timelimit"]
+    if final_state(sub.job_id) is None:  # still queued or running (it takes over a minute)
+        with pytest.raises(slurm.SlurmError, match=f"already has job {sub.job_id}"):
+            slurm.submit(launched["cfg"], run_dir=sub.run_dir)
+
+
+# ---------------------------------------------------------------- jobs on the cluster
+def test_job_runs_one_task_per_gpu_with_rendezvous(launched):
+    sub = launched["ranks"]
+    wait_for(lambda: final_state(sub.job_id), 90, f"job {sub.job_id}", sub.run_dir)
+    assert final_state(sub.job_id) == "COMPLETED"
+    ev = [e for e in events(sub.run_dir) if e["event"] == "start"]
+    assert sorted(e["rank"] for e in ev) == [0, 1]
+    assert {e["LOCAL_RANK"] for e in ev} == {"0", "1"} and {e["WORLD_SIZE"] for e in ev} == {"2"}
+    assert {e["MASTER_ADDR"] for e in ev} == {socket.gethostname().split(".")[0]}
+    assert {e["MASTER_PORT"] for e in ev} == {str(20000 + int(sub.job_id) % 20000)}
+    assert (sub.run_dir / "FINISHED").exists()
+    assert (sub.run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000020"
+    [row] = slurm.status(sub.run_dir)
+    assert (row.state, row.step, row.job_id) == ("done", 20, sub.job_id)
+
+
+@pytest.mark.slow
+def test_sweep_is_one_array_and_resubmission_skips_finished(launched):
+    sweep, sub = launched["sweep"]
+    cells = sweep.cells()
+    assert "#SBATCH --array=0-3%2" in sub.script
+    manifest = json.loads((sweep.dir / "sweep.json").read_text())
+    assert [c["name"] for c in manifest["cells"]] == ["cd-seed0", "cd-seed1", "nd-seed0", "nd-seed1"]
+    wait_for(lambda: all((pathlib.Path(c["run_dir"]) / "FINISHED").exists() for c in cells), 120,
+             "every cell to finish", sweep.dir)
+    for c in cells:
+        [start] = [e for e in events(c["run_dir"]) if e["event"] == "start"]
+        assert start["overrides"][-3:-1] == c["overrides"][-2:]  # the cell's own overrides
+        assert list(pathlib.Path(c["run_dir"], "slurm").glob(f"job-{sub.job_id}_{c['index']}.out"))
+    wait_for(lambda: all(final_state(f"{sub.job_id}_{i}") for i in range(4)), 60, "the array to end")
+    assert {final_state(f"{sub.job_id}_{i}") for i in range(4)} == {"COMPLETED"}
+    rows = slurm.status(sweep.dir)
+    assert [r.state for r in rows] == ["done"] * 4 and [r.step for r in rows] == [30] * 4
+    # everything finished: resubmitting queues nothing
+    again = slurm.submit_sweep(sweep)
+    assert again.job_id is None
+    # one cell not finished: only that cell is resubmitted
+    redo = pathlib.Path(cells[2]["run_dir"])
+    (redo / "FINISHED").unlink()
+    (redo / "checkpoints" / "latest").unlink()
+    again = slurm.submit_sweep(sweep)
+    assert again.job_id and "#SBATCH --array=2%2" in again.script
+    wait_for(lambda: (redo / "FINISHED").exists(), 90, "the resubmitted cell", sweep.dir)
+    starts = {c["name"]: len([e for e in events(c["run_dir"]) if e["event"] == "start"]) for c in cells}
+    assert starts == {"cd-seed0": 1, "cd-seed1": 1, "nd-seed0": 2, "nd-seed1": 1}
+
+
+@pytest.mark.slow
+def test_chain_runs_in_order(launched):
+    subs = launched["chain"]
+    assert f"--dependency=afterok:{subs[0].job_id}" in subs[1].script
+    assert "--kill-on-invalid-dep=yes" in subs[2].script
+    wait_for(lambda: final_state(subs[-1].job_id), 120, "the last stage", subs[0].run_dir.parent)
+    assert [final_state(s.job_id) for s in subs] == ["COMPLETED"] * 3
+    spans = []
+    for s in subs:
+        ev = events(s.run_dir)
+        spans.append((min(e["time"] for e in ev), max(e["time"] for e in ev)))
+    assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0]
+
+
+@pytest.mark.slow
+def test_failing_parent_cancels_dependents(launched):
+    subs = launched["badchain"]
+    wait_for(lambda: all(final_state(s.job_id) for s in subs), 120, "the chain to end",
+             subs[0].run_dir.parent)
+    assert [final_state(s.job_id) for s in subs] == ["FAILED", "CANCELLED", "CANCELLED"]
+    assert not events(subs[1].run_dir) and not events(subs[2].run_dir)  # never started
+    assert [r.state for r in slurm.status(subs[1].run_dir)] == ["cancelled"]
+
+
+@pytest.mark.slow
+def test_crashing_job_stops_after_max_restarts(launched):
+    sub = launched["crash"]
+    wait_for(lambda: final_state(sub.job_id), 150, f"crash-looping job {sub.job_id}", sub.run_dir)
+    assert final_state(sub.job_id) == "FAILED"
+    starts = [e["restart"] for e in events(sub.run_dir) if e["event"] == "start"]
+    assert starts == [0, 1, 2]  # the first run and max_restarts=2 requeues, then no more
+    log = next((sub.run_dir / "slurm").glob("job-*.out")).read_text()
+    assert "not requeueing (exit code 3): 2 restarts already" in log
+    [row] = slurm.status(sub.run_dir)
+    assert row.state == "failed" and row.slurm_state == "FAILED"
+
+
+@pytest.mark.slow
+def test_time_limit_signal_saves_requeues_and_resumes(launched):
+    sub = launched["timelimit"]
+    wait_for(lambda: final_state(sub.job_id), 240, f"time-limited job {sub.job_id}", sub.run_dir)
+    ev = events(sub.run_dir)
+    assert final_state(sub.job_id) == "COMPLETED", ev
+    assert (sub.run_dir / "FINISHED").exists()
+    starts = [e for e in ev if e["event"] == "start"]
+    saves = [e for e in ev if e["event"] == "saved"]
+    assert len(starts) >= 2 and saves and {e["signal"] for e in saves} == {"USR1"}
+    assert [e["restart"] for e in starts] == list(range(len(starts)))  # SLURM_RESTART_COUNT 0, 1, ...
+    # every restart resumes exactly where the signal stopped the previous one: no step lost or redone
+    assert [e["step"] for e in starts] == [0] + [e["step"] for e in saves]
+    assert [e for e in ev if e["event"] == "end"][-1]["step"] == 400
+    # one log file, appended across restarts
+    [log] = (sub.run_dir / "slurm").glob("job-*.out")
+    text = log.read_text()
+    assert text.count("got SIGUSR1") == len(saves) and text.count("requeueing (time limit") == len(saves)
