@@ -1,0 +1,116 @@
+"""Tokenization with `datasets.map(batched=True)` (cached), and zero-copy access to the result.
+
+The tokenized dataset has `input_ids` (list of int32) and `length` (int32; -1 marks a row whose
+text field was missing / null when data.bad_rows='skip'). For prompted multitask data it has
+`input_ids` / `target_ids` / `length` / `target_length`. The cache is keyed by the source
+dataset's fingerprint and the tokenizer's fingerprint, so a second run (or another rank) reuses it.
+`TokenStore` reads the token ids straight from the Arrow buffers (memory-mapped cache files):
+fetching a piece of a document is a numpy slice, whatever the corpus size.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+
+from .config import DataConfig
+from .tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger("archscale.data")
+TOKENIZE_VERSION = 1
+
+
+def _tokenize_texts(tok, texts):
+    """Token ids of texts; special-token strings inside raw text are split, never turned into control tokens."""
+    return tok(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)["input_ids"]
+
+
+def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data"):
+    """Tokenize a document dataset (column data.text_field) into input_ids / length, cached."""
+    import datasets
+
+    field = cfg.text_field
+    if field not in ds.column_names:
+        raise ValueError(f"{what}: no column {field!r} in the data (columns: {ds.column_names}); set data.text_field")
+    skip = cfg.bad_rows == "skip"
+
+    def fn(batch, indices):
+        texts = batch[field]
+        ok = [isinstance(t, str) for t in texts]
+        if not all(ok):
+            bad = indices[ok.index(False)]
+            if not skip:
+                raise ValueError(f"{what}: row {bad} has no {field!r} text (missing or null); fix the data, set "
+                                 f"data.text_field, or set data.bad_rows='skip' to count and skip such rows")
+        ids = _tokenize_texts(tok, [t if o else "" for t, o in zip(texts, ok)])
+        return {"input_ids": ids, "length": [len(x) if o else -1 for x, o in zip(ids, ok)]}
+
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                  "length": datasets.Value("int32")})
+    return _map(ds, fn, features, tok, cfg, [field], what)
+
+
+def tokenize_prompted(ds, tok, cfg: DataConfig, what: str = "data"):
+    """Tokenize validated prompted records (input / target) into input_ids / target_ids, cached."""
+    import datasets
+
+    def fn(batch, indices):
+        inp = _tokenize_texts(tok, batch["input"])
+        tgt = [t + [tok.eos_token_id] for t in _tokenize_texts(tok, batch["target"])]
+        return {"input_ids": inp, "target_ids": tgt, "length": [len(x) for x in inp],
+                "target_length": [len(x) for x in tgt]}
+
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                  "target_ids": datasets.List(datasets.Value("int32")),
+                                  "length": datasets.Value("int32"), "target_length": datasets.Value("int32")})
+    return _map(ds, fn, features, tok, cfg, ["input", "target"], what)
+
+
+def _map(ds, fn, features, tok, cfg: DataConfig, fields, what):
+    fp = hashlib.sha256(f"{TOKENIZE_VERSION}|{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{fields}|"
+                        f"{cfg.bad_rows}|{fn.__qualname__}".encode()).hexdigest()[:16]
+    t0 = time.perf_counter()
+    out = ds.map(fn, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                 features=features, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                 new_fingerprint=fp, desc=f"tokenizing {what}")
+    dt = time.perf_counter() - t0
+    n = int(np.maximum(out.data.table.column("length").to_numpy(), 0).sum())
+    log.info("%s: %d documents, %d tokens (%.1fs%s)", what, len(out), n, dt,
+             f", {n / dt:,.0f} tokens/s" if dt > 0.5 else ", cached")
+    return out
+
+
+class TokenStore:
+    """Random access to tokenized documents without copying: doc i -> np.ndarray of its ids."""
+
+    def __init__(self, ds, ids_column: str = "input_ids", length_column: str = "length"):
+        if getattr(ds, "_indices", None) is not None:
+            ds = ds.flatten_indices()
+        table = ds.data.table
+        self.lengths = np.asarray(table.column(length_column).to_numpy(), dtype=np.int64)  # (N,) -1 = bad row
+        self.num_docs = len(self.lengths)
+        self._chunks = []  # (values, offsets) per Arrow chunk, zero-copy views
+        starts = [0]
+        for chunk in table.column(ids_column).chunks:
+            offsets = chunk.offsets.to_numpy()
+            values = chunk.flatten().to_numpy(zero_copy_only=False)  # respects a sliced chunk
+            self._chunks.append((values, offsets - offsets[0]))
+            starts.append(starts[-1] + len(chunk))
+        self._chunk_starts = np.asarray(starts, dtype=np.int64)
+        self.fingerprint = getattr(ds, "_fingerprint", "") or ""
+
+    def tokens(self, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self._chunk_starts, i, side="right")) - 1
+        values, offsets = self._chunks[c]
+        j = i - int(self._chunk_starts[c])
+        return values[offsets[j]:offsets[j + 1]]
+
+    def piece(self, i: int, start: int, n: int, eos_id: int | None) -> np.ndarray:
+        """Tokens [start, start+n) of document i, where the document is followed by eos_id (if given)."""
+        toks = self.tokens(i)
+        out = np.asarray(toks[start:start + n], dtype=np.int64)
+        if eos_id is not None and len(out) < n:  # the piece runs into the document's EOS
+            out = np.concatenate([out, np.array([eos_id], dtype=np.int64)])
+        return out
