@@ -136,15 +136,19 @@ class DataStream:
             if placed:
                 self.batches += 1
                 self.stats["batches"] += 1
+                if not self.waiting and self.pos >= len(self._epoch_order()):
+                    self._next_epoch()  # so that `epoch` in the state is the epoch of the next batch
                 return rows
-            # nothing left in this epoch: next one
-            self.epoch, self.pos, self.k = self.epoch + 1, 0, 0
-            log.info("%s stream: epoch %d done; %s", self.name, self.epoch - 1, self.stats)
+            self._next_epoch()  # nothing left in this epoch (only skipped documents)
             empty_epochs += 1
             if empty_epochs > 1:
                 raise ValueError(f"{self.name} split yields no usable example for objective "
                                  f"{self.objective.name!r} (stats {self.stats}); every document is empty or shorter "
                                  f"than 2 tokens")
+
+    def _next_epoch(self) -> None:
+        log.info("%s stream: epoch %d done; %s", self.name, self.epoch, self.stats)
+        self.epoch, self.pos, self.k = self.epoch + 1, 0, 0
 
     def _pack(self):
         G, cap = self.G, self.cap
