@@ -349,3 +349,34 @@ def test_adafactor_relative_step_needs_constant_schedule():
     with pytest.raises(ConfigError, match="relative_step=true makes Adafactor ignore lr"):
         derive(cfg_with("optim.name=adafactor", "optim.relative_step=true"), world_size=1)
     derive(cfg_with("optim.name=adafactor", "optim.relative_step=true", "schedule.name=constant"), world_size=1)
+
+
+# ---------------------------------------------------------------- documentation
+
+def _field_docstrings() -> dict[tuple[str, str], str]:
+    """(class, field) -> the string literal right after the field in train/config.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "train" / "config.py").read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for st, nxt in zip(node.body, node.body[1:] + [None]):
+                if isinstance(st, ast.AnnAssign):
+                    doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
+                    out[(node.name, st.target.id)] = doc
+    return out
+
+
+def test_every_field_has_a_docstring_and_is_in_docs_config_md():
+    docs = _field_docstrings()
+    text = (ROOT / "docs" / "config.md").read_text()
+    leaves = list(load_config_with_origins()[1])
+    assert len(leaves) > 50
+    sections = [RunConfig] + [type(getattr(RunConfig(), f.name)) for f in dataclasses.fields(RunConfig)
+                              if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
+    for cls in sections:
+        for f in dataclasses.fields(cls):
+            assert docs.get((cls.__name__, f.name), "").strip(), f"{cls.__name__}.{f.name} has no docstring"
+    for key in leaves:
+        assert f"`{key}`" in text, f"docs/config.md does not document {key}"
