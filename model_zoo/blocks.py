@@ -97,15 +97,15 @@ class RelativePositionBias(nn.Module):
         self.num_buckets = config.rel_buckets
         self.max_distance = config.rel_max_distance
 
-    def forward(self, q_pos: Tensor, k_pos: Tensor) -> PositionBias:
+    def forward(self, positions: Tensor, offset: int) -> PositionBias:
         # Distances at or beyond max_distance all share the last bucket, so a table over
         # [-max_distance, max_distance] with clamped distances is exact for any length, and its
         # size is fixed (no host sync to find the longest distance).
         span = self.max_distance
-        rel = torch.arange(-span, span + 1, device=q_pos.device)
+        rel = torch.arange(-span, span + 1, device=positions.device)
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
         table = self.relative_attention_bias(buckets)  # (2*span+1, H)
-        return PositionBias(table=table, q_pos=q_pos, k_pos=k_pos, span=span)
+        return PositionBias(table=table, positions=positions, offset=offset, span=span)
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -289,34 +289,40 @@ class Stack(nn.Module):
             return ["mixed_heads"] * len(self.layers)
         return ["forward" if i % 2 == 0 else "backward" for i in range(len(self.layers))]
 
-    def build_context(self, hidden: Tensor, *, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor],
-                      positions: Tensor, kv_positions: Tensor, bidirectional: Optional[Tensor],
-                      kv_bidirectional: Optional[Tensor], offset: int, cache=None,
-                      encoder_hidden: Optional[Tensor] = None, encoder_segment_ids: Optional[Tensor] = None,
-                      decoder_segments_for_cross: Optional[Tensor] = None) -> StackContext:
+    def build_context(self, hidden: Tensor, *, segments: Optional[Tensor], positions: Tensor,
+                      bidirectional: Optional[Tensor], offset: int, cache=None,
+                      encoder_hidden: Optional[Tensor] = None, encoder_segments: Optional[Tensor] = None,
+                      cross_segments: Optional[Tensor] = None) -> StackContext:
+        """Masks, position bias and RoPE for all layers of one forward pass.
+
+        segments, positions, bidirectional: [B, Tk] over all keys (cached + new); the queries are
+        the last Tq = hidden.shape[1] of them (offset = Tk - Tq). cross_segments [B, Tq]: the
+        queries' segments for cross-attention against encoder_segments [B, Ti].
+        """
         cfg = self.config
         b, tq, _ = hidden.shape
-        tk = kv_positions.shape[1]
+        tk = positions.shape[1]
         impl = resolve_impl(cfg.attn_impl, hidden.device)
-        bias = self.rel_bias(positions, kv_positions) if cfg.position == "t5_bias" else None
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, hidden.dtype) if cfg.position == "rope" else None
+        bias = self.rel_bias(positions, offset) if cfg.position == "t5_bias" else None
+        rope = rope_cos_sin(positions[:, offset:], cfg.head_dim, cfg.rope_theta, hidden.dtype) \
+            if cfg.position == "rope" else None
         has_bidir = (not self.causal) or bidirectional is not None
         directions = self.layer_directions(has_bidir)
         masks = {}
         for d in dict.fromkeys(directions):
-            spec = MaskSpec(q_segments=segment_ids, kv_segments=kv_segment_ids, q_len=tq, kv_len=tk,
-                            causal=self.causal, q_bidir=bidirectional, kv_bidir=kv_bidirectional, offset=offset,
-                            direction=d, n_heads=cfg.n_heads)
+            spec = MaskSpec(segments=segments, q_len=tq, kv_len=tk, causal=self.causal, bidir=bidirectional,
+                            offset=offset, direction=d, n_heads=cfg.n_heads)
             masks[d] = prepare_mask(spec, impl, b, hidden.device, has_bias=bias is not None)
         cross_mask = None
         if encoder_hidden is not None:
-            spec = MaskSpec(q_segments=decoder_segments_for_cross, kv_segments=encoder_segment_ids, q_len=tq,
-                            kv_len=encoder_hidden.shape[1], causal=False, cross=True, n_heads=cfg.n_heads)
+            spec = MaskSpec(segments=encoder_segments, q_len=tq, kv_len=encoder_hidden.shape[1], causal=False,
+                            cross=True, cross_q_segments=cross_segments, n_heads=cfg.n_heads)
             cross_mask = prepare_mask(spec, impl, b, hidden.device, has_bias=False)
         return StackContext(impl=impl, masks=masks, layer_directions=directions, bias=bias, rope=rope, cache=cache,
                             encoder_hidden=encoder_hidden, cross_mask=cross_mask)
 
     def run(self, hidden: Tensor, ctx: StackContext, positions: Tensor) -> Tensor:
+        """positions [B, Tq]: of the new tokens (learned absolute positions)."""
         if self.config.position == "learned":
             hidden = hidden + self.embed_positions(positions)
         hidden = self.dropout(hidden)

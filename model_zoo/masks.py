@@ -45,8 +45,8 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_idx, kv
 # Predicates. Each works on broadcastable index tensors (dense masks) and on the scalar index
 # tensors flex attention traces them with.
 # --------------------------------------------------------------------------------------------
-def same_segment(q_seg: Tensor, kv_seg: Tensor) -> MaskMod:
-    return lambda b, h, q, k: q_seg[b, q] == kv_seg[b, k]
+def same_segment(q_seg: Tensor, kv_seg: Tensor, offset: int = 0) -> MaskMod:
+    return lambda b, h, q, k: q_seg[b, q + offset] == kv_seg[b, k]
 
 
 def causal(offset: int = 0) -> MaskMod:
@@ -72,8 +72,8 @@ def direction(name: str, n_heads: int, offset: int = 0) -> Optional[MaskMod]:
     raise ValueError(f"direction={name!r} is not valid; choose one of {', '.join(DIRECTIONS)}")
 
 
-def both_bidirectional(q_bidir: Tensor, kv_bidir: Tensor) -> MaskMod:
-    return lambda b, h, q, k: q_bidir[b, q] & kv_bidir[b, k]
+def both_bidirectional(bidir: Tensor, offset: int = 0) -> MaskMod:
+    return lambda b, h, q, k: bidir[b, q + offset] & bidir[b, k]
 
 
 def and_(*mods: Optional[MaskMod]) -> MaskMod:
@@ -102,42 +102,44 @@ def where(cond: MaskMod, if_true: Optional[MaskMod], if_false: MaskMod) -> MaskM
 class MaskSpec:
     """Per-token description of a mask; see the module docstring for the formula.
 
-    q_segments [B, Tq], kv_segments [B, Tk]: segment ids (None = one segment per row).
-    q_bidir [B, Tq], kv_bidir [B, Tk]: bidirectional-prefix flags (None = none: CD).
+    Self-attention tensors are given once, over the keys, and query i reads them at key index
+    offset + i (offset = the number of cached tokens; 0 without a KV cache). This keeps one
+    tensor per quantity, which flex attention's compiled kernels need (no aliased inputs).
+    segments [B, Tk]: segment ids (None = one segment per row).
+    bidir [B, Tk]: bidirectional-prefix flags (None = none: CD).
     causal: decoder self-attention (False: encoder self-attention or cross-attention).
-    offset: index of query 0 among the keys (Tk - Tq with a KV cache, else 0).
     direction: full | forward | backward | mixed_heads, for the bidirectional block.
-    cross: cross-attention: only `same_segment` applies.
+    cross: cross-attention: only `same_segment` applies, between cross_q_segments [B, Tq] (the
+    decoder's) and `segments` (the encoder's); no segments at all: every key is visible.
     """
 
-    q_segments: Optional[Tensor]
-    kv_segments: Optional[Tensor]
+    segments: Optional[Tensor]
     q_len: int
     kv_len: int
     causal: bool
-    q_bidir: Optional[Tensor] = None
-    kv_bidir: Optional[Tensor] = None
+    bidir: Optional[Tensor] = None
     offset: int = 0
     direction: str = "full"
     cross: bool = False
+    cross_q_segments: Optional[Tensor] = None
     n_heads: int = 1
 
     @property
     def per_head(self) -> bool:
-        return self.direction == "mixed_heads" and not self.cross and (self.q_bidir is not None or not self.causal)
+        return self.direction == "mixed_heads" and not self.cross and (self.bidir is not None or not self.causal)
 
     def plain(self) -> Optional[str]:
         """'causal' or 'full' when flash SDPA alone computes this mask, else None.
 
         Decided from which tensors are present, never from their values (no host sync).
         """
-        if self.q_segments is not None or self.kv_segments is not None:
+        if self.segments is not None or self.cross_q_segments is not None:
             return None
         if self.cross:
             return "full"
         if not self.causal:
             return "full" if self.direction == "full" else None
-        if self.q_bidir is not None:
+        if self.bidir is not None:
             return None
         # causal with a cache offset: SDPA's is_causal is top-left aligned, so only Tq == 1
         # (sees everything) or no offset are plain.
@@ -146,20 +148,21 @@ class MaskSpec:
         return "causal" if self.offset == 0 else None
 
     def mask_mod(self) -> MaskMod:
-        seg = None
-        if self.q_segments is not None or self.kv_segments is not None:
-            if self.q_segments is None or self.kv_segments is None:
-                raise ValueError("segment ids must be given for both queries and keys, or for neither")
-            seg = same_segment(self.q_segments, self.kv_segments)
+        off = self.offset
+        if self.cross and self.segments is None and self.cross_q_segments is None:
+            return lambda b, h, q, k: torch.ones_like(q + k, dtype=torch.bool)
         if self.cross:
-            allowed = None
-        elif not self.causal:
-            allowed = direction(self.direction, self.n_heads, self.offset)
-        elif self.q_bidir is None:
-            allowed = causal(self.offset)
+            if self.segments is None or self.cross_q_segments is None:
+                raise ValueError("cross-attention needs segment ids on both sides (decoder and encoder) or on neither")
+            return same_segment(self.cross_q_segments, self.segments)
+        seg = same_segment(self.segments, self.segments, off) if self.segments is not None else None
+        if not self.causal:
+            allowed = direction(self.direction, self.n_heads, off)
+        elif self.bidir is None:
+            allowed = causal(off)
         else:
-            allowed = where(both_bidirectional(self.q_bidir, self.kv_bidir),
-                            direction(self.direction, self.n_heads, self.offset), causal(self.offset))
+            allowed = where(both_bidirectional(self.bidir, off), direction(self.direction, self.n_heads, off),
+                            causal(off))
         mods = [m for m in (seg, allowed) if m is not None]
         if not mods:
             return lambda b, h, q, k: torch.ones_like(q + k, dtype=torch.bool)
@@ -216,27 +219,29 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
 
 @dataclass
 class PositionBias:
-    """Additive score bias table[k_pos - q_pos + span, h] (T5 relative positions).
+    """Additive score bias table[clamp(pos[k] - pos[q]) + span, h] (T5 relative positions).
 
     table [2*span+1, H]: the bias for every relative distance in [-span, span] (distances are
     clamped to that range: beyond it all share T5's last bucket), computed once per forward from
-    the learned bucket embedding. q_pos [B, Tq], k_pos [B, Tk]: per-token positions
-    (they restart at 0 in every packed example, so distances are measured within an example).
+    the learned bucket embedding. positions [B, Tk]: per-token positions of the keys (they restart
+    at 0 in every packed example, so distances are measured within an example); query i is key
+    offset + i.
     """
 
     table: Tensor
-    q_pos: Tensor
-    k_pos: Tensor
+    positions: Tensor
+    offset: int
     span: int
 
     def dense(self) -> Tensor:
-        rel = (self.k_pos[:, None, :] - self.q_pos[:, :, None]).clamp(-self.span, self.span) + self.span  # (B, Tq, Tk)
-        return self.table[rel].permute(0, 3, 1, 2)  # (B, H, Tq, Tk)
+        pos = self.positions
+        rel = pos[:, None, :] - pos[:, self.offset:, None]  # (B, Tq, Tk)
+        return self.table[rel.clamp(-self.span, self.span) + self.span].permute(0, 3, 1, 2)  # (B, H, Tq, Tk)
 
     def score_mod(self):
-        table, q_pos, k_pos, span = self.table, self.q_pos, self.k_pos, self.span
+        table, pos, off, span = self.table, self.positions, self.offset, self.span
 
         def mod(score, b, h, q, k):
-            return score + table[torch.clamp(k_pos[b, k] - q_pos[b, q], -span, span) + span, h].to(score.dtype)
+            return score + table[torch.clamp(pos[b, k] - pos[b, q + off], -span, span) + span, h].to(score.dtype)
 
         return mod

@@ -68,15 +68,33 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tens
     return ce + z_loss * z, ce, z
 
 
-def _key_segments(segment_ids, attention_mask, past: int, t_new: int, name: str) -> Optional[Tensor]:
-    """Segment ids over all keys (cached + new): segment_ids, else the 0/1 attention mask."""
+def _key_tensors(segment_ids, attention_mask, position_ids, past: int, t: int, b: int, device,
+                name: str) -> tuple[Optional[Tensor], Tensor]:
+    """Segment ids and positions over all keys (cached + new), [B, past + t].
+
+    Segments: `segment_ids`, else the 0/1 attention mask, else None (one segment per row).
+    Positions: `position_ids` (over all keys, or over the new tokens only), else restarting at 0
+    in every segment.
+    """
     seg = segment_ids if segment_ids is not None else attention_mask
-    if seg is None:
-        return None
-    if seg.shape[1] != past + t_new:
-        raise ValueError(f"{name} has length {seg.shape[1]} but the cache holds {past} tokens and {t_new} are new: "
-                         f"pass it over the whole sequence ({past + t_new} tokens)")
-    return seg.long()
+    if seg is not None:
+        if seg.shape[1] != past + t:
+            raise ValueError(f"{name} has length {seg.shape[1]} but the cache holds {past} tokens and {t} are new: "
+                             f"pass it over the whole sequence ({past + t} tokens)")
+        seg = seg.long()
+        pos = positions_from_segments(seg)
+    else:
+        pos = torch.arange(past + t, device=device).expand(b, -1)
+    if position_ids is not None:
+        if position_ids.shape[1] == past + t:
+            pos = position_ids
+        elif position_ids.shape[1] == t:
+            pos = pos.clone()
+            pos[:, past:] = position_ids
+        else:
+            raise ValueError(f"position ids have length {position_ids.shape[1]}; expected {t} (new tokens) "
+                             f"or {past + t} (cached + new)")
+    return seg, pos
 
 
 class _PreTrained(PreTrainedModel):
@@ -153,25 +171,14 @@ class DecoderLM(_PreTrained, GenerationMixin):
             cache = None
         b, t = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        kv_seg = _key_segments(segment_ids, attention_mask, past, t, "segment_ids" if segment_ids is not None
-                               else "attention_mask")
-        q_seg = kv_seg[:, past:] if kv_seg is not None else None
-        if kv_seg is not None:
-            kv_pos = positions_from_segments(kv_seg)
-        else:
-            kv_pos = torch.arange(past + t, device=input_ids.device).expand(b, -1)
-        if position_ids is not None and past == 0:
-            kv_pos = position_ids
-        q_pos = position_ids if position_ids is not None else kv_pos[:, past:]
-        kv_bidir = self._bidirectional(prefix_lengths, bidirectional, past + t, input_ids.device)
-        q_bidir = kv_bidir[:, past:] if kv_bidir is not None else None
+        seg, pos = _key_tensors(segment_ids, attention_mask, position_ids, past, t, b, input_ids.device,
+                                "segment_ids" if segment_ids is not None else "attention_mask")
+        bidir = self._bidirectional(prefix_lengths, bidirectional, past + t, input_ids.device)
 
         stack = self.model
         hidden = stack.embed_tokens(input_ids)  # (B, T, D)
-        ctx = stack.build_context(hidden, segment_ids=q_seg, kv_segment_ids=kv_seg, positions=q_pos,
-                                  kv_positions=kv_pos, bidirectional=q_bidir, kv_bidirectional=kv_bidir,
-                                  offset=past, cache=cache)
-        hidden = stack.run(hidden, ctx, q_pos)
+        ctx = stack.build_context(hidden, segments=seg, positions=pos, bidirectional=bidir, offset=past, cache=cache)
+        hidden = stack.run(hidden, ctx, pos[:, past:])
         logits = self._lm_logits(hidden)
         loss = ce = z = None
         if labels is not None:
@@ -203,14 +210,10 @@ class Encoder(Stack):
                 **kwargs) -> BaseModelOutput:
         _check_kwargs(kwargs, "Encoder")
         b, t = input_ids.shape
-        seg = _key_segments(segment_ids, attention_mask, 0, t, "segment_ids")
-        if position_ids is None:
-            position_ids = positions_from_segments(seg) if seg is not None else torch.arange(
-                t, device=input_ids.device).expand(b, -1)
+        seg, pos = _key_tensors(segment_ids, attention_mask, position_ids, 0, t, b, input_ids.device, "segment_ids")
         hidden = self._embed(input_ids)  # (B, Ti, D)
-        ctx = self.build_context(hidden, segment_ids=seg, kv_segment_ids=seg, positions=position_ids,
-                                 kv_positions=position_ids, bidirectional=None, kv_bidirectional=None, offset=0)
-        return BaseModelOutput(last_hidden_state=self.run(hidden, ctx, position_ids))
+        ctx = self.build_context(hidden, segments=seg, positions=pos, bidirectional=None, offset=0)
+        return BaseModelOutput(last_hidden_state=self.run(hidden, ctx, pos))
 
 
 class EncoderDecoderLM(_PreTrained, GenerationMixin):
@@ -289,27 +292,19 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
 
         enc_seg = segment_ids if segment_ids is not None else attention_mask
         enc_seg = enc_seg.long() if enc_seg is not None else None
-        kv_seg = _key_segments(decoder_segment_ids, None, past, t, "decoder_segment_ids")
-        q_seg = kv_seg[:, past:] if kv_seg is not None else None
+        seg, pos = _key_tensors(decoder_segment_ids, None, decoder_position_ids, past, t, b, enc.device,
+                                "decoder_segment_ids")
         # cross-attention: decoder segment s sees encoder segment s; without decoder segments
         # every decoder token belongs to the encoder's (attention_mask) segment 1
-        cross_q_seg = q_seg
-        if cross_q_seg is None and enc_seg is not None:
-            cross_q_seg = torch.ones(b, t, dtype=torch.long, device=enc.device)
-        if kv_seg is not None:
-            kv_pos = positions_from_segments(kv_seg)
-        else:
-            kv_pos = torch.arange(past + t, device=enc.device).expand(b, -1)
-        if decoder_position_ids is not None and past == 0:
-            kv_pos = decoder_position_ids
-        q_pos = decoder_position_ids if decoder_position_ids is not None else kv_pos[:, past:]
+        cross_seg = seg[:, past:] if seg is not None else None
+        if cross_seg is None and enc_seg is not None:
+            cross_seg = torch.ones(b, t, dtype=torch.long, device=enc.device)
 
         hidden = self.shared(decoder_input_ids)  # (B, To, D)
-        ctx = self.decoder.build_context(hidden, segment_ids=q_seg, kv_segment_ids=kv_seg, positions=q_pos,
-                                         kv_positions=kv_pos, bidirectional=None, kv_bidirectional=None,
-                                         offset=past, cache=self_cache, encoder_hidden=enc,
-                                         encoder_segment_ids=enc_seg, decoder_segments_for_cross=cross_q_seg)
-        hidden = self.decoder.run(hidden, ctx, q_pos)
+        ctx = self.decoder.build_context(hidden, segments=seg, positions=pos, bidirectional=None, offset=past,
+                                         cache=self_cache, encoder_hidden=enc, encoder_segments=enc_seg,
+                                         cross_segments=cross_seg)
+        hidden = self.decoder.run(hidden, ctx, pos[:, past:])
         logits = self._lm_logits(hidden)
         loss = ce = z = None
         if labels is not None:
