@@ -86,7 +86,9 @@ def sbatch_lines(res: Resources, *, job_name: str, output: str, array: str | Non
     if after:  # a failed parent cancels this job instead of leaving it pending forever
         opts += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
     # the job starts where it was submitted from, also when the script is resubmitted by hand
-    opts.append(f"--chdir={workdir or pathlib.Path.cwd()}")
+    workdir = workdir or pathlib.Path.cwd()
+    check_path(workdir, "working directory")
+    opts.append(f"--chdir={workdir}")
     opts += list(res.sbatch_args)
     return [f"#SBATCH {o}" for o in opts]
 
