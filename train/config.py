@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -506,8 +507,14 @@ def from_dict(cls: type, data: Mapping[str, Any], *, where: str = "") -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+        raise ConfigError(_prefixed(where or cls.__name__, e)) from e
     return _run_check(obj, where)
+
+
+def _prefixed(where: str, e: Exception) -> str:
+    """``where: message`` on one line, unless the message already starts by naming ``where``."""
+    msg = " ".join(str(e).split())
+    return msg if where and msg.startswith(where) else f"{where}: {msg}"
 
 
 def _run_check(obj: Any, where: str) -> Any:
@@ -518,7 +525,7 @@ def _run_check(obj: Any, where: str) -> Any:
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where or type(obj).__name__}: {e}") from e
+            raise ConfigError(_prefixed(where or type(obj).__name__, e)) from e
     return obj
 
 
@@ -658,8 +665,8 @@ def load_config_with_origins(path: Optional[str | Path] = None, overrides: Seque
 
 def _with_origin(msg: str, origins: dict[str, str]) -> str:
     """Append where the offending value came from ("optim.lr: ... (from command line)")."""
-    key = msg.split(":", 1)[0].split("[", 1)[0]
-    src = origins.get(key)
+    m = re.match(r"[A-Za-z_][\w.]*", msg)  # the dotted key the message starts with, if any
+    src = origins.get(m.group(0)) if m else None
     return f"{msg} (from {src})" if src else msg
 
 
