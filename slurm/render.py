@@ -46,7 +46,7 @@ class Resources:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Resources":
-        d = dict(d or {})
+        d = {k.replace("-", "_"): v for k, v in (d or {}).items()}  # gpus-per-node as on sbatch
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

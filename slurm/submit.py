@@ -71,6 +71,9 @@ def submit(config: str, overrides=(), *, run_dir, resources: Resources = Resourc
     script = render_job(command, run_dir, resources, job_name=job_name, after=after, env=env)
     if dry_run:
         return Submission(None, script, None, run_dir)
+    if is_finished(run_dir):
+        raise SlurmError(f"run directory {run_dir} is finished ({FINISHED} is there); "
+                         f"choose another run directory, or delete {FINISHED} to train on")
     cluster.check_resources(resources)
     cluster.check_writable(run_dir)
     _check_not_active(run_dir)
@@ -240,8 +243,10 @@ def submit_chain(stages: list[Stage], *, after: str | None = None, dry_run: bool
                  python: str | None = None) -> list[Submission]:
     """Each stage waits for the previous one to succeed (afterok); if one fails, Slurm cancels
     the rest (--kill-on-invalid-dep=yes) instead of leaving them pending forever. All stages are
-    checked before the first is submitted."""
+    checked before the first is submitted. Finished stages are skipped, so submitting a chain
+    again continues it."""
     if not dry_run:
+        stages = [s for s in stages if not is_finished(s.run_dir)]
         for s in stages:
             cluster.check_resources(s.resources)
             cluster.check_writable(pathlib.Path(s.run_dir).absolute())

@@ -59,7 +59,8 @@ def save():
 
 event("start", overrides=sys.argv[2:])
 restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-if mode == "crash" or ("seed" in kv and kv.get("crash_first_run_of_seed") == kv["seed"] and restart == 0):
+first_crash = kv.get("crash_first_run") == "1" or ("seed" in kv and kv.get("crash_first_run_of_seed") == kv["seed"])
+if mode == "crash" or (first_crash and restart == 0):
     event("crash")
     sys.exit(3)
 while step < steps:
@@ -159,8 +160,9 @@ def launched(slurm_cluster, standin, tmp_path_factory):
     sweep = slurm.Sweep(dir=base / "sweep", config=cfg, grid={"model.arch": ["cd", "nd"], "seed": [0, 1]},
                         overrides=["steps=30", "crash_first_run_of_seed=1"], concurrency=2, entry=standin, name="tiny")
     jobs["sweep"] = sweep, slurm.submit_sweep(sweep)
-    stages = [slurm.Stage(cfg, base / f"chain/{n}", ["steps=10"], entry=standin, name=n)
-              for n in ("pretrain", "adapt", "finetune")]
+    # pretrain crashes in its first run and requeues itself: its dependents must keep waiting
+    stages = [slurm.Stage(cfg, base / f"chain/{n}", ["steps=10", f"crash_first_run={int(n == 'pretrain')}"],
+                          entry=standin, name=n) for n in ("pretrain", "adapt", "finetune")]
     jobs["chain"] = slurm.submit_chain(stages)
     bad = [slurm.Stage(cfg, base / "badchain/pretrain", ["mode=crash"], Resources(max_restarts=0), standin),
            slurm.Stage(cfg, base / "badchain/adapt", [], entry=standin),
@@ -246,7 +248,7 @@ def test_sweep_cells_and_yaml(tmp_path, capsys):
     (tmp_path / "grid.yaml").write_text(
         "config: base.yaml\nconcurrency: 3\noverrides: [train.steps=100]\n"
         "grid:\n  model.arch: [cd, nd, ed]\n  objective.name: [flm, plm]\n  model.size: [debug]\n  seed: [0, 1]\n"
-        "slurm: {gpus_per_node: 1, time: '04:00:00'}\n")
+        "slurm: {gpus-per-node: 1, time: '04:00:00'}\n")
     sweep = slurm.Sweep.from_yaml(tmp_path / "grid.yaml")
     cells = sweep.cells()
     assert len(cells) == 12 and len({c["run_dir"] for c in cells}) == 12
@@ -349,6 +351,8 @@ def test_sweep_is_one_array_and_resubmission_skips_finished(launched):
     # everything finished: resubmitting queues nothing
     again = slurm.submit_sweep(sweep)
     assert again.job_id is None
+    with pytest.raises(slurm.SlurmError, match="is finished"):  # nor does submitting one cell
+        slurm.submit(launched["cfg"], run_dir=cells[0]["run_dir"])
     # one cell not finished: only that cell is resubmitted
     redo = pathlib.Path(cells[2]["run_dir"])
     (redo / "FINISHED").unlink()
@@ -367,11 +371,15 @@ def test_chain_runs_in_order(launched):
     assert "--kill-on-invalid-dep=yes" in subs[2].script
     wait_for(lambda: final_state(subs[-1].job_id), 120, "the last stage", subs[0].run_dir.parent)
     assert [final_state(s.job_id) for s in subs] == ["COMPLETED"] * 3
+    assert [e["restart"] for e in events(subs[0].run_dir) if e["event"] == "start"] == [0, 1]
     spans = []
     for s in subs:
         ev = events(s.run_dir)
         spans.append((min(e["time"] for e in ev), max(e["time"] for e in ev)))
     assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0]
+    # submitting the chain again skips the finished stages: nothing left to submit
+    stages = [slurm.Stage(launched["cfg"], s.run_dir) for s in subs]
+    assert slurm.submit_chain(stages) == []
 
 
 @pytest.mark.slow
