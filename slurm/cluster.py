@@ -4,7 +4,6 @@ message is one line a user can act on."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import re
 import subprocess
