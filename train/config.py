@@ -30,6 +30,9 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
+from train.data.config import DataConfig
+from train.objectives.config import ObjectiveConfig
+
 
 class ConfigError(ValueError):
     """A bad config. The message is one line that names the key, the value and the fix."""
@@ -54,60 +57,14 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Model-config keys that replace the named size's values, e.g. ``model.overrides.n_layers=4``.
     Checked by the model's own config class, not here."""
-    attn_impl: Literal["auto", "flex", "sdpa", "eager"] = "auto"
-    """Attention kernel: auto = flex on GPU, the dense reference mask on CPU; flex, sdpa (plain
-    causal or dense-mask SDPA), eager (the reference path)."""
+    attn_impl: Literal["auto", "flex", "sdpa", "reference"] = "auto"
+    """Attention kernel: auto = flash SDPA / flex attention on GPU, SDPA with a dense mask on CPU;
+    flex, sdpa (plain causal or dense-mask SDPA), reference (plain math, the tested baseline)."""
     z_loss: float = 0.0
     """Coefficient of the z-loss ``z_loss * logsumexp(logits)**2`` added to the cross entropy
     (reference: 1e-4). It lives here, not in ``optim``: it is a term of the loss, which the model
     (or the pipeline's last stage) computes from its logits; the optimizer only ever sees
     gradients, and objectives only produce labels (the model never knows the objective)."""
-
-
-@dataclass
-class ObjectiveConfig:
-    """Placeholder until train/objectives' own config replaces it (swap the annotation in RunConfig)."""
-
-    name: Literal["flm", "plm", "mlm", "ul2"] = "flm"
-    """flm = full LM, plm = prefix LM, mlm = T5 span corruption, ul2 = mixture of denoisers."""
-    seq_length: int = 626
-    """FLM/PLM: tokens per example (reference: 626)."""
-    inputs_length: int = 512
-    """MLM: length of the corrupted input (reference: 512)."""
-    targets_length: int = 114
-    """MLM: length of the target: sentinels + dropped spans (reference: 114)."""
-    noise_density: float = 0.15
-    """MLM: fraction of input tokens dropped into spans."""
-    mean_noise_span_length: float = 3.0
-    """MLM: mean length of a dropped span."""
-
-    def tokens_per_example(self) -> int:
-        """Tokens the model sees per example (inputs + targets): the unit of the token budget."""
-        return self.inputs_length + self.targets_length if self.name == "mlm" else self.seq_length
-
-    def check(self) -> None:
-        if not 0.0 < self.noise_density < 1.0:
-            raise ConfigError(f"objective.noise_density={self.noise_density} must be in (0, 1)")
-
-
-@dataclass
-class DataConfig:
-    """Placeholder until train/data's own config replaces it (swap the annotation in RunConfig)."""
-
-    source: str = "embedded"
-    """``embedded`` (the small corpus shipped with the package), ``text``, ``json``, ``parquet``,
-    ``arrow`` (local files in ``paths``) or a Hugging Face hub dataset name."""
-    paths: list[str] = field(default_factory=list)
-    """Local files or glob patterns for the file sources."""
-    tokenizer: str = "t5"
-    """Tokenizer name or path (the reference uses T5's 32k SentencePiece vocabulary)."""
-    seq_length: Optional[int] = None
-    """Raw tokens per example before the objective; None = what the objective needs."""
-    heldout_fraction: float = 0.01
-    """Fraction of documents set aside for the held-out loss."""
-    seed: int = 1234
-    """Order of the data stream; separate from the run's ``seed`` so that two models see the
-    same data in the same order whatever their initialisation."""
 
 
 @dataclass

@@ -69,6 +69,10 @@ class DataConfig:
     """Tokenizers, datasets and tokenized caches. '' = $ARCHSCALE_CACHE or ~/.cache/archscale."""
     num_proc: int = 1
     """Processes for tokenization (datasets.map). 1 = in process."""
+    seed: int = 1234
+    """Seed of the data order, the PLM split points and the noise masks. Separate from the run's
+    `seed` (initialisation, dropout), so every cell of a comparison sees the same data in the same
+    order whatever its initialisation."""
     shuffle: bool = True
     """Training order: a permutation of documents drawn from (seed, epoch); False = file order."""
     pack_lookahead: int = 64

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..objectives import Objective, TokenInfo, collate, make_prompted, prompted_lengths
+from ..objectives.collate import collate
+from ..objectives.core import Objective, TokenInfo, make_prompted, prompted_lengths
 from ..objectives import rng
 from .tokenize import TokenStore
 

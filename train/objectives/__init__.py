@@ -1,23 +1,22 @@
 """Pretraining objectives as pure transforms (no deepspeed, no torch.distributed).
 
-    from train.objectives import ObjectiveConfig, build_objective, collate
+    from train.objectives import ObjectiveConfig, build_objective
+    from train.objectives.collate import collate
     obj = build_objective(ObjectiveConfig(name="mlm"), arch="nd", tokens=token_info)
     ex = obj.make(piece_tokens, variant=0, word=w)        # Example(inputs, targets)
     batch = collate([[ex, ...], ...], obj.shape, token_info)
 
 `train.data` drives these for a whole corpus (cutting, packing, sharding, resuming).
 """
-from .collate import COUNT_KEYS, IGNORE, collate, collate_decoder, collate_encoder_decoder, pop_counts
-from .config import ARCHS, OBJECTIVES, DenoiserConfig, ObjectiveConfig, default_ul2_denoisers
-from .core import (MIN_PIECE, Example, Objective, RowShape, TokenInfo, build_objective, make_prompted,
-                   prompted_lengths, row_shape)
-from .span_corruption import (merge_by_sentinels, noise_span_to_unique_sentinel, nonnoise_span_to_unique_sentinel,
-                              random_spans_helper, random_spans_noise_mask, span_corrupt, span_corruption_lengths)
+# Names resolve lazily (PEP 562): `train.objectives.config` is read by the run config, which
+# `archscale submit` loads on a login node without torch.
+from importlib import import_module
 
-__all__ = [
-    "ARCHS", "COUNT_KEYS", "IGNORE", "MIN_PIECE", "OBJECTIVES", "DenoiserConfig", "Example", "Objective",
-    "ObjectiveConfig", "RowShape", "TokenInfo", "build_objective", "collate", "collate_decoder",
-    "collate_encoder_decoder", "default_ul2_denoisers", "make_prompted", "merge_by_sentinels",
-    "noise_span_to_unique_sentinel", "nonnoise_span_to_unique_sentinel", "pop_counts", "prompted_lengths",
-    "random_spans_helper", "random_spans_noise_mask", "row_shape", "span_corrupt", "span_corruption_lengths",
-]
+_WHERE = {"ARCHS": "config", "COUNT_KEYS": "collate", "DenoiserConfig": "config", "Example": "core", "IGNORE": "collate", "MIN_PIECE": "core", "OBJECTIVES": "config", "Objective": "core", "ObjectiveConfig": "config", "RowShape": "core", "TokenInfo": "core", "build_objective": "core", "collate": "collate", "collate_decoder": "collate", "collate_encoder_decoder": "collate", "default_ul2_denoisers": "config", "make_prompted": "core", "merge_by_sentinels": "span_corruption", "noise_span_to_unique_sentinel": "span_corruption", "nonnoise_span_to_unique_sentinel": "span_corruption", "pop_counts": "collate", "prompted_lengths": "core", "random_spans_helper": "span_corruption", "random_spans_noise_mask": "span_corruption", "row_shape": "core", "span_corrupt": "span_corruption", "span_corruption_lengths": "span_corruption"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

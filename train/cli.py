@@ -1,0 +1,95 @@
+"""`archscale` (also `python -m train`): one thin entry point; each command calls one function.
+
+    archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run]   train or resume one run
+    archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
+    archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
+    archscale submit | sweep | status ...                   Slurm (see docs/slurm.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG.yaml] a.b=c ... -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="archscale train", description="Train or resume one run of the comparison.")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] then overrides a.b=c (defaults < file < overrides)")
+    p.add_argument("--dry-run", action="store_true", help="resolve and print the config, then exit")
+    a = p.parse_args(argv)
+    from .config import ConfigError, format_config, load_config_with_origins
+
+    path, overrides = _split_config_args(a.args)
+    try:
+        cfg, origins = load_config_with_origins(path, overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        print(format_config(cfg, origins))
+        return 0
+    from .loop import train
+
+    result = train(cfg)
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved, resume with the same command")
+        return 0
+    print(json.dumps({"run_dir": result.run_dir, "step": result.step, "tokens_seen": result.tokens_seen,
+                      "eval_loss": result.eval_loss}))
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from .compare import main
+
+    return main(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from .export import main
+
+    return main(argv)
+
+
+def _slurm(name: str):
+    def run(argv: list[str]) -> int:
+        from slurm import cli
+
+        return getattr(cli, f"main_{name}")(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "compare": cmd_compare,
+    "export": cmd_export,
+    "submit": _slurm("submit"),
+    "sweep": _slurm("sweep"),
+    "status": _slurm("status"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return cmd(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

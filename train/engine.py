@@ -1,0 +1,152 @@
+"""The DeepSpeed side of training: processes, devices, the engine, one optimizer step.
+
+Runs as one process with no launcher (CPU or one GPU), under torchrun, under the deepspeed
+launcher and under srun: `setup_distributed` reads whichever environment is there. On CPU the
+backend is gloo; on GPUs nccl.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> Dist:
+    """Initialise torch.distributed through DeepSpeed, from torchrun / deepspeed / srun
+    variables, or as a single process when none are set."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
+                               "sets them): launch through `archscale submit`")
+    if "RANK" not in env:  # a plain `python -m train ...`: a world of one
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
+    if not cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not cuda:
+        # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
+        # CPU machine); gloo's allreduce serves the CPU runs this stack does.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(env["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum floats over all processes (one small all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def initialize(model, cfg, derived, ds_config: dict):
+    """deepspeed.initialize with the client optimizer and schedule of the run config."""
+    import deepspeed
+
+    from .ds_config import build_lr_scheduler, build_optimizer, param_groups
+
+    optimizer = build_optimizer(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg.optim, derived)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule, derived.max_steps, cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def split_micro(batch: dict, micro: int) -> list[dict]:
+    """This rank's rows of one optimizer step -> micro-batches of `micro` rows, in order."""
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
+
+
+def train_step(engine, micro_batches: Iterable[dict]) -> dict:
+    """Forward, backward and the optimizer step over one step's micro-batches (DeepSpeed
+    accumulates and steps at the boundary). Returns the mean loss terms of this rank."""
+    sums = {"loss": 0.0, "ce_loss": 0.0, "z_loss": 0.0}
+    n = 0
+    for mb in micro_batches:
+        out = engine(**to_device(mb, engine.device))
+        engine.backward(out.loss)
+        engine.step()
+        for k in sums:
+            v = getattr(out, k)
+            sums[k] += float(v.detach()) if v is not None else 0.0
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def eval_loss(module, batches: Iterable[dict], device) -> tuple[float, float]:
+    """(sum of per-token cross-entropy, number of target tokens) over `batches`, this rank."""
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0.0
+    for b in batches:
+        b = to_device(b, device)
+        out = module(**b)
+        labels = b["labels"]
+        if "decoder_input_ids" not in b:  # decoder layout: the model shifts the labels
+            labels = labels[:, 1:]
+        n = float((labels != -100).sum())
+        total += float(out.ce_loss) * n
+        count += n
+    module.train(was_training)
+    return total, count
+
+
+def grad_norm(engine) -> Optional[float]:
+    try:
+        v = engine.get_global_grad_norm()
+    except Exception:  # not every ZeRO stage / engine reports it
+        return None
+    return float(v) if v is not None else None

@@ -1,0 +1,335 @@
+"""The training loop: config -> data -> model -> DeepSpeed engine -> steps -> checkpoints.
+
+`train(cfg)` runs one cell of the comparison in this process (one rank of a job). It resumes
+from the run directory's newest complete checkpoint (`checkpoint.resume=auto`), also on another
+number of processes (through a DeepSpeed universal checkpoint), saves every N steps, at the end,
+and when SIGTERM / SIGUSR1 arrives (then it returns with `stopped_by` set, for a requeue).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpointing as ckpt
+from . import engine as eng
+from . import registry
+from .config import RunConfig, config_to_yaml, derive
+
+log = logging.getLogger("archscale.train")
+
+# Dense bf16 peak per GPU, for MFU (the vendor's figure; bench/ measures the real one).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    run_dir: str
+    arch: str
+    objective: str
+    params: int
+    step: int
+    max_steps: int
+    tokens_seen: int
+    target_tokens: int
+    flops: float
+    eval_loss: Optional[float]
+    tokens_per_s: float
+    stopped_by: Optional[str] = None  # the signal's name when a signal stopped the run
+    losses: list = field(default_factory=list)  # (step, train loss)
+    eval_losses: list = field(default_factory=list)  # (step, tokens seen, flops, held-out loss)
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and stops at the next step boundary."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Metrics:
+    """metrics.jsonl, TensorBoard and the progress bar (rank 0 only)."""
+
+    def __init__(self, cfg: RunConfig, layout, active: bool, start_step: int, max_steps: int, desc: str):
+        self.active = active
+        self.jsonl = self.tb = self.bar = None
+        if not active:
+            return
+        if cfg.logging.jsonl:
+            _trim_jsonl(layout.metrics_jsonl, start_step)
+            self.jsonl = open(layout.metrics_jsonl, "a")
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(layout.tensorboard), purge_step=start_step + 1)
+            except ImportError:
+                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, desc=desc, dynamic_ncols=True, leave=True,
+                            disable=None if os.environ.get("ARCHSCALE_PROGRESS") != "1" else False)
+
+    def log(self, record: dict):
+        if not self.active:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def progress(self, n: int, postfix: dict):
+        if self.bar is not None:
+            self.bar.set_postfix({k: v for k, v in postfix.items() if v is not None}, refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _trim_jsonl(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line a kill cut short
+    ckpt.atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+def _to_universal(step_dir: Path) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format (once; kept beside the original)."""
+    out = step_dir / "engine_universal"
+    if (out / ckpt.COMPLETE).exists():
+        return out.name
+    tmp = step_dir / "engine_universal.tmp"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(step_dir / "engine"), "--output_folder", str(tmp), "--inject_missing_state"],
+                   check=True, stdout=subprocess.DEVNULL)
+    (tmp / ckpt.COMPLETE).write_text("")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out.name
+
+
+def load_init_weights(model, path: str, family: str) -> None:
+    """init.from_checkpoint: weights only, from a checkpoint or run directory of another run."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step_dir = ckpt.find_resume_point(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
+    if step_dir is None or not ckpt.is_complete(step_dir):
+        raise ckpt.CheckpointError(f"init.from_checkpoint={path} holds no complete checkpoint: point it at a "
+                                   f"run directory or a checkpoints/step-N directory")
+    state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
+    src_arch = (state.config or {}).get("model", {}).get("arch")
+    if src_arch and registry.get(src_arch).family != family:
+        raise ValueError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
+                         f"({registry.get(src_arch).family}); this run's architecture needs a {family} checkpoint")
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="engine")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"init.from_checkpoint={path}: weights do not fit this model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); use a checkpoint of the same size")
+
+
+def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
+    """Train (or resume) the run `cfg` describes. `max_steps_now`: stop after this many steps of
+    this invocation (tests of resumption), leaving the schedule as configured."""
+    from .data import build_stream, prepare
+    from .objectives import pop_counts
+
+    dist = eng.setup_distributed()
+    arch = registry.get(cfg.model.arch)
+    torch.manual_seed(cfg.seed)
+
+    # data: rank 0 prepares (tokenizes, caches) first; the others then hit the cache
+    if dist.is_rank0:
+        prepared = prepare(cfg.data, cfg.objective)
+    eng.barrier()
+    if not dist.is_rank0:
+        prepared = prepare(cfg.data, cfg.objective)
+    vocab = registry.padded_vocab(prepared.tokens.vocab_size)
+    model_config = arch.make_config(cfg.model, vocab)
+    derived = derive(cfg, dist.world_size, num_layers=arch.num_layers(model_config),
+                     tokens_per_sequence=arch.tokens_per_row(cfg.objective),
+                     bf16_supported=dist.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if derived.pipeline_stages > 1:
+        raise NotImplementedError("parallel.pipeline_stages > 1 runs through train.pipeline (not wired yet)")
+
+    layout = ckpt.RunLayout.from_config(cfg)
+    resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
+    state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
+    universal = state is not None and state.world_size != dist.world_size and (
+        derived.zero_stage >= 1 or derived.pipeline_stages > 1)
+    from .ds_config import build_ds_config
+
+    ds_config = build_ds_config(cfg, derived, load_universal=universal)
+    config_yaml = config_to_yaml(cfg)
+    if dist.is_rank0:
+        layout.create()
+        layout.write_run_files(config_yaml, ds_config)
+    eng.barrier()
+
+    model = arch.build(cfg.model, vocab)
+    if state is None and cfg.init.from_checkpoint:
+        load_init_weights(model, cfg.init.from_checkpoint, arch.family)
+    params = arch.num_params(model.config)
+    engine = eng.initialize(model, cfg, derived, ds_config)
+
+    dp_rank, dp_size = dist.rank, dist.world_size  # no pipeline: every process is a data-parallel rank
+    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
+                          rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data)
+    step, tokens_seen, target_tokens, flops = 0, 0, 0, 0.0
+    if state is not None:
+        tag = "engine"
+        if universal:
+            if dist.is_rank0:
+                tag = _to_universal(resume_dir)
+            eng.barrier()
+            tag = "engine_universal"
+        engine.load_checkpoint(str(resume_dir), tag=tag, load_module_strict=True)
+        stream.load_state_dict(state.data_position)
+        step, tokens_seen, target_tokens, flops = state.step, state.tokens_seen, state.target_tokens, state.flops
+        rng = state.rng_state_for(dist.rank) if state.world_size == dist.world_size else None
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
+        if dist.is_rank0:
+            log.info("resumed %s at step %d from %s", cfg.run_dir, step, resume_dir)
+
+    def save(at_step: int) -> Path:
+        rngs = eng.all_gather_object(ckpt.capture_rng_state())
+        st = ckpt.TrainerState(step=at_step, tokens_seen=tokens_seen, target_tokens=target_tokens, flops=flops,
+                               data_position=stream.state_dict(), rng_states=rngs, world_size=dist.world_size,
+                               config=__import__("yaml").safe_load(config_yaml))
+        return ckpt.save_checkpoint(layout.checkpoints, st,
+                                    lambda d: engine.save_checkpoint(str(d), tag="engine", save_latest=False),
+                                    is_rank0=dist.is_rank0, barrier=eng.barrier,
+                                    keep_last=cfg.checkpoint.keep_last,
+                                    keep_every_n_steps=cfg.checkpoint.keep_every_n_steps, config_yaml=config_yaml)
+
+    def held_out_loss() -> Optional[float]:
+        if prepared.eval is None:
+            return None
+        evals = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
+                             rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, split="eval", data=cfg.data)
+        batches = []
+        for i, b in enumerate(evals):
+            if i >= cfg.eval.num_batches:
+                break
+            pop_counts(b)
+            batches.extend(eng.split_micro(b, derived.micro_batch_size))
+        total, count = eng.all_sum(list(eng.eval_loss(engine.module, batches, dist.device)), dist.device)
+        return total / count if count else None
+
+    signals = _Signals()
+    metrics = _Metrics(cfg, layout, dist.is_rank0, step, derived.max_steps,
+                       desc or f"{cfg.model.arch.upper()}:{cfg.objective.name.upper()}")
+    result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
+                       step=step, max_steps=derived.max_steps, tokens_seen=tokens_seen, target_tokens=target_tokens,
+                       flops=flops, eval_loss=None, tokens_per_s=0.0)
+    peak = peak_flops(dist.device)
+    stop_at = derived.max_steps if max_steps_now is None else min(derived.max_steps, step + max_steps_now)
+    last_saved = step
+    t_start, tok_start = time.perf_counter(), tokens_seen
+    t_log, tok_log, flops_log = t_start, tokens_seen, flops
+    try:
+        while step < stop_at:
+            batch = next(stream)
+            counts = pop_counts(batch)
+            batch_flops = arch.batch_flops(model.config, batch)
+            losses = eng.train_step(engine, eng.split_micro(batch, derived.micro_batch_size))
+            red = eng.all_sum([counts["num_tokens"], counts["num_target_tokens"], batch_flops, losses["loss"],
+                               1.0 if signals.received else 0.0], dist.device)
+            step += 1
+            tokens_seen += int(red[0])
+            target_tokens += int(red[1])
+            flops += red[2]
+            loss = red[3] / dist.world_size
+            result.losses.append((step, loss))
+            now = time.perf_counter()
+            if step % cfg.logging.every_n_steps == 0 or step == stop_at:
+                dt = max(now - t_log, 1e-9)
+                rec = {"step": step, "loss": loss, "ce_loss": losses["ce_loss"], "z_loss": losses["z_loss"],
+                       "lr": engine.get_lr()[0], "tokens_seen": tokens_seen, "target_tokens": target_tokens,
+                       "flops": flops, "tokens_per_s": (tokens_seen - tok_log) / dt,
+                       "grad_norm": eng.grad_norm(engine)}
+                if peak:
+                    rec["mfu"] = (flops - flops_log) / dt / (peak * dist.world_size)
+                metrics.log(rec)
+                t_log, tok_log, flops_log = now, tokens_seen, flops
+            metrics.progress(1, {"loss": f"{loss:.3f}", "tok/s": f"{(tokens_seen - tok_start) / max(now - t_start, 1e-9):.0f}"})
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < derived.max_steps:
+                ev = held_out_loss()
+                result.eval_losses.append((step, tokens_seen, flops, ev))
+                metrics.log({"step": step, "eval_loss": ev, "tokens_seen": tokens_seen, "flops": flops})
+            if red[4] > 0:  # a signal reached some rank: save and stop, everyone at this step
+                result.stopped_by = signals.received or "signal"
+                break
+            if step % cfg.checkpoint.every_n_steps == 0:
+                save(step)
+                last_saved = step
+        elapsed = time.perf_counter() - t_start
+        if step != last_saved or (state is None and step == 0):
+            save(step)
+        if step >= derived.max_steps and result.stopped_by is None:
+            ev = held_out_loss()
+            result.eval_losses.append((step, tokens_seen, flops, ev))
+            metrics.log({"step": step, "eval_loss": ev, "tokens_seen": tokens_seen, "flops": flops})
+            result.eval_loss = ev
+            if dist.is_rank0:
+                (layout.root / "FINISHED").write_text(json.dumps({"step": step}) + "\n")
+    finally:
+        signals.restore()
+        metrics.close()
+    result.step, result.tokens_seen, result.target_tokens, result.flops = step, tokens_seen, target_tokens, flops
+    result.tokens_per_s = (tokens_seen - tok_start) / max(elapsed, 1e-9)
+    return result
