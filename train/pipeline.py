@@ -425,16 +425,34 @@ def pipeline_layers(config, cache: Optional[ContextCache] = None) -> list:
     return make_plan(config, cache if cache is not None else ContextCache()).specs
 
 
+def layer_names(config) -> list[str]:
+    """Class names of the pipeline layers in order (what `type:REGEX` partitioning matches)."""
+    def name(spec) -> str:
+        fn = getattr(spec, "forward_fn", None)
+        suffix = "(head)" if isinstance(fn, HeadFn) else "(decoder input)" if isinstance(fn, EmbedFn) else ""
+        stack = getattr(spec.module_args[1], "name", "") if spec.typename in (StackInput, BlockLayer) else ""
+        index = f" {spec.module_args[2]}" if spec.typename is BlockLayer else ""
+        return f"{spec.typename.__name__}{suffix}" + (f"[{stack}{index}]" if stack else "")
+
+    return [name(spec) for spec in make_plan(config).specs]
+
+
 def num_blocks(config) -> int:
     """Transformer blocks the pipeline splits (ED: encoder + decoder)."""
     return 2 * config.n_layers if config.arch == "ed" else config.n_layers
 
 
 # ================================================================================== checks
-def check_pipeline(config, num_stages: int, zero_stage: int = 0, partition_method: str = "parameters",
+def check_pipeline(config, num_stages: int, zero_stage: int = 0, partition_method: str | Sequence[int] = "parameters",
                    activation_checkpoint_interval: int = 0) -> None:
     """Fail early, with a message that says what to change, on settings DeepSpeed's pipeline
-    engine cannot run (it would fail later, after process groups and models exist)."""
+    engine cannot run (it would fail later, after process groups and models exist): ZeRO 2/3,
+    more stages than transformer blocks, an unknown partition method, bad explicit boundaries.
+
+    partition_method: "parameters" (balance parameter counts), "uniform" (layer counts),
+    "type:REGEX" (balance the layers whose class name matches, e.g. type:BlockLayer), or the
+    stage boundaries as num_stages + 1 layer indices [0, ..., len(layers)] (see `layer_names`).
+    """
     if not isinstance(num_stages, int) or num_stages < 1:
         raise PipelineConfigError(f"pipeline stages must be a positive integer, got {num_stages!r}")
     if zero_stage not in (0, 1):
@@ -447,10 +465,18 @@ def check_pipeline(config, num_stages: int, zero_stage: int = 0, partition_metho
         what = f"{config.n_layers} encoder + {config.n_layers} decoder layers" if config.arch == "ed" \
             else f"{blocks} layers"
         raise PipelineConfigError(f"{num_stages} pipeline stages for a model of {what}: use at most {blocks} stages")
-    method = partition_method.lower() if isinstance(partition_method, str) else partition_method
-    if not (method in ("parameters", "uniform") or (isinstance(method, str) and method.startswith("type:"))):
-        raise PipelineConfigError(f"partition method {partition_method!r} is not valid; choose parameters, uniform "
-                                  f"or type:REGEX (a layer class name, e.g. type:BlockLayer)")
+    if isinstance(partition_method, (list, tuple)):
+        n = len(make_plan(config).specs)
+        b = list(partition_method)
+        if len(b) != num_stages + 1 or b[0] != 0 or b[-1] != n or any(x >= y for x, y in zip(b, b[1:])):
+            raise PipelineConfigError(f"explicit stage boundaries {b} must be {num_stages + 1} increasing layer "
+                                      f"indices from 0 to {n} (the {config.arch} pipeline has {n} layers: "
+                                      f"{', '.join(layer_names(config))})")
+    elif not (isinstance(partition_method, str) and (partition_method.lower() in ("parameters", "uniform")
+                                                     or partition_method.lower().startswith("type:"))):
+        raise PipelineConfigError(f"partition method {partition_method!r} is not valid; choose parameters, uniform, "
+                                  f"type:REGEX (a layer class name, e.g. type:BlockLayer) or a list of stage "
+                                  f"boundaries")
     if activation_checkpoint_interval < 0:
         raise PipelineConfigError(f"activation checkpoint interval must be >= 0, got {activation_checkpoint_interval}")
 
@@ -595,17 +621,27 @@ class ArchscalePipeline(_PipelineWeights, PipelineModule):
     """
 
     def __init__(self, config, num_stages: Optional[int] = None, *, topology=None,
-                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                 partition_method: str | Sequence[int] = "parameters", activation_checkpoint_interval: int = 0,
                  dynamic_shape: bool = False, **kwargs):
         check_pipeline(config, num_stages if num_stages is not None else topology.get_dim("pipe"), 0,
                        partition_method, activation_checkpoint_interval)
         plan = make_plan(config, ContextCache())
+        explicit = isinstance(partition_method, (list, tuple))
+        object.__setattr__(self, "_explicit_parts", [int(b) for b in partition_method] if explicit else None)
         super().__init__(layers=plan.specs, num_stages=num_stages, topology=topology, loss_fn=pipeline_loss(config),
-                         partition_method=partition_method,
+                         partition_method="uniform" if explicit else partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          checkpointable_layers=list(CHECKPOINTABLE_LAYERS), dynamic_shape=dynamic_shape, **kwargs)
         self.plan = plan
         self.model_config = config
+
+    def _partition_layers(self, method="uniform"):
+        """DeepSpeed's partitioning, plus explicit stage boundaries (a list of layer indices)."""
+        if self._explicit_parts is None:
+            return super()._partition_layers(method=method)
+        self.parts = list(self._explicit_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
 class LocalPipeline(_PipelineWeights, nn.Module):
@@ -698,7 +734,7 @@ def model_state_dict_from_layer_files(config, directory: str) -> dict[str, Tenso
 
 # ========================================================================= building the engine
 def build_pipeline_module(model: nn.Module, num_stages: Optional[int] = None, *, topology=None,
-                          partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                          partition_method: str | Sequence[int] = "parameters", activation_checkpoint_interval: int = 0,
                           dynamic_shape: bool = False, **kwargs) -> ArchscalePipeline:
     """The PipelineModule of a model_zoo model (DecoderLM or EncoderDecoderLM) with its weights.
 
@@ -720,7 +756,7 @@ def build_pipeline_module(model: nn.Module, num_stages: Optional[int] = None, *,
 
 def initialize_pipeline_engine(model: nn.Module, ds_config: dict, *, num_stages: int,
                                optimizer: Callable[[ArchscalePipeline], torch.optim.Optimizer],
-                               lr_scheduler: Optional[Callable] = None, partition_method: str = "parameters",
+                               lr_scheduler: Optional[Callable] = None, partition_method: str | Sequence[int] = "parameters",
                                activation_checkpoint_interval: int = 0, dynamic_shape: bool = False):
     """check_pipeline, build_pipeline_module, then deepspeed.initialize with a client optimizer.
 
