@@ -43,7 +43,7 @@ OPT = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
 CASES = [
     ("cd_zero0", "cd", 0, {}, 0.0, 0, "parameters"),
     # stage 0 holds the embedding alone; the tied head is on stage 1
-    ("cd_zero1_clip_embed_alone", "cd", 1, {}, 0.5, 0, [0, 1, 6]),
+    ("cd_zero1_clip_embed_alone", "cd", 1, {}, 0.1, 0, [0, 1, 6]),
     ("cd_learned_untied_zloss_ckpt", "cd", 0, dict(position="learned", tie_embeddings=False, z_loss=1e-3), 0.0, 1,
      "parameters"),
     # stage 1 holds the tied LM head alone
@@ -51,10 +51,10 @@ CASES = [
     ("nd_zero0", "nd", 0, {}, 0.0, 0, "parameters"),
     ("nd_zero1_rope_mixed_layers", "nd", 1, dict(position="rope", bidirectional_mode="mixed_layers"), 0.0, 0,
      "parameters"),
-    ("nd_zero1_mixed_heads_ckpt_clip", "nd", 1, dict(bidirectional_mode="mixed_heads"), 0.5, 1, "parameters"),
+    ("nd_zero1_mixed_heads_ckpt_clip", "nd", 1, dict(bidirectional_mode="mixed_heads"), 0.1, 1, "parameters"),
     ("ed_zero0", "ed", 0, {}, 0.0, 0, "parameters"),
     # split inside the decoder stack: encoder output, decoder T5 table and ids cross the boundary
-    ("ed_zero1_clip_split_in_decoder", "ed", 1, {}, 0.5, 0, [0, 8, 11]),
+    ("ed_zero1_clip_split_in_decoder", "ed", 1, {}, 0.1, 0, [0, 8, 11]),
     # split inside the encoder stack: the tied embedding lives on both stages (encoder input on
     # stage 0, decoder input and head on stage 1)
     ("ed_zero1_split_in_encoder_zloss", "ed", 1, dict(vocab_size=64, z_loss=1e-3), 0.0, 0, [0, 3, 11]),
