@@ -543,7 +543,7 @@ def pipeline_batches(batches: Iterable[Mapping[str, Tensor]], config) -> Iterato
 
 
 # =========================================================================== weights mapping
-def _local_layers(module: nn.Module, plan: Plan, start: int) -> list[tuple[int, nn.Module]]:
+def _local_layers(module: nn.Module, start: int) -> list[tuple[int, nn.Module]]:
     """(absolute layer index, module) of each layer held here that owns parameters it saves:
     plain layers and the first occurrence of a tied one (later ones are forward_fn partials)."""
     out = []
@@ -573,10 +573,10 @@ def _load_into(targets: list[tuple[tuple, nn.Module]], state: Mapping[str, Tenso
         mod.load_state_dict(local, strict=True)
 
 
-def _export(targets: list[tuple[tuple, nn.Module]], keep_vars: bool = False) -> dict[str, Tensor]:
+def _export(targets: list[tuple[tuple, nn.Module]]) -> dict[str, Tensor]:
     out = {}
     for prefixes, mod in targets:
-        for k, v in mod.state_dict(keep_vars=keep_vars).items():
+        for k, v in mod.state_dict().items():
             for p in prefixes:
                 out[p + k] = v
     return out
@@ -588,7 +588,7 @@ class _PipelineWeights:
     plan: Plan
 
     def _targets(self) -> list[tuple[tuple, nn.Module]]:
-        targets = [(self.plan.prefixes[i], m) for i, m in _local_layers(self, self.plan, self._local_start)
+        targets = [(self.plan.prefixes[i], m) for i, m in _local_layers(self, self._local_start)
                    if not isinstance(self.plan.specs[i], TiedLayerSpec)]
         return targets + _tied_modules(self, self.plan)
 
@@ -623,6 +623,8 @@ class ArchscalePipeline(_PipelineWeights, PipelineModule):
     def __init__(self, config, num_stages: Optional[int] = None, *, topology=None,
                  partition_method: str | Sequence[int] = "parameters", activation_checkpoint_interval: int = 0,
                  dynamic_shape: bool = False, **kwargs):
+        if num_stages is None and topology is None:
+            raise PipelineConfigError("give num_stages or a DeepSpeed topology")
         check_pipeline(config, num_stages if num_stages is not None else topology.get_dim("pipe"), 0,
                        partition_method, activation_checkpoint_interval)
         plan = make_plan(config, ContextCache())
