@@ -58,13 +58,13 @@ def test_later_cli_override_wins():
 def test_cli_values_follow_yaml_scalar_rules():
     cfg = load_config(overrides=[
         "parallel.offload_optimizer=true", "schedule.train_tokens=168e9", "optim.lr=1e-3",
-        "data.paths=[a.txt, b.txt]", "optim.beta1=null", "optim.betas=[0.9, 0.99]",
+        "data.train_files=[a.txt, b.txt]", "optim.beta1=null", "optim.betas=[0.9, 0.99]",
         "checkpoint.resume=no", "parallel.zero_stage=2", "run_dir=runs/x",
     ])
     assert cfg.parallel.offload_optimizer is True
     assert cfg.schedule.train_tokens == 168_000_000_000 and isinstance(cfg.schedule.train_tokens, int)
     assert cfg.optim.lr == pytest.approx(1e-3)
-    assert cfg.data.paths == ["a.txt", "b.txt"]
+    assert cfg.data.train_files == ["a.txt", "b.txt"]
     assert cfg.optim.beta1 is None
     assert cfg.optim.betas == (0.9, 0.99)
     assert cfg.checkpoint.resume == "no"   # YAML reads `no` as false; a str field keeps the text
@@ -173,7 +173,7 @@ def test_validate_catches_configs_built_in_code():
 
 def test_saved_yaml_loads_back_equal(tmp_path):
     cfg = load_config(overrides=["model.arch=ed", "model.overrides.n_layers=2", "optim.name=adafactor",
-                                 "optim.betas=[0.8, 0.9]", "schedule.train_tokens=1e6", "data.paths=[x]",
+                                 "optim.betas=[0.8, 0.9]", "schedule.train_tokens=1e6", "data.train_files=[x]",
                                  "parallel.zero_stage=1", "checkpoint.resume=never"])
     save_config(cfg, tmp_path / "sub" / "config.yaml")
     again, origins = load_config_with_origins(tmp_path / "sub" / "config.yaml")
@@ -354,12 +354,15 @@ def test_adafactor_relative_step_needs_constant_schedule():
 # ---------------------------------------------------------------- documentation
 
 def _field_docstrings() -> dict[tuple[str, str], str]:
-    """(class, field) -> the string literal right after the field in train/config.py."""
+    """(class, field) -> the string literal right after the field, in every module that defines a
+    section (train/config.py, train/objectives/config.py, train/data/config.py)."""
     import ast
 
-    tree = ast.parse((ROOT / "train" / "config.py").read_text())
     out = {}
-    for node in tree.body:
+    nodes = []
+    for path in ("train/config.py", "train/objectives/config.py", "train/data/config.py"):
+        nodes += ast.parse((ROOT / path).read_text()).body
+    for node in nodes:
         if isinstance(node, ast.ClassDef):
             for st, nxt in zip(node.body, node.body[1:] + [None]):
                 if isinstance(st, ast.AnnAssign):

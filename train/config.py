@@ -675,7 +675,7 @@ def format_config(cfg: Any, origins: Optional[dict[str, str]] = None) -> str:
     lines = []
     for k, v in flat.items():
         src = (origins or {}).get(k, "")
-        lines.append(f"{k:<{width}} = {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        lines.append(f"{k:<{width}} = {yaml.safe_dump(v, default_flow_style=True, width=float('inf')).strip().removesuffix('...').strip()}"
                      + (f"   # {src}" if src else ""))
     return "\n".join(lines)
 
@@ -763,7 +763,7 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
         fn = getattr(cfg.objective, "tokens_per_example", None)
         if fn is None:
             raise ConfigError("derive() needs tokens_per_sequence: the objective config has no tokens_per_example()")
-        tokens_per_sequence = int(fn())
+        tokens_per_sequence = int(fn(cfg.model.arch))
     tokens_per_step = glob * tokens_per_sequence
     s = cfg.schedule
     if s.max_steps is not None:

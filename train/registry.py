@@ -61,24 +61,15 @@ def ed_batch_flops(config, batch: dict) -> float:
     return total
 
 
-def decoder_tokens_per_row(objective) -> int:
-    return objective.seq_length
-
-
-def ed_tokens_per_row(objective) -> int:
-    """Tokens an ED row carries: inputs + targets (reference: 512 + 114 = 626, as CD's 626)."""
-    if objective.name == "plm":
-        return objective.seq_length  # k examples of seq_length // k tokens, split over encoder and decoder
-    return objective.inputs_length + objective.targets_length
-
-
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
     family: str  # "decoder" | "encoder_decoder": which batch layout the objectives produce
     batch_flops: Callable
-    tokens_per_row: Callable
     description: str
+
+    def tokens_per_row(self, objective) -> int:
+        return objective.tokens_per_example(self.name)
 
     @staticmethod
     def _options(model_cfg, vocab_size: int | None) -> dict:
@@ -108,9 +99,9 @@ class ArchSpec:
 
 
 ARCHITECTURES = {
-    "cd": ArchSpec("cd", "decoder", decoder_batch_flops, decoder_tokens_per_row, "causal decoder"),
-    "nd": ArchSpec("nd", "decoder", decoder_batch_flops, decoder_tokens_per_row, "prefix (non-causal) decoder"),
-    "ed": ArchSpec("ed", "encoder_decoder", ed_batch_flops, ed_tokens_per_row, "encoder-decoder"),
+    "cd": ArchSpec("cd", "decoder", decoder_batch_flops, "causal decoder"),
+    "nd": ArchSpec("nd", "decoder", decoder_batch_flops, "prefix (non-causal) decoder"),
+    "ed": ArchSpec("ed", "encoder_decoder", ed_batch_flops, "encoder-decoder"),
 }
 
 
