@@ -33,18 +33,24 @@ def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
     return d
 
 
-def engine_weights(step_dir: Path, tag: str = "engine") -> dict:
+def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> dict:
     """The fp32 model weights of a DeepSpeed checkpoint, keys as the model names them.
 
-    ZeRO >= 1 partitions are gathered by DeepSpeed's zero_to_fp32; a ZeRO-0 checkpoint holds the
-    whole module in mp_rank_00_model_states.pt.
+    Pipeline checkpoints (layer_XX-model_states.pt, needs `model_config`) map back to model_zoo
+    keys through train.pipeline; ZeRO >= 1 partitions are gathered by DeepSpeed's zero_to_fp32; a
+    ZeRO-0 checkpoint holds the whole module in mp_rank_00_model_states.pt.
     """
     import torch
 
     engine_dir = Path(step_dir) / tag
     if not engine_dir.is_dir():
-        raise ckpt.CheckpointError(f"{step_dir} has no {tag}/ directory (a pipeline checkpoint? convert it with "
-                                   f"train.pipeline first)")
+        raise ckpt.CheckpointError(f"{step_dir} has no {tag}/ directory: not a checkpoint of this trainer")
+    if any(engine_dir.glob("layer_*-model_states.pt")):
+        if model_config is None:
+            raise ValueError("a pipeline checkpoint needs the model config to name its layers")
+        from .pipeline import model_state_dict_from_layer_files
+
+        return {k: v.float() for k, v in model_state_dict_from_layer_files(model_config, str(engine_dir)).items()}
     if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -64,7 +70,7 @@ def load_model(step_dir: Path):
     tok, tokens = load_tokenizer(cfg.data)
     arch = registry.get(cfg.model.arch)
     model = arch.build(cfg.model, registry.padded_vocab(tokens.vocab_size))
-    weights = engine_weights(step_dir)
+    weights = engine_weights(step_dir, model_config=model.config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:
