@@ -72,6 +72,8 @@ COMMANDS = {
     "train": cmd_train,
     "compare": cmd_compare,
     "export": cmd_export,
+    "eval": lambda argv: __import__("train.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
+    "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),
     "status": _slurm("status"),
