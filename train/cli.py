@@ -38,7 +38,11 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from .loop import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)  # checks the config against the world size before any work
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved, resume with the same command")
         return 0
@@ -76,6 +80,7 @@ COMMANDS = {
     "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),
+    "chain": _slurm("chain"),
     "status": _slurm("status"),
 }
 

@@ -24,9 +24,15 @@ import torch
 from . import checkpointing as ckpt
 from . import engine as eng
 from . import registry
-from .config import RunConfig, config_to_yaml, derive
+from .config import ConfigError, Derived, RunConfig, config_to_yaml, derive
+from .ds_config import resolve_parallel
 
 log = logging.getLogger("archscale.train")
+
+# Test hook: with ARCHSCALE_TEST_SAVE_DELAY=S in the environment, every checkpoint save sleeps S
+# seconds after the engine files are written into `step-N.tmp` and before COMPLETE, so a test
+# can kill the run in the middle of a save (tests/test_trainer.py). Unset in real runs.
+SAVE_DELAY_ENV = "ARCHSCALE_TEST_SAVE_DELAY"
 
 # Dense bf16 peak per GPU, for MFU (the vendor's figure; bench/ measures the real one).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -181,6 +187,39 @@ def load_init_weights(model, path: str, family: str) -> None:
                          f"unexpected {unexpected[:3]}); use a checkpoint of the same size")
 
 
+def _bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> Derived:
+    """Every check of the config against the world that needs no data and no model: the derived
+    numbers (batch sizes that divide, stages vs layers, ZeRO with pipeline, ...). Cheap (the layer
+    count comes from the model's config, nothing is built); `train` calls it before it writes or
+    prepares anything. Raises ConfigError with a one-line message.
+    """
+    arch = registry.get(cfg.model.arch)
+    try:
+        model_config = arch.make_config(cfg.model)  # the tokenizer's vocabulary does not change the layers
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    num_layers, stages = arch.num_layers(model_config), cfg.parallel.pipeline_stages
+    # Problems of the config itself first: launching on another number of processes (derive's
+    # first check) would not fix these.
+    if stages > num_layers:
+        raise ConfigError(f"parallel.pipeline_stages={stages} is more than the model's {num_layers} layers: "
+                          f"use at most {num_layers} stages")
+    zero = resolve_parallel(cfg.parallel, bf16_supported=bf16_supported).zero_stage
+    if zero >= 2 and stages > 1:
+        raise ConfigError(f"ZeRO stage {zero} with parallel.pipeline_stages={stages}: DeepSpeed's pipeline "
+                          f"engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
+    derived = derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
+                     bf16_supported=bf16_supported)
+    if derived.pipeline_stages > 1:
+        raise ConfigError(f"parallel.pipeline_stages={stages}: the trainer does not run pipelines yet "
+                          f"(train.pipeline is not wired into train.loop); use parallel.pipeline_stages=1")
+    return derived
+
+
 def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
     """Train (or resume) the run `cfg` describes. `max_steps_now`: stop after this many steps of
     this invocation (tests of resumption), leaving the schedule as configured."""
@@ -189,6 +228,7 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
 
     dist = eng.setup_distributed()
     arch = registry.get(cfg.model.arch)
+    derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
     torch.manual_seed(cfg.seed)
 
     # data: rank 0 prepares (tokenizes, caches) first; the others then hit the cache
@@ -198,12 +238,6 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
     if not dist.is_rank0:
         prepared = prepare(cfg.data, cfg.objective)
     vocab = registry.padded_vocab(prepared.tokens.vocab_size)
-    model_config = arch.make_config(cfg.model, vocab)
-    derived = derive(cfg, dist.world_size, num_layers=arch.num_layers(model_config),
-                     tokens_per_sequence=arch.tokens_per_row(cfg.objective),
-                     bf16_supported=dist.device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if derived.pipeline_stages > 1:
-        raise NotImplementedError("parallel.pipeline_stages > 1 runs through train.pipeline (not wired yet)")
 
     layout = ckpt.RunLayout.from_config(cfg)
     resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
@@ -245,13 +279,18 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
         if dist.is_rank0:
             log.info("resumed %s at step %d from %s", cfg.run_dir, step, resume_dir)
 
+    def write_engine(step_dir: Path) -> None:
+        engine.save_checkpoint(str(step_dir), tag="engine", save_latest=False)
+        if os.environ.get(SAVE_DELAY_ENV):  # test hook: see SAVE_DELAY_ENV
+            time.sleep(float(os.environ[SAVE_DELAY_ENV]))
+
     def save(at_step: int) -> Path:
         rngs = eng.all_gather_object(ckpt.capture_rng_state())
         st = ckpt.TrainerState(step=at_step, tokens_seen=tokens_seen, target_tokens=target_tokens, flops=flops,
                                data_position=stream.state_dict(), rng_states=rngs, world_size=dist.world_size,
                                config=__import__("yaml").safe_load(config_yaml))
         return ckpt.save_checkpoint(layout.checkpoints, st,
-                                    lambda d: engine.save_checkpoint(str(d), tag="engine", save_latest=False),
+                                    write_engine,
                                     is_rank0=dist.is_rank0, barrier=eng.barrier,
                                     keep_last=cfg.checkpoint.keep_last,
                                     keep_every_n_steps=cfg.checkpoint.keep_every_n_steps, config_yaml=config_yaml)
