@@ -78,6 +78,7 @@ COMMANDS = {
     "export": cmd_export,
     "eval": lambda argv: __import__("train.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
     "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
+    "plan": lambda argv: __import__("train.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),
     "chain": _slurm("chain"),
