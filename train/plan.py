@@ -421,10 +421,12 @@ def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_t
 
     Per block (B rows, T tokens, D = d_model, I = heads x head_dim, F = d_ff, H heads, a = 2 bf16
     or 4 fp32 activation bytes; the whole model runs in the training precision, no autocast):
-      each RMSNorm: (4 + a) B T D      its fp32 upcast of the input (which is also the stored
-                                       residual stream) and its normalised output (the matmul input)
-      self-attention: 4 a B T I + 4 B H T   q, k, v and the output (flash / flex keep no T x T
-                                       matrix), the kernel's fp32 log-sum-exp
+      each RMSNorm: (4 + 2a) B T D + 4 B T    its fp32 upcast of the input (which is also the
+                                       stored residual stream), the normalised x in the model dtype,
+                                       the weighted output (the matmul input), the fp32 1/rms
+      self-attention: 4 a B T I + 4 B H T   q, k, v, the kernel output (flash / flex keep no T x T
+                                       matrix; the output is laid out (B, T, H, hd), so o_proj's input
+                                       is a view of it), the fp32 log-sum-exp
       cross-attention (ED decoder): 2 a B T I + 2 a B Tk I + 4 B H T    q, out; k, v over the encoder
       GEGLU / SwiGLU MLP: 4 a B T F    gate, act(gate), up, and their product (the down_proj input)
       GELU MLP: 2 a B T F
@@ -433,7 +435,7 @@ def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_t
     """
     B, T, D, I, F, H = batch, tokens, config.d_model, config.n_heads * config.head_dim, config.d_ff, config.n_heads
     cross = cross_tokens > 0
-    norm = (4 + a) * B * T * D * (3 if cross else 2)
+    norm = ((4 + 2 * a) * B * T * D + 4 * B * T) * (3 if cross else 2)
     attn = 4 * a * B * T * I + 4 * B * H * T
     if cross:
         attn += 2 * a * B * T * I + 2 * a * B * cross_tokens * I + 4 * B * H * T
