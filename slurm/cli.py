@@ -46,16 +46,27 @@ def _fail(prog: str, e: Exception) -> int:
 
 def main_submit(argv=None) -> int:
     p = argparse.ArgumentParser(prog="archscale submit", description="Submit one training run to Slurm.")
-    p.add_argument("config", help="the run's config YAML")
-    p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] a.b=c",
+                   help="the run's config YAML (optional, as for `archscale train`), then overrides a.b=c; "
+                        "checked with the trainer's config loader before anything is submitted")
     p.add_argument("--run-dir", required=True, help="the run directory (scripts and logs go to RUN_DIR/slurm/)")
     p.add_argument("--after", metavar="JOBID", help="start only after this job succeeded (afterok)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="export this in the job script, e.g. --env DS_ACCELERATOR=cpu (repeatable; the "
+                        "submitting shell's environment is passed on as well, as sbatch does)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     _resource_args(p)
     a = p.parse_args(argv)
+    config, overrides = (a.args[0], a.args[1:]) if a.args and "=" not in a.args[0] else (None, a.args)
+    env = {}
+    for kv in a.env:
+        key, eq, value = kv.partition("=")
+        if not eq or not key.isidentifier():
+            return _fail(p.prog, ValueError(f"--env {kv!r}: expected KEY=VALUE"))
+        env[key] = value
     try:
-        sub = submit(a.config, a.overrides, run_dir=a.run_dir, resources=_resources(a),
-                     after=a.after, dry_run=a.dry_run)
+        sub = submit(config, overrides, run_dir=a.run_dir, resources=_resources(a),
+                     after=a.after, dry_run=a.dry_run, env=env or None)
     except (SlurmError, ValueError) as e:
         return _fail(p.prog, e)
     if a.dry_run:

@@ -59,11 +59,12 @@ class Resources:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def trainer_command(config: str, overrides=(), run_dir: str | pathlib.Path = "", *,
+def trainer_command(config: str | None, overrides=(), run_dir: str | pathlib.Path = "", *,
                     python: str | None = None, entry=ENTRY) -> list[str]:
-    """`python -m train train CONFIG a.b=c ... run_dir=RUN_DIR` as an argument list.
-    `entry` replaces `-m train train`, e.g. with a script path (tests use a stand-in trainer)."""
-    cmd = [python or sys.executable, *entry, str(config), *overrides]
+    """`python -m train train CONFIG a.b=c ... run_dir=RUN_DIR` as an argument list (no CONFIG
+    when it is None: the defaults and the overrides). `entry` replaces `-m train train`, e.g. with
+    a script path (tests use a stand-in trainer)."""
+    cmd = [python or sys.executable, *entry, *([str(config)] if config is not None else []), *overrides]
     if run_dir:
         cmd.append(f"{RUN_DIR_KEY}={run_dir}")
     return cmd

@@ -1,8 +1,9 @@
 """Submit one run, a sweep (one job array over a grid) or a chain (afterok dependencies).
 
-Every submission is checked before anything is queued (partition, GPUs, nodes, time limit, a
-writable run directory) and recorded in RUN/slurm/submissions.jsonl, which `status` reads.
-`dry_run=True` renders the script and returns it: no Slurm command runs, no file is written.
+Every submission is checked before anything is queued (the run config, partition, GPUs, nodes,
+time limit, a writable run directory) and recorded in RUN/slurm/submissions.jsonl, which `status`
+reads. `dry_run=True` renders the script and returns it (after the config check): no Slurm command
+runs, no file is written.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 
 from . import cluster
 from .cluster import SlurmError
-from .render import FINISHED, Resources, render_array, render_job, trainer_command, check_path
+from .render import FINISHED, RUN_DIR_KEY, Resources, render_array, render_job, trainer_command, check_path
 
 
 @dataclasses.dataclass
@@ -51,19 +52,48 @@ def _check_not_active(run_dir: pathlib.Path) -> None:
                              f"cancel it (scancel {jid}) or choose another run directory")
 
 
-def submit(config: str, overrides=(), *, run_dir, resources: Resources = Resources(),
+def check_config(config: str | None, overrides=(), *, run_dir=None,
+                 resources: Resources = Resources(), what: str = "") -> None:
+    """Load the run config as the trainer will (train.config: defaults < CONFIG < a.b=c) and derive
+    its numbers for the job's world size, so a bad key or value is refused here with the
+    trainer's one-line message instead of failing in the queue. Light: no torch, no model code."""
+    from train.config import ConfigError, derive, load_config  # light (yaml and dataclasses)
+
+    overrides = list(overrides)
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key == RUN_DIR_KEY and run_dir is not None:
+            raise SlurmError(f"{what}{o} among the overrides: the run directory is given once, "
+                             f"as --run-dir (run_dir=...); drop the override")
+    if run_dir is not None:
+        overrides.append(f"{RUN_DIR_KEY}={run_dir}")
+    try:
+        cfg = load_config(config, overrides)
+        derive(cfg, resources.nodes * resources.ntasks_per_node, bf16_supported=resources.gpus_per_node > 0)
+    except FileNotFoundError as e:
+        raise SlurmError(f"{what}config file {e.filename or config} does not exist") from None
+    except OSError as e:
+        raise SlurmError(f"{what}cannot read config file {config}: {e.strerror or e}") from None
+    except (ConfigError, ValueError, TypeError) as e:
+        raise SlurmError(f"{what}bad config: {' '.join(str(e).split())}") from None
+
+
+def submit(config: str | None, overrides=(), *, run_dir, resources: Resources = Resources(),
            after: str | None = None, dry_run: bool = False, command: list[str] | None = None,
            entry=None, env: dict | None = None, job_name: str | None = None,
            python: str | None = None) -> Submission:
     """Render RUN_DIR/slurm/job.sh for `python -m train train CONFIG OVERRIDES run_dir=RUN_DIR`
     and submit it (after job `after` succeeds, if given). `command` replaces the whole trainer
-    command line; `entry` only the `-m train train` part."""
+    command line; `entry` only the `-m train train` part. The config (None: the defaults and the
+    overrides) is checked with train.config first, unless `command` or `entry` replaces the trainer."""
     run_dir = pathlib.Path(run_dir).absolute()
     try:
         check_path(run_dir)
     except ValueError as e:
         raise SlurmError(str(e)) from None
-    if pathlib.Path(config).is_file():  # the job may start elsewhere (a cell, a resubmission)
+    if command is None and entry is None:
+        check_config(config, overrides, run_dir=run_dir, resources=resources)
+    if config is not None and pathlib.Path(config).is_file():  # the job may start elsewhere (a cell, a resubmission)
         config = str(pathlib.Path(config).absolute())
     if command is None:
         command = trainer_command(config, overrides, run_dir, python=python,
@@ -164,6 +194,10 @@ def submit_sweep(sweep: Sweep, *, dry_run: bool = False, after: str | None = Non
     the array tasks read by SLURM_ARRAY_TASK_ID) and each cell's RUN/slurm/job.sh."""
     cells = sweep.cells()
     todo = [c for c in cells if not is_finished(c["run_dir"])]
+    if not sweep.entry:  # the real trainer: refuse a bad cell before anything is written or queued
+        for c in todo:
+            check_config(sweep.config, c["overrides"], run_dir=c["run_dir"], resources=sweep.resources,
+                         what=f"cell {c['name']}: ")
     manifest = sweep.dir / "sweep.json"
     scripts = {}
     for c in cells:
@@ -233,7 +267,10 @@ def load_chain(path) -> list[Stage]:
             res = Resources.from_dict({**(d.get("slurm") or {}), **(s.get("slurm") or {})})
         except (TypeError, ValueError) as e:
             raise SlurmError(f"{path}: stage {i}: {e}") from None
-        stages.append(Stage(config=str(s["config"]), run_dir=(base / s["run_dir"]).absolute(),
+        config = str(s["config"])
+        if not pathlib.Path(config).is_absolute() and (base / config).exists():
+            config = str((base / config).resolve())
+        stages.append(Stage(config=config, run_dir=(base / s["run_dir"]).absolute(),
                             overrides=list(s.get("overrides") or []), resources=res,
                             entry=s.get("entry") or d.get("entry"), name=s.get("name")))
     return stages
@@ -247,6 +284,11 @@ def submit_chain(stages: list[Stage], *, after: str | None = None, dry_run: bool
     again continues it."""
     if not dry_run:
         stages = [s for s in stages if not is_finished(s.run_dir)]
+    for i, s in enumerate(stages):  # every stage's config, before the first is submitted
+        if not s.entry:
+            check_config(s.config, s.overrides, run_dir=pathlib.Path(s.run_dir).absolute(),
+                         resources=s.resources, what=f"stage {s.name or i}: ")
+    if not dry_run:
         for s in stages:
             cluster.check_resources(s.resources)
             cluster.check_writable(pathlib.Path(s.run_dir).absolute())

@@ -5,13 +5,23 @@ contract: it counts steps, keeps RUN/checkpoints/latest, saves and exits on USR1
 from the latest checkpoint and writes RUN/FINISHED at the end. Every job that takes a while is
 submitted at once by the `launched` fixture, so they run side by side (the node declares 8 CPUs)
 while the quick tests run; each slow test then polls for its own job's outcome.
+
+The real trainer (`python -m train train`, on the CPU) runs two jobs (the `real` fixture): a tiny
+run submitted with `archscale submit`, and a run cut by its one-minute time limit that must save,
+requeue, resume and end with the same weights as an uninterrupted run of the same config (which
+runs beside it, outside Slurm).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import random
+import re
 import shutil
+import statistics
+import threading
 import socket
 import subprocess
 import sys
@@ -144,7 +154,7 @@ def standin(tmp_path_factory) -> list[str]:
 def launched(slurm_cluster, standin, tmp_path_factory):
     """Submit every slow job at once; the tests below wait for their own."""
     base = tmp_path_factory.mktemp("jobs")
-    jobs = {"base": base}
+    jobs = {"base": base, "entry": standin}
     cfg = str(base / "config.yaml")
     pathlib.Path(cfg).write_text("# the stand-in ignores its config\n")
     jobs["cfg"] = cfg
@@ -171,6 +181,109 @@ def launched(slurm_cluster, standin, tmp_path_factory):
     return jobs
 
 
+# ---------------------------------------------------------------- the real trainer
+# CPU, one thread per process (the same numbers in and outside Slurm, and room on 2 cores).
+REAL_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+# Seconds of steps (at the tiny run's pace) the time-limited run needs: its USR1 comes 29-59 s after
+# it starts (signal_seconds=1: Slurm signals at its first limit check, every 30 s, that finds less
+# than 1 + 30 s left), so with >= 10 s of start-up its first run is always cut.
+LONG_RUN_SECONDS = 60
+
+
+def _corpus(path: pathlib.Path) -> None:
+    """A small text corpus (fixed words, fixed seed): tokenizing it takes a fraction of a second."""
+    rng = random.Random(0)
+    words = ("the of and to in model train data step token loss layer attention encoder decoder prefix "
+             "mask span objective batch job signal checkpoint resume").split()
+    paras = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) + "." for _ in range(400)]
+    path.write_text("\n\n".join(paras) + "\n")
+
+
+def _step_seconds(run_dir: pathlib.Path) -> float | None:
+    """The median seconds per step of a run logged every step (metrics.jsonl), first step excluded."""
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return None
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("tokens_per_s")]
+    dts = [(b["tokens_seen"] - a["tokens_seen"]) / b["tokens_per_s"] for a, b in zip(recs, recs[1:])]
+    return statistics.median(dts) if dts else None
+
+
+def _weights(ckpt_dir: pathlib.Path) -> pathlib.Path:
+    return ckpt_dir / "engine" / "mp_rank_00_model_states.pt"
+
+
+def _tail(path: pathlib.Path, n: int = 4000) -> str:
+    return f"--- {path}\n{path.read_text(errors='replace')[-n:]}" if path.exists() else f"--- {path}: missing"
+
+
+@pytest.fixture(scope="module")
+def real(slurm_cluster, tmp_path_factory):
+    """Real training jobs. First a tiny run through `archscale submit` (it also tokenizes the corpus
+    into the shared cache and times a step); then, side by side, a run long enough for its time
+    limit to cut it, and the same run uninterrupted in this process's machine (the reference)."""
+    base = tmp_path_factory.mktemp("real")
+    corpus, cache = base / "corpus.txt", base / "cache"
+    _corpus(corpus)
+    cfg = base / "run.yaml"
+    cfg.write_text(
+        "model: {arch: cd, size: debug}\n"
+        "objective: {name: flm, seq_length: 64}\n"
+        f"data: {{source: files, train_files: [{corpus}], text_sample_by: paragraph, tokenizer: builtin-bytes, "
+        f"cache_dir: {cache}}}\n"
+        "parallel: {micro_batch_size: 2}\n"
+        "eval: {every_n_steps: 0, num_batches: 1}\n"
+        "logging: {every_n_steps: 1, progress_bar: false, tensorboard: false}\n")
+    jobs = {"base": base, "cfg": cfg}
+
+    # 1. the tiny run, as a user submits it
+    tiny = base / "tiny"
+    p = subprocess.run([sys.executable, "-m", "train", "submit", str(cfg), "schedule.max_steps=12",
+                        "checkpoint.every_n_steps=4", "--run-dir", str(tiny), "--time", "10",
+                        *(f"--env={k}={v}" for k, v in REAL_ENV.items())],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    jobs["tiny"] = tiny, p.stdout.strip()
+    wait_for(lambda: final_state(jobs["tiny"][1]), 240, f"the tiny training job {jobs['tiny'][1]}", tiny)
+
+    # 2. a run that the time limit cuts: as many steps as LONG_RUN_SECONDS take at the tiny run's pace
+    step_s = _step_seconds(tiny) or 0.2
+    steps = min(max(math.ceil(LONG_RUN_SECONDS / step_s), 150), 4000)
+    overrides = [f"schedule.max_steps={steps}", "checkpoint.every_n_steps=100", "logging.every_n_steps=10"]
+    jobs["steps"], jobs["step_s"] = steps, step_s
+    jobs["long"] = long = slurm.submit(str(cfg), overrides, run_dir=base / "long", env=REAL_ENV,
+                                       resources=Resources(time="1", signal_seconds=1, max_restarts=6))
+    # Once the time limit has cut it and it has saved, give the job 10 minutes (as root may), so the
+    # resumed run finishes instead of being cut every minute: one cut is what this test is about,
+    # the stand-in's test covers many. Best effort: without the right, it is cut a few times more.
+    stop = threading.Event()
+
+    def extend():
+        log = long.run_dir / "slurm" / f"job-{long.job_id}.out"
+        while not stop.wait(0.5):
+            if log.exists() and "stopped by SIGUSR1 at step" in log.read_text(errors="replace"):
+                r = subprocess.run(["scontrol", "update", f"JobId={long.job_id}", "TimeLimit=10"],
+                                   capture_output=True, text=True)
+                jobs["extended"] = r.returncode == 0 or r.stderr
+                return
+
+    watcher = threading.Thread(target=extend, daemon=True)
+    watcher.start()
+    ref = base / "ref"
+    log = open(base / "ref.log", "w")
+    jobs["ref"] = ref, subprocess.Popen(
+        [sys.executable, "-m", "train", "train", str(cfg), *overrides, f"run_dir={ref}"], cwd=base,
+        env={**os.environ, **REAL_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    yield jobs
+    stop.set()
+    proc = jobs["ref"][1]
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
 def test_cluster_up_and_jobs_queued(launched):
     parts = cluster.partitions()
     assert parts["debug"].default and parts["debug"].gpus_per_node == 2
@@ -180,6 +293,12 @@ def test_cluster_up_and_jobs_queued(launched):
     sub = launched["ranks"]
     assert sub.script_path == sub.run_dir / "slurm" / "job.sh" and sub.script_path.read_text() == sub.script
     assert slurm.submit.__module__  # the API is importable from the package root
+
+
+def test_real_jobs_started(real):
+    """Sets up the real trainer's jobs early (the tiny one has run), so they run beside the rest."""
+    assert real["long"].job_id.isdigit() and real["ref"][1].pid
+    assert (real["tiny"][0] / "FINISHED").exists() or final_state(real["tiny"][1])
 
 
 # ---------------------------------------------------------------- rendering (no cluster needed)
@@ -235,25 +354,30 @@ def test_dry_run_submits_nothing(tmp_path, monkeypatch):
         raise AssertionError(f"a dry run ran a Slurm command: {a}")
     monkeypatch.setattr(cluster, "run", no_slurm)
     run_dir = tmp_path / "run"
-    sub = slurm.submit("cfg.yaml", ["a.b=1"], run_dir=run_dir, dry_run=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("schedule: {max_steps: 5}\n")
+    sub = slurm.submit(str(cfg), ["model.arch=nd"], run_dir=run_dir, dry_run=True)
     assert sub.job_id is None and sub.script_path is None and sub.script.startswith("#!/bin/bash")
+    assert f"-m train train {cfg} model.arch=nd run_dir={run_dir}" in sub.script
     assert not run_dir.exists()
     from slurm.cli import main_submit
-    assert main_submit(["cfg.yaml", "a.b=1", "--run-dir", str(run_dir), "--dry-run"]) == 0
+    assert main_submit([str(cfg), "model.arch=nd", "--run-dir", str(run_dir), "--dry-run"]) == 0
+    # no config file: the defaults and the overrides, as `archscale train a.b=c` takes them
+    assert main_submit(["schedule.max_steps=5", "--run-dir", str(run_dir), "--dry-run", "--env", "A_B=c d"]) == 0
     assert not run_dir.exists()
 
 
 def test_sweep_cells_and_yaml(tmp_path, capsys):
     (tmp_path / "base.yaml").write_text("{}\n")
     (tmp_path / "grid.yaml").write_text(
-        "config: base.yaml\nconcurrency: 3\noverrides: [train.steps=100]\n"
+        "config: base.yaml\nconcurrency: 3\noverrides: [schedule.max_steps=100]\n"
         "grid:\n  model.arch: [cd, nd, ed]\n  objective.name: [flm, plm]\n  model.size: [debug]\n  seed: [0, 1]\n"
         "slurm: {gpus-per-node: 1, time: '04:00:00'}\n")
     sweep = slurm.Sweep.from_yaml(tmp_path / "grid.yaml")
     cells = sweep.cells()
     assert len(cells) == 12 and len({c["run_dir"] for c in cells}) == 12
     assert cells[0]["name"] == "cd-flm-debug-seed0"
-    assert cells[0]["overrides"] == ["train.steps=100", "model.arch=cd", "objective.name=flm",
+    assert cells[0]["overrides"] == ["schedule.max_steps=100", "model.arch=cd", "objective.name=flm",
                                      "model.size=debug", "seed=0"]
     assert sweep.dir == tmp_path / "runs" / "grid" and sweep.resources.gpus_per_node == 1
     sub = slurm.submit_sweep(sweep, dry_run=True)
@@ -262,7 +386,7 @@ def test_sweep_cells_and_yaml(tmp_path, capsys):
     from slurm.cli import main_sweep
     assert main_sweep([str(tmp_path / "grid.yaml"), "--dry-run", "--time", "30"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --time=30" in out and "# cell 11: ed-plm-debug-seed1: train.steps=100" in out
+    assert "#SBATCH --time=30" in out and "# cell 11: ed-plm-debug-seed1: schedule.max_steps=100" in out
     assert not sweep.dir.exists()
     (tmp_path / "bad.yaml").write_text("config: base.yaml\ngrid: {seed: [0]}\nsbatch: {}\n")
     with pytest.raises(slurm.SlurmError, match="unknown key.*sbatch"):
@@ -282,10 +406,13 @@ def test_slurm_package_stays_light():
 
 # ---------------------------------------------------------------- bad input, against the cluster
 def test_bad_input_fails_at_submit_time(slurm_cluster, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("schedule: {max_steps: 5}\n")
+
     def err(**kw):
         kw.setdefault("run_dir", tmp_path / "run")
         with pytest.raises(slurm.SlurmError) as e:
-            slurm.submit("cfg.yaml", **kw)
+            slurm.submit(str(cfg), **kw)
         assert "\n" not in str(e.value)
         return str(e.value)
 
@@ -299,7 +426,7 @@ def test_bad_input_fails_at_submit_time(slurm_cluster, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was written for the refused submissions
     # the command line says the same in one line, exit code 2
     from slurm.cli import main_submit
-    p = subprocess.run([sys.executable, "-m", "slurm", "submit", "cfg.yaml", "--run-dir", str(tmp_path / "r"),
+    p = subprocess.run([sys.executable, "-m", "slurm", "submit", str(cfg), "--run-dir", str(tmp_path / "r"),
                         "--partition", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "archscale submit: error: partition 'nope' does not exist; available: debug, long"]
@@ -310,7 +437,7 @@ def test_run_dir_in_use_is_refused(launched):
     sub = launched["timelimit"]
     if final_state(sub.job_id) is None:  # still queued or running (it takes over a minute)
         with pytest.raises(slurm.SlurmError, match=f"already has job {sub.job_id}"):
-            slurm.submit(launched["cfg"], run_dir=sub.run_dir)
+            slurm.submit(launched["cfg"], run_dir=sub.run_dir, entry=launched["entry"])
 
 
 # ---------------------------------------------------------------- jobs on the cluster
@@ -352,7 +479,7 @@ def test_sweep_is_one_array_and_resubmission_skips_finished(launched):
     again = slurm.submit_sweep(sweep)
     assert again.job_id is None
     with pytest.raises(slurm.SlurmError, match="is finished"):  # nor does submitting one cell
-        slurm.submit(launched["cfg"], run_dir=cells[0]["run_dir"])
+        slurm.submit(launched["cfg"], run_dir=cells[0]["run_dir"], entry=launched["entry"])
     # one cell not finished: only that cell is resubmitted
     redo = pathlib.Path(cells[2]["run_dir"])
     (redo / "FINISHED").unlink()
@@ -423,3 +550,110 @@ def test_time_limit_signal_saves_requeues_and_resumes(launched):
     [log] = (sub.run_dir / "slurm").glob("job-*.out")
     text = log.read_text()
     assert text.count("got SIGUSR1") == len(saves) and text.count("requeueing (time limit") == len(saves)
+
+
+# ---------------------------------------------------------------- the real trainer on the cluster
+def test_submit_checks_the_config_first(tmp_path):
+    """A bad key or value is refused by `archscale submit` with the trainer's own one-line message
+    (train.config, light), before sbatch runs or anything is written."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {arch: cd}\nschedule: {max_steps: 10}\n")
+    run_dir = tmp_path / "run"
+
+    def refused(*args):
+        p = subprocess.run([sys.executable, "-m", "train", "submit", *args, "--run-dir", str(run_dir)],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PATH": "/nonexistent"})
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("archscale submit: error: "), p.stderr
+        return lines[0]
+
+    # PATH without sbatch: had any of these reached Slurm, the message would be another one
+    assert "unknown key 'bogus'" in refused(str(cfg), "bogus.key=1")
+    assert "model.arch: 'zz' is not one of: cd, nd, ed (from command line)" in refused(str(cfg), "model.arch=zz")
+    assert "expected an integer, got 'many'" in refused(str(cfg), "schedule.max_steps=many")
+    assert "parallel.global_batch_size=3 is not divisible" in refused(str(cfg), "parallel.global_batch_size=3",
+                                                                      "parallel.micro_batch_size=2")
+    assert "no training length" in refused("model.arch=nd")  # no file: defaults + overrides, as for train
+    assert "does not exist" in refused(str(tmp_path / "nope.yaml"))
+    assert "drop the override" in refused(str(cfg), f"run_dir={tmp_path}/other")
+    (tmp_path / "bad.yaml").write_text("model: [cd\n")
+    assert "not valid YAML" in refused(str(tmp_path / "bad.yaml"))
+    assert not run_dir.exists()
+    # the world size counts: 2 tasks (one per GPU) cannot split a global batch of 2 x 3
+    with pytest.raises(slurm.SlurmError, match="global_batch_size=6 is not divisible by .* 2 x 2 = 4"):
+        slurm.submit(str(cfg), ["parallel.global_batch_size=6", "parallel.micro_batch_size=2"], run_dir=run_dir,
+                     dry_run=True,
+                     resources=Resources(gpus_per_node=2))
+    # sweeps and chains check every cell / stage before anything is written or queued
+    sweep = slurm.Sweep(dir=tmp_path / "sweep", config=str(cfg), grid={"model.arch": ["cd", "xd"]})
+    with pytest.raises(slurm.SlurmError, match="cell xd: bad config: model.arch: 'xd'"):
+        slurm.submit_sweep(sweep)
+    stages = [slurm.Stage(str(cfg), tmp_path / "a"), slurm.Stage(str(cfg), tmp_path / "b", ["optim.lr=-1"], name="adapt")]
+    with pytest.raises(slurm.SlurmError, match="stage adapt: bad config: optim.lr=-1.0 must be > 0"):
+        slurm.submit_chain(stages)
+    assert not any((tmp_path / d).exists() for d in ("sweep", "a", "b"))
+    # the check stays light: no torch, no model code
+    code = ("import sys, slurm; slurm.submit(sys.argv[1], ['model.arch=ed'], run_dir=sys.argv[2], dry_run=True); "
+            "bad = [m for m in ('torch', 'deepspeed', 'model_zoo', 'train.engine', 'train.loop') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(cfg), str(run_dir)], check=True, cwd=ROOT)
+    # `archscale chain` is wired
+    (tmp_path / "chain.yaml").write_text(f"stages:\n  - {{name: pre, config: {cfg}, run_dir: pre}}\n")
+    p = subprocess.run([sys.executable, "-m", "train", "chain", str(tmp_path / "chain.yaml"), "--dry-run"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and f"run_dir={tmp_path}/pre" in p.stdout, p.stderr
+
+
+def test_real_training_job_runs_to_completion(real):
+    run_dir, job_id = real["tiny"]
+    assert final_state(job_id) == "COMPLETED", _tail(next((run_dir / "slurm").glob("job-*.out")))
+    assert (run_dir / "FINISHED").exists()
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-00000012"
+    assert (ckpt / "step-00000012" / "COMPLETE").exists() and _weights(ckpt / "step-00000012").exists()
+    log = (run_dir / "slurm" / f"job-{job_id}.out").read_text()
+    assert "DS_ACCELERATOR=cpu" in (run_dir / "slurm" / "job.sh").read_text()
+    assert '"step": 12' in log and "requeueing" not in log  # the trainer's summary line; one run
+    p = subprocess.run([sys.executable, "-m", "train", "status", str(run_dir)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    row = p.stdout.splitlines()[1].split()
+    assert row[:4] == ["tiny", "done", "12", job_id], p.stdout
+
+
+@pytest.mark.slow
+def test_real_time_limit_requeues_and_ends_with_the_same_weights(real):
+    """--time=1 with USR1 1 s (+ Slurm's 30 s check) before: the trainer saves at the next step and
+    exits, the job requeues itself, resumes from that checkpoint, and finishes with bit-identical
+    weights to the uninterrupted reference run."""
+    sub, steps = real["long"], real["steps"]
+    ref_dir, ref = real["ref"]
+    logs = sub.run_dir / "slurm"
+    wait_for(lambda: final_state(sub.job_id), 420, f"time-limited training job {sub.job_id} ({steps} steps, "
+             f"~{real['step_s']:.2f} s each)", logs)
+    [log_path] = logs.glob("job-*.out")
+    log = log_path.read_text()
+    assert final_state(sub.job_id) == "COMPLETED", _tail(log_path)
+    assert (sub.run_dir / "FINISHED").exists()
+    # it was cut and resumed where it stopped, at least once
+    stopped = [int(n) for n in re.findall(r"stopped by SIGUSR1 at step (\d+)", log)]
+    resumed = [int(n) for n in re.findall(r"resumed \S+ at step (\d+)", log)]
+    assert stopped and all(0 < n < steps for n in stopped), _tail(log_path)
+    # every restart resumes exactly where the signal stopped the run before it
+    assert sorted(set(resumed)) == sorted(set(stopped)), _tail(log_path)
+    assert log.count("got SIGUSR1") == log.count("requeueing (time limit") >= len(stopped)
+    assert "start 1 (of at most 6 restarts)" in log and log.count("tasks exited with 0 after SIGUSR1") == len(stopped)
+    print(f"{steps} steps; stopped at {stopped}; time limit raised after the first cut: {real.get('extended')}")
+    [row] = slurm.status(sub.run_dir)
+    assert (row.state, row.step) == ("done", steps)
+    # the reference, uninterrupted, ran meanwhile
+    assert ref.wait(timeout=300) == 0, _tail(real["base"] / "ref.log")
+    final = f"step-{steps:08d}"
+    a, b = _weights(ref_dir / "checkpoints" / final), _weights(sub.run_dir / "checkpoints" / final)
+    code = ("import sys, torch\n"
+            "a, b = (torch.load(p, map_location='cpu', weights_only=False)['module'] for p in sys.argv[1:3])\n"
+            "diff = sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]\n"
+            "print(len(a), diff[:5])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **REAL_ENV}).stdout.split(maxsplit=1)
+    assert int(out[0]) > 0 and out[1].strip() == "[]", f"weights differ: {out}"
