@@ -457,9 +457,11 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
     working: the largest transient of the backward pass: one block's activation gradients (about
       its saved size), plus its recomputed activations under checkpointing; or the loss: the
       logits' gradient, (4 + a) B T V.
-    Stack-level tensors: the embedding output (a B T D), each final norm ((4 + a) B T D, the ED
-    encoder output kept for every decoder layer), the logits: a B T V from the head, kept by the
-    model output, + 4 B T V fp32 copy (saved by log-sum-exp for the z-loss) + 4 B T V log-softmax.
+    Stack-level tensors: nothing for the embedding (the first norm keeps its own fp32 copy); each
+    final norm as a block's norm ((4 + 2a) B T D + 4 B T: its output is the head's input, or the
+    ED encoder output every decoder layer reads); the logits: a B T V kept by the model output +
+    4 B T V fp32 log-softmax output + (z_loss > 0) 4 B T V fp32 copy saved by log-sum-exp.
+    tests/test_plan.py checks all of this against the tensors autograd saves on CPU.
     """
     a = 2.0 if precision == "bf16" else 4.0
     c, B, D, V = config, batch, config.d_model, config.vocab_size
@@ -489,12 +491,10 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
             else:
                 saved += full
                 working = max(working, full)
-        elif kind == "embed":
-            saved += a * B * T * D
         elif kind == "norm":
-            saved += (4 + a) * B * T * D
+            saved += (4 + 2 * a) * B * T * D + 4 * B * T
         elif kind == "head":
-            saved += (a + 8) * B * T * V
+            saved += (a + 4 + (4 if c.z_loss > 0 else 0)) * B * T * V
             working = max(working, (4 + a) * B * T * V)
     return {"saved": saved, "working": working}
 
