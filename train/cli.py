@@ -36,11 +36,12 @@ def cmd_train(argv: list[str]) -> int:
     if a.dry_run:
         print(format_config(cfg, origins))
         return 0
+    from .checkpointing import CheckpointError
     from .loop import train
 
     try:
-        result = train(cfg)  # checks the config against the world size before any work
-    except ConfigError as e:
+        result = train(cfg)  # checks the config and checkpoint.resume before any work
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.stopped_by:

@@ -229,6 +229,9 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
     dist = eng.setup_distributed()
     arch = registry.get(cfg.model.arch)
     derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
+    layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
+    resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
+    state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
     torch.manual_seed(cfg.seed)
 
     # data: rank 0 prepares (tokenizes, caches) first; the others then hit the cache
@@ -239,9 +242,6 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
         prepared = prepare(cfg.data, cfg.objective)
     vocab = registry.padded_vocab(prepared.tokens.vocab_size)
 
-    layout = ckpt.RunLayout.from_config(cfg)
-    resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
-    state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
     universal = state is not None and state.world_size != dist.world_size and (
         derived.zero_stage >= 1 or derived.pipeline_stages > 1)
     from .ds_config import build_ds_config
