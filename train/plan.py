@@ -853,18 +853,19 @@ def find_fix(cfg, *, gpus: int, gpu: str, headroom: float = DEFAULT_HEADROOM, vo
 
 
 def _apply(cfg, overrides: list[str]):
-    """A copy of `cfg` with `a.b=c` overrides applied (through the config machinery, so the
-    result is validated as any loaded config)."""
-    from .config import RunConfig, config_to_yaml, load_config
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(config_to_yaml(cfg))
-        path = f.name
-    try:
-        return load_config(path, overrides, cls=RunConfig)
-    finally:
-        os.unlink(path)
+    """A copy of `cfg` with `parallel.x=v` overrides (the only keys the fix search changes)
+    applied and the section re-checked; cross-section rules are checked by `derive` in
+    plan_config. (Not through YAML: pure-Python PyYAML made the search slow.)"""
+    changes: dict[str, Any] = {}
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        section, _, name = key.partition(".")
+        if section != "parallel" or not hasattr(cfg.parallel, name):
+            raise ValueError(f"the fix search only changes parallel.*, got {text!r}")
+        changes[name] = {"null": None, "true": True, "false": False}.get(raw, int(raw) if raw.isdigit() else raw)
+    parallel = dataclasses.replace(cfg.parallel, **changes)
+    parallel.check()
+    return dataclasses.replace(cfg, parallel=parallel)
 
 
 def _overrides_of(cfg) -> list[str]:
