@@ -137,7 +137,7 @@ def active_jobs() -> dict[str, tuple[str, str]]:
     jobs = {}
     for line in out.splitlines():
         jid, state, reason = line.split("|", 2)
-        jobs[jid] = (state, reason)
+        jobs[jid] = (state, "" if reason == "None" else reason)  # squeue says None for no reason
     return jobs
 
 

@@ -7,7 +7,7 @@ submitted at once by the `launched` fixture, so they run side by side (the node 
 while the quick tests run; each slow test then polls for its own job's outcome.
 
 The real trainer (`python -m train train`, on the CPU) runs two jobs (the `real` fixture): a tiny
-run submitted with `archscale submit`, and a run cut by its one-minute time limit that must save,
+run submitted with `archscale submit`, and a run cut by its two-minute time limit that must save,
 requeue, resume and end with the same weights as an uninterrupted run of the same config (which
 runs beside it, outside Slurm).
 """
@@ -184,10 +184,12 @@ def launched(slurm_cluster, standin, tmp_path_factory):
 # ---------------------------------------------------------------- the real trainer
 # CPU, one thread per process (the same numbers in and outside Slurm, and room on 2 cores).
 REAL_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-# Seconds of steps (at the tiny run's pace) the time-limited run needs: its USR1 comes 29-59 s after
-# it starts (signal_seconds=1: Slurm signals at its first limit check, every 30 s, that finds less
-# than 1 + 30 s left), so with >= 10 s of start-up its first run is always cut.
-LONG_RUN_SECONDS = 60
+# The time-limited run: --time=2 and USR1 41 s before. Slurm signals at its first limit check (every
+# 30 s) that finds less than 41 + 30 s left, so 49-79 s after the start: late enough for the
+# trainer's start-up (20-30 s on 2 busy cores; a signal before its handlers are installed would end
+# it unsaved) and, with 80 s of steps at the tiny run's pace, always before the end of the run.
+LONG_RUN = dict(time="2", signal_seconds=41)
+LONG_RUN_SECONDS = 80
 
 
 def _corpus(path: pathlib.Path) -> None:
@@ -250,10 +252,10 @@ def real(slurm_cluster, tmp_path_factory):
     # 2. a run that the time limit cuts: as many steps as LONG_RUN_SECONDS take at the tiny run's pace
     step_s = _step_seconds(tiny) or 0.2
     steps = min(max(math.ceil(LONG_RUN_SECONDS / step_s), 150), 4000)
-    overrides = [f"schedule.max_steps={steps}", "checkpoint.every_n_steps=100", "logging.every_n_steps=10"]
+    overrides = [f"schedule.max_steps={steps}", "checkpoint.every_n_steps=100"]
     jobs["steps"], jobs["step_s"] = steps, step_s
     jobs["long"] = long = slurm.submit(str(cfg), overrides, run_dir=base / "long", env=REAL_ENV,
-                                       resources=Resources(time="1", signal_seconds=1, max_restarts=6))
+                                       resources=Resources(**LONG_RUN, max_restarts=6))
     # Once the time limit has cut it and it has saved, give the job 10 minutes (as root may), so the
     # resumed run finishes instead of being cut every minute: one cut is what this test is about,
     # the stand-in's test covers many. Best effort: without the right, it is cut a few times more.
@@ -553,22 +555,32 @@ def test_time_limit_signal_saves_requeues_and_resumes(launched):
 
 
 # ---------------------------------------------------------------- the real trainer on the cluster
-def test_submit_checks_the_config_first(tmp_path):
+def test_submit_checks_the_config_first(tmp_path, monkeypatch, capsys):
     """A bad key or value is refused by `archscale submit` with the trainer's own one-line message
     (train.config, light), before sbatch runs or anything is written."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: {arch: cd}\nschedule: {max_steps: 10}\n")
     run_dir = tmp_path / "run"
+    # the command line, as users type it (and no sbatch on the PATH: had the submission got that
+    # far, the message would be another one)
+    p = subprocess.run([sys.executable, "-m", "train", "submit", str(cfg), "bogus.key=1", "--run-dir", str(run_dir)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PATH": "/nonexistent"})
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "archscale submit: error: bad config: unknown key 'bogus' (command line); valid keys of the top level: "
+        "run_dir, seed, model, objective, data, optim, schedule, parallel, checkpoint, logging, eval, init"], p.stderr
+
+    def no_slurm(*a, **k):
+        raise AssertionError(f"a refused submission ran a Slurm command: {a}")
+    monkeypatch.setattr(cluster, "run", no_slurm)
+    from slurm.cli import main_submit
 
     def refused(*args):
-        p = subprocess.run([sys.executable, "-m", "train", "submit", *args, "--run-dir", str(run_dir)],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PATH": "/nonexistent"})
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("archscale submit: error: "), p.stderr
+        capsys.readouterr()
+        assert main_submit([*args, "--run-dir", str(run_dir)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("archscale submit: error: "), lines
         return lines[0]
 
-    # PATH without sbatch: had any of these reached Slurm, the message would be another one
-    assert "unknown key 'bogus'" in refused(str(cfg), "bogus.key=1")
     assert "model.arch: 'zz' is not one of: cd, nd, ed (from command line)" in refused(str(cfg), "model.arch=zz")
     assert "expected an integer, got 'many'" in refused(str(cfg), "schedule.max_steps=many")
     assert "parallel.global_batch_size=3 is not divisible" in refused(str(cfg), "parallel.global_batch_size=3",
@@ -623,9 +635,9 @@ def test_real_training_job_runs_to_completion(real):
 
 @pytest.mark.slow
 def test_real_time_limit_requeues_and_ends_with_the_same_weights(real):
-    """--time=1 with USR1 1 s (+ Slurm's 30 s check) before: the trainer saves at the next step and
-    exits, the job requeues itself, resumes from that checkpoint, and finishes with bit-identical
-    weights to the uninterrupted reference run."""
+    """A time limit (--time=2, USR1 41-71 s before it) cuts the run: the trainer saves at the next
+    step and exits, the job requeues itself, resumes from that checkpoint, and finishes with
+    bit-identical weights to the uninterrupted reference run."""
     sub, steps = real["long"], real["steps"]
     ref_dir, ref = real["ref"]
     logs = sub.run_dir / "slurm"
