@@ -86,6 +86,7 @@ def inproc():
     env, threads = dict(os.environ), torch.get_num_threads()
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     torch.set_num_threads(1)
+    os.environ["DS_ACCELERATOR"] = "cpu"  # also on a machine with a GPU: compared with CPU processes
     yield
     torch.set_num_threads(threads)
     if not had_group and torch.distributed.is_initialized():
@@ -234,6 +235,9 @@ def test_two_processes_follow_the_one_process_loss_curve(zero, two_process_runs,
     print(f"ZeRO-{zero}: max |loss(1 process) - loss(2 processes)| = {diff:.3g}")
     assert diff <= LOSS_TOL, (one, two)
     assert one[STEPS] < one[1] - 0.05  # it learns (so equal curves mean something)
+    norms = [[r["grad_norm"] for r in metrics(d) if "loss" in r] for d in (one_process_curve, two_process_runs[zero])]
+    assert all(isinstance(v, float) and v > 0 for v in norms[0] + norms[1]), norms  # ZeRO-0 reports it too
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     s1, s2 = state(one_process_curve), state(two_process_runs[zero])
     assert (s2["step"], s2["world_size"], s1["world_size"]) == (STEPS, 2, 1)
     assert (s1["tokens_seen"], s1["target_tokens"], s1["flops"]) == (s2["tokens_seen"], s2["target_tokens"], s2["flops"])

@@ -117,6 +117,10 @@ def train_step(engine, micro_batches: Iterable[dict]) -> dict:
     for mb in micro_batches:
         out = engine(**to_device(mb, engine.device))
         engine.backward(out.loss)
+        if engine.is_gradient_accumulation_boundary() and _reports_no_grad_norm(engine):
+            # the accumulated, all-reduced gradients, before clipping (what ZeRO >= 1 reports)
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            engine._archscale_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
         engine.step()
         for k in sums:
             v = getattr(out, k)
@@ -144,9 +148,17 @@ def eval_loss(module, batches: Iterable[dict], device) -> tuple[float, float]:
     return total, count
 
 
+def _reports_no_grad_norm(engine) -> bool:
+    """DeepSpeed's fp32 ZeRO-0 path clips without keeping the norm (get_global_grad_norm() is None)."""
+    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
 def grad_norm(engine) -> Optional[float]:
+    """The global gradient norm of the last optimizer step, before clipping."""
     try:
         v = engine.get_global_grad_norm()
     except Exception:  # not every ZeRO stage / engine reports it
-        return None
+        v = None
+    if v is None:
+        v = getattr(engine, "_archscale_grad_norm", None)  # set by train_step where DeepSpeed keeps none
     return float(v) if v is not None else None
