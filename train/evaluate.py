@@ -235,10 +235,16 @@ def aggregate(predictions: list[dict]) -> dict:
 
 
 # ============================================================================ held-out loss
-def heldout_loss(model, cfg, *, max_batches: int = 10, batch_size: int = 8, corpus: Sequence[str] = ()) -> dict:
+def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 8, micro_batch_size: int = 8,
+                 corpus: Sequence[str] = ()) -> dict:
     """Mean cross-entropy per target token (and perplexity) on the run's eval split, with its own
     objective and architecture, or on the files `corpus` (text / JSON Lines / Parquet / Arrow,
     read with the run's tokenizer; all of their documents are the eval split).
+
+    The eval stream is packed into global batches of `global_batch_size` rows, as the trainer
+    packs it, and the first `max_batches` of them are scored `micro_batch_size` rows at a time:
+    with the run's numbers this is exactly the trainer's held-out loss (the packing plan does not
+    depend on the number of processes).
 
     Returns {"loss", "perplexity", "tokens", "batches", "corpus"}; loss None when nothing was scored.
     """
@@ -253,8 +259,8 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, batch_size: int = 8, corp
     prepared = prepare(data, cfg.objective)
     if prepared.eval is None:
         raise ValueError("the run's data has no eval split (data.eval_fraction=0 and no eval files): pass --corpus")
-    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=batch_size, split="eval",
-                          data=data)
+    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=global_batch_size,
+                          split="eval", seed=data.seed, data=data)  # the seed draws PLM splits / MLM noise
     device = next(model.parameters()).device
     model.eval()
     total, count, n = 0.0, 0, 0
@@ -263,14 +269,16 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, batch_size: int = 8, corp
             if n >= max_batches:
                 break
             pop_counts(batch)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits.float()  # (B, T, V)
-            labels = batch["labels"]
-            if "decoder_input_ids" not in batch:  # decoder layout: logits[t] predicts labels[t+1]
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                             ignore_index=-100, reduction="sum"))
-            count += int((labels != -100).sum())
+            for s in range(0, len(batch["input_ids"]), micro_batch_size):
+                micro = {k: v[s:s + micro_batch_size].to(device) for k, v in batch.items()}
+                logits = model(**micro).logits.float()  # (B, T, V)
+                labels = micro["labels"]
+                if "decoder_input_ids" not in micro:  # decoder layout: logits[t] predicts labels[t+1]
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 labels.reshape(-1), ignore_index=-100,
+                                                                 reduction="sum"))
+                count += int((labels != -100).sum())
             n += 1
     loss = total / count if count else None
     return {"loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
@@ -289,12 +297,17 @@ def run_config(run_dir: str | Path):
     return load_config(path, [])
 
 
-def planned_steps(cfg, world_size: int) -> int:
-    """The run's schedule length in optimizer steps (what 100% means)."""
+def derived(cfg, world_size: int):
+    """The run's derived numbers (global batch, planned steps, ...) for the world size it ran on."""
     from . import registry
     from .config import derive
 
-    return derive(cfg, world_size, tokens_per_sequence=registry.get(cfg.model.arch).tokens_per_row(cfg.objective)).max_steps
+    return derive(cfg, world_size, tokens_per_sequence=registry.get(cfg.model.arch).tokens_per_row(cfg.objective))
+
+
+def planned_steps(cfg, world_size: int) -> int:
+    """The run's schedule length in optimizer steps (what 100% means)."""
+    return derived(cfg, world_size).max_steps
 
 
 def select_checkpoints(run_dir: str | Path, steps: str = "25%,50%,100%") -> list[tuple[str, int, Path]]:
@@ -363,8 +376,10 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
               "tokens_seen": state.tokens_seen, "target_tokens": state.target_tokens, "flops": state.flops,
               "task_files": [str(f) for f in task_files]}
     if loss:
+        d = derived(cfg, state.world_size)
         result["heldout"] = heldout_loss(model, cfg, max_batches=loss_batches or cfg.eval.num_batches,
-                                         batch_size=cfg.parallel.micro_batch_size, corpus=corpus)
+                                         global_batch_size=d.global_batch_size,
+                                         micro_batch_size=cfg.parallel.micro_batch_size, corpus=corpus)
     if records:
         scorer = Scorer(model, batch_size=batch_size, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         preds = rank_classify(scorer, tok, records)

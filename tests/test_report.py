@@ -1,0 +1,172 @@
+"""A tiny sweep made with the real trainer (in this process): CD:FLM, ND:MLM from scratch, and
+NC-A (the CD:FLM checkpoint continued as ND:MLM). Then `archscale eval` over each run's
+checkpoints and `archscale report` over the sweep: the NC-A run starts from the CD weights
+exactly, its tokens / FLOPs include its parent's, it is flagged as not compute-matched, the
+page is self-contained. Also LM-A (MLM -> FLM) weights and a checkpoint of another family refused.
+
+Cost: ~4 in-process runs of 4 steps on a byte-tokenized synthetic corpus (no tokenizer
+training, nothing from ~/.cache), one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 4
+
+
+def _write_corpus(d: Path, n_docs: int = 16, seed: int = 0) -> None:
+    r = random.Random(seed)
+    words = ["".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(2, 8))) for _ in range(150)]
+    d.mkdir(parents=True)
+    for i in range(n_docs):
+        text = " ".join(" ".join(r.choice(words) for _ in range(r.randint(4, 14))).capitalize() + "."
+                        for _ in range(r.randint(10, 30)))
+        (d / f"doc{i:03d}.txt").write_text(text + "\n")
+
+
+def _task_file(path: Path) -> Path:
+    recs = [{"input": f"{w} is a", "answer_choices": ["word", "number"], "label": int(w.isdigit()),
+             "task": f"kind/{p}"} for p in ("a", "b") for w in ("cat", "12", "dog", "7")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Runs the sweep once for every test of this module; yields (work dir, {name: run dir})."""
+    from train.compare import mlm_lengths
+    from train.config import load_config
+    from train.loop import train
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    torch.set_num_threads(1)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    w = tmp_path_factory.mktemp("report")
+    _write_corpus(w / "corpus")
+    inputs, targets = mlm_lengths(64)
+    base = ["data.source=files", f"data.train_files={json.dumps([str(w / 'corpus' / '*.txt')])}",
+            "data.tokenizer=builtin-bytes", f"data.cache_dir={w / 'cache'}", "data.eval_fraction=0.15",
+            "model.size=debug", "parallel.micro_batch_size=2", "parallel.zero_stage=1", "optim.lr=3e-3",
+            "schedule.name=constant", f"schedule.max_steps={STEPS}", "logging.every_n_steps=1",
+            "logging.progress_bar=false", "logging.tensorboard=false", "eval.num_batches=1", "eval.every_n_steps=2",
+            "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
+    mlm = ["objective.name=mlm", f"objective.seq_length={inputs + targets}", f"objective.inputs_length={inputs}",
+           f"objective.targets_length={targets}"]
+    runs = {"cd-flm": w / "sweep" / "cd-flm", "nd-mlm": w / "sweep" / "nd-mlm", "nca": w / "sweep" / "nd-mlm-nca",
+            "lma": w / "lma"}
+    cfg = lambda name, extra: load_config(None, base + [f"run_dir={runs[name]}"] + extra)  # noqa: E731
+    try:
+        train(cfg("cd-flm", ["model.arch=cd", "objective.name=flm", "objective.seq_length=64"]))
+        train(cfg("nd-mlm", ["model.arch=nd"] + mlm))
+        nca = cfg("nca", ["model.arch=nd", f"init.from_checkpoint={runs['cd-flm']}"] + mlm)
+        train(nca, max_steps_now=0)  # the step-0 checkpoint: the weights NC-A starts from
+        train(nca)  # resumes from step 0 and finishes
+        train(cfg("lma", ["model.arch=cd", "objective.name=flm", "objective.seq_length=64",
+                          f"init.from_checkpoint={runs['nd-mlm']}"]), max_steps_now=0)
+        yield w, runs
+    finally:
+        torch.set_num_threads(threads)
+        if not had_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _state(run: Path, step: int) -> dict:
+    return json.loads((run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
+
+
+@pytest.mark.parametrize("child,parent", [("nca", "cd-flm"), ("lma", "nd-mlm")])
+def test_adaptation_starts_from_the_parent_weights(sweep, child, parent):
+    """NC-A (CD:FLM -> ND:MLM) and LM-A (MLM -> FLM): the adapted run's step-0 weights are the
+    parent's final weights, key for key and bit for bit."""
+    from train.export import engine_weights
+
+    _, runs = sweep
+    start = engine_weights(runs[child] / "checkpoints" / "step-00000000")
+    final = engine_weights(runs[parent] / "checkpoints" / f"step-{STEPS:08d}")
+    assert start.keys() == final.keys()
+    for k in final:
+        assert torch.equal(start[k], final[k]), k
+    assert _state(runs[child], 0)["tokens_seen"] == 0  # the run's own counters start at zero
+
+
+def test_eval_then_report(sweep, tmp_path, capsys):
+    from train.cli import main
+    from train.report import report
+
+    w, runs = sweep
+    tasks = _task_file(tmp_path / "kind.jsonl")
+    for name in ("cd-flm", "nd-mlm", "nca"):
+        assert main(["eval", str(runs[name]), "--tasks", str(tasks), "--steps", "50%,100%"]) == 0
+        res = json.loads((runs[name] / "eval" / f"step-{STEPS:08d}.json").read_text())
+        assert json.loads((runs[name] / "eval" / "step-00000002.json").read_text())["requested"] == "50%"
+        # the held-out loss at the last step is the trainer's own final held-out loss
+        final = [json.loads(l) for l in (runs[name] / "metrics.jsonl").read_text().splitlines()][-1]
+        assert res["heldout"]["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+        zs = res["zero_shot"]
+        assert set(zs["tasks"]) == {"kind/a", "kind/b"} and list(zs["datasets"]) == ["kind"]
+        assert zs["mean"]["acc"] == zs["datasets"]["kind"]["acc"]
+    capsys.readouterr()
+
+    assert main(["report", str(w / "sweep")]) == 0
+    printed = capsys.readouterr().out
+    assert "nd-mlm-nca" in printed and "not compute-matched" in printed
+    out = w / "sweep" / "report"
+    for f in ("report.html", "report.json", "loss.png", "zero_shot.png"):
+        assert (out / f).is_file(), f
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and not re.search(r'src="(?!data:)', page)
+
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["runs"]}
+    assert set(rows) == {"cd-flm", "nd-mlm", "nd-mlm-nca"}
+    cd, scratch, nca = rows["cd-flm"], rows["nd-mlm"], rows["nd-mlm-nca"]
+    cd_state, nca_state = _state(runs["cd-flm"], STEPS), _state(runs["nca"], STEPS)
+    # phases add up: NC-A's totals are its own counters plus the CD run's final ones
+    assert [p["checkpoint"] for p in nca["phases"]] == [str(runs["cd-flm"] / "checkpoints" / f"step-{STEPS:08d}")]
+    for key in ("tokens_seen", "target_tokens", "flops"):
+        assert nca["own"][key] == nca_state[key] and nca["inherited"][key] == cd_state[key]
+        assert nca["total"][key] == pytest.approx(nca_state[key] + cd_state[key])
+        assert cd["total"][key] == cd_state[key] and not cd["phases"]
+    # the adapted model's curve starts where its parent's cost ends
+    assert min(t for t, _, _ in nca["loss_curve"]) > cd_state["tokens_seen"]
+    # compute matching: NC-A saw its parent's tokens too; the two from-scratch runs saw about the same
+    assert "T" in nca["flags"] and "F" in nca["flags"]
+    assert abs(scratch["total"]["tokens_seen"] - cd["total"]["tokens_seen"]) <= 0.05 * cd["total"]["tokens_seen"]
+    assert cd["params"] == scratch["params"] == nca["params"]  # CD and ND: the same parameters
+    assert nca["zero_shot"]["step"] == STEPS and nca["heldout_loss"] is not None
+
+    # a single run directory works too, and a directory without runs is a clear error
+    res = report([runs["cd-flm"]], tmp_path / "one")
+    assert len(res["rows"]) == 1 and not res["rows"][0]["flags"]
+    assert main(["report", str(tmp_path / "one")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
+    """ED weights cannot start a CD run (and vice versa): one clear error before any training."""
+    import model_zoo
+    from train import checkpointing as ckpt
+    from train.loop import load_init_weights
+
+    _, runs = sweep
+    src = runs["cd-flm"] / "checkpoints" / f"step-{STEPS:08d}"
+    fake = tmp_path / "ed-run" / "checkpoints" / f"step-{STEPS:08d}"  # an "ED" checkpoint: its config says so
+    fake.mkdir(parents=True)
+    state = json.loads((src / ckpt.STATE_FILE).read_text())
+    state["config"]["model"]["arch"] = "ed"
+    (fake / ckpt.STATE_FILE).write_text(json.dumps(state))
+    (fake / ckpt.COMPLETE).write_text("")
+    with pytest.raises(ValueError, match=r"is a ED checkpoint \(encoder_decoder\); this run's architecture needs "
+                                         r"a decoder checkpoint"):
+        load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), "decoder")
+    with pytest.raises(ValueError, match=r"is a CD checkpoint \(decoder\)"):
+        load_init_weights(model_zoo.build("ed", "debug"), str(src), "encoder_decoder")
