@@ -336,6 +336,10 @@ def test_adafactor_under_zero_is_refused_unless_allowed():
             derive(cfg_with("optim.name=adafactor", f"parallel.zero_stage={stage}"), world_size=2)
         derive(cfg_with("optim.name=adafactor", f"parallel.zero_stage={stage}", "optim.allow_flat_adafactor=true"),
                world_size=2)
+    # the pipeline engine wraps bf16 in BF16_Optimizer, which flattens even at ZeRO-0
+    with pytest.raises(ConfigError, match=r"bf16 with pipeline stages.*not factored"):
+        derive(cfg_with("optim.name=adafactor", "parallel.pipeline_stages=2", "parallel.precision=bf16"), world_size=2)
+    derive(cfg_with("optim.name=adafactor", "parallel.pipeline_stages=2", "parallel.precision=fp32"), world_size=2)
 
 
 def test_offload_needs_the_right_zero_stage():

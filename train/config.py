@@ -782,12 +782,17 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     if par.offload_optimizer and par.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer needs ZeRO stage >= 1: set parallel.zero_stage=1, 2 or 3")
     o = cfg.optim
-    if o.name == "adafactor" and par.zero_stage >= 1 and not o.allow_flat_adafactor:
+    flat_wrapper = None
+    if par.zero_stage >= 1:
+        flat_wrapper = f"ZeRO stage {par.zero_stage}"
+    elif stages > 1 and par.precision == "bf16":
+        flat_wrapper = "bf16 with pipeline stages (DeepSpeed's BF16_Optimizer, used by the pipeline engine)"
+    if o.name == "adafactor" and flat_wrapper and not o.allow_flat_adafactor:
         raise ConfigError(
-            f"optim.name=adafactor with ZeRO stage {par.zero_stage}: DeepSpeed hands the optimizer flat 1-D "
+            f"optim.name=adafactor with {flat_wrapper}: DeepSpeed hands the optimizer flat 1-D "
             f"partitions, so Adafactor's second moment is not factored (a full exp_avg_sq, 4 bytes/parameter) "
             f"and its parameter scaling uses the RMS of a whole partition, not of each matrix - not the "
-            f"reference optimizer. Use parallel.zero_stage=0 (with pipeline_stages for memory) or accept it "
+            f"reference optimizer. Use parallel.zero_stage=0 without pipeline stages (or in fp32), or accept it "
             f"with optim.allow_flat_adafactor=true")
     if o.name == "adafactor" and o.relative_step and s.name != "constant":
         raise ConfigError(f"optim.relative_step=true makes Adafactor ignore lr and schedule.name={s.name}: "
