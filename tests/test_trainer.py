@@ -216,6 +216,7 @@ def two_process_runs(work, base):
                        cwd=work, env=_env(work), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     print(f"2-process launch: {time.perf_counter() - t:.1f}s")
+    print("\n".join(line for line in p.stdout.splitlines() if line.startswith("trainer_worker:")))
     return runs
 
 
@@ -388,12 +389,15 @@ def test_sigkill_at_a_random_step_and_during_a_save_then_resume_is_bitwise_exact
     print(f"killed at step {killed_at} (aimed at {kill_at}); complete checkpoints {before}")
 
     # 2. resume, and SIGKILL it inside its first save (the test hook sleeps after the engine files)
+    # a .tmp the first kill may have left predates this; the new save comes seconds (imports) after
+    started = time.time() + 1.0
     p = launch(run, ARCHSCALE_TEST_SAVE_DELAY="60")
-    resumed_from = max(before, default=0)
+    resumed_from = max(before)
 
     def saving() -> list[Path]:
         return [d for d in (run / "checkpoints").glob("step-*.tmp")
-                if int(d.name[5:13]) > resumed_from and any((d / "engine").glob("*optim_states.pt"))]
+                if int(d.name[5:13]) > resumed_from and any((d / "engine").glob("*optim_states.pt"))
+                and (d / "engine").stat().st_mtime >= started]
 
     _wait(p, lambda: bool(saving()), "a save in progress")
     _sigkill(p)

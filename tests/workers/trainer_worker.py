@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -50,8 +51,12 @@ def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     dist = eng.setup_distributed()
     for run in spec:
+        t = time.perf_counter()
         cfg = load_config(None, run["overrides"])
         train(cfg, max_steps_now=run.get("max_steps_now"))
+        if dist.is_rank0:
+            print(f"trainer_worker: {cfg.run_dir} zero {cfg.parallel.zero_stage}: {time.perf_counter() - t:.1f}s",
+                  flush=True)
         eng.barrier()
         if run.get("rows"):
             rows = row_digests(cfg, dist, run["rows"])
