@@ -113,6 +113,17 @@ def train_on_records(arch, records, tok, max_steps=300, seed=0):
     return model.eval(), loss.item()
 
 
+_TRAINED: dict = {}
+
+
+def trained_model(arch, tok):
+    """train_on_records on the synthetic task, once per architecture per test session (the
+    lm-eval adapter's tests reuse the ND model)."""
+    if arch not in _TRAINED:
+        _TRAINED[arch] = train_on_records(arch, synthetic_records(), tok)
+    return _TRAINED[arch]
+
+
 @pytest.fixture(scope="module")
 def bytes_tok(tmp_path_factory):
     tok, _ = load_tokenizer(DataConfig(tokenizer="builtin-bytes", cache_dir=str(tmp_path_factory.mktemp("cache"))))
@@ -126,7 +137,7 @@ def test_rank_classification_is_right_on_a_learnt_task(arch, bytes_tok, tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     recs = read_task_file(path)
     assert {r["dataset"] for r in recs} == {"kind"}
-    model, loss = train_on_records(arch, records, bytes_tok)
+    model, loss = trained_model(arch, bytes_tok)
     assert loss < 0.05
     preds = rank_classify(Scorer(model, batch_size=5), bytes_tok, recs)
     for p in preds:  # the margin is large, not a coin flip

@@ -75,8 +75,9 @@ class Scorer:
 
     `loglikelihoods([(context_ids, continuation_ids), ...])` -> [LogLikelihood]. Requests are
     sorted by length and batched (right padding: padding is its own segment through
-    `attention_mask`, so it changes no real token's output). `max_length`: decoder rows / encoder
-    inputs longer than this keep the end of the context (None = no limit).
+    `attention_mask`, so it changes no real token's output). `max_length`: decoder rows
+    (context + continuation - 1 tokens: the last token is predicted, never read) / encoder inputs
+    longer than this keep the end of the context (None = no limit).
     """
 
     def __init__(self, model, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
@@ -110,8 +111,8 @@ class Scorer:
         if room is None or len(ctx) <= room:
             return ctx
         if room < 1:
-            raise ValueError(f"a continuation of {len(ctx)} tokens leaves no room for context in max_length="
-                             f"{self.max_length}; raise max_length")
+            raise ValueError(f"the continuation leaves no room for context in max_length={self.max_length}; "
+                             f"raise max_length or score a shorter continuation")
         return ctx[len(ctx) - room:]  # keep the end of the prompt (the question)
 
     def _decoder(self, batch) -> list[LogLikelihood]:
@@ -119,8 +120,9 @@ class Scorer:
 
         rows, prefix = [], []
         for ctx, tgt in batch:
-            ctx = self._truncate(ctx, None if self.max_length is None else self.max_length - len(tgt))
-            rows.append(ctx + tgt)
+            # the last continuation token is predicted, never read: rows of len(ctx) + len(tgt) - 1
+            ctx = self._truncate(ctx, None if self.max_length is None else self.max_length - len(tgt) + 1)
+            rows.append(ctx + tgt[:-1])
             prefix.append(len(ctx))
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
