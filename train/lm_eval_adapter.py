@@ -1,18 +1,21 @@
 """The EleutherAI LM evaluation harness (`lm-eval`) on any archscale checkpoint (CD, ND or ED).
 
     pip install -e .[eval]        # lm-eval (tested with 0.4.13)
-    python -m lm_eval --model archscale --model_args pretrained=runs/cd-flm,step=1200 \\
-        --tasks hellaswag --include_path train/lm_eval_tasks   # or any task lm-eval knows
 
-From Python (the import registers the model under the name "archscale"):
+From Python (importing this module registers the model under the name "archscale"):
 
     import lm_eval, train.lm_eval_adapter
-    lm_eval.simple_evaluate(model="archscale", model_args="pretrained=runs/cd-flm", tasks=["..."])
+    lm_eval.simple_evaluate(model="archscale", model_args="pretrained=runs/cd-flm,step=1200",
+                            tasks=["hellaswag"])
+
+From the shell, lm-eval's own command line with the adapter imported first:
+
+    python -c "import sys, train.lm_eval_adapter; from lm_eval.__main__ import cli_evaluate; \\
+               sys.argv[0] = 'lm-eval'; cli_evaluate()" run --model archscale \\
+        --model_args pretrained=runs/cd-flm --tasks my_task --include_path my_tasks/
 
 `pretrained` is a run directory (its newest complete checkpoint, or `step=N`), a
-`checkpoints/step-N` directory, or a directory written by `archscale export`. lm-eval's `python -m
-lm_eval` only knows this model if the adapter is imported first: run it as
-`python -c "import train.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" --model archscale ...`.
+`checkpoints/step-N` directory, or a directory written by `archscale export`.
 
 The three request types reuse `train.evaluate.Scorer`, so the architecture-specific scoring is
 the one rank classification uses (ND: the context is the bidirectional prefix; ED: the context
@@ -78,7 +81,9 @@ class ArchscaleLM(LM):
         import torch
 
         model, tok, trained_length = load_for_eval(pretrained, None if step in (None, "") else int(step))
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
+        self._device = torch.device(device)
         self.model = model.to(self._device).eval()
         self.tokenizer = tok
         self.max_length = int(max_length or trained_length or 2048)
