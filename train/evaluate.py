@@ -259,8 +259,9 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 
     if corpus:
         data = replace(data, source="files", train_files=list(corpus), eval_files=list(corpus), eval_fraction=0.0)
     prepared = prepare(data, cfg.objective)
-    if prepared.eval is None:
-        raise ValueError("the run's data has no eval split (data.eval_fraction=0 and no eval files): pass --corpus")
+    if prepared.eval is None:  # e.g. multitask finetuning on train files only
+        return {"loss": None, "perplexity": None, "tokens": 0, "batches": 0,
+                "corpus": "none: the run's data has no eval split (no eval files, eval_fraction 0); pass --corpus"}
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=global_batch_size,
                           split="eval", seed=data.seed, data=data)  # the seed draws PLM splits / MLM noise
     device = next(model.parameters()).device
