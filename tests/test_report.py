@@ -1,10 +1,11 @@
-"""A tiny sweep made with the real trainer (in this process): CD:FLM, ND:MLM from scratch, and
-NC-A (the CD:FLM checkpoint continued as ND:MLM). Then `archscale eval` over each run's
+"""A tiny sweep made with the real trainer (in this process): CD:FLM, ND:MLM from scratch,
+NC-A (the CD:FLM checkpoint continued as ND:MLM) and MT-F of the NC-A model (configs/mtf.yaml on a
+mixture). Then `archscale eval` over each run's
 checkpoints and `archscale report` over the sweep: the NC-A run starts from the CD weights
 exactly, its tokens / FLOPs include its parent's, it is flagged as not compute-matched, the
 page is self-contained. Also LM-A (MLM -> FLM) weights and a checkpoint of another family refused.
 
-Cost: ~4 in-process runs of 4 steps on a byte-tokenized synthetic corpus (no tokenizer
+Cost: 5 in-process runs of 4 steps on a byte-tokenized synthetic corpus (no tokenizer
 training, nothing from ~/.cache), one thread.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 STEPS = 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_corpus(d: Path, n_docs: int = 16, seed: int = 0) -> None:
@@ -43,6 +45,7 @@ def sweep(tmp_path_factory):
     """Runs the sweep once for every test of this module; yields (work dir, {name: run dir})."""
     from train.compare import mlm_lengths
     from train.config import load_config
+    from train.data.mixture import build_mixture
     from train.loop import train
 
     env, threads = dict(os.environ), torch.get_num_threads()
@@ -61,7 +64,9 @@ def sweep(tmp_path_factory):
     mlm = ["objective.name=mlm", f"objective.seq_length={inputs + targets}", f"objective.inputs_length={inputs}",
            f"objective.targets_length={targets}"]
     runs = {"cd-flm": w / "sweep" / "cd-flm", "nd-mlm": w / "sweep" / "nd-mlm", "nca": w / "sweep" / "nd-mlm-nca",
-            "lma": w / "lma"}
+            "mtf": w / "sweep" / "nd-mlm-nca-mtf", "lma": w / "lma"}
+    mixture = w / "mixture.jsonl"
+    build_mixture([_task_file(w / "kind.jsonl")], mixture, cap=4)  # 4 of the 8 records of each prompt
     cfg = lambda name, extra: load_config(None, base + [f"run_dir={runs[name]}"] + extra)  # noqa: E731
     try:
         train(cfg("cd-flm", ["model.arch=cd", "objective.name=flm", "objective.seq_length=64"]))
@@ -69,6 +74,12 @@ def sweep(tmp_path_factory):
         nca = cfg("nca", ["model.arch=nd", f"init.from_checkpoint={runs['cd-flm']}"] + mlm)
         train(nca, max_steps_now=0)  # the step-0 checkpoint: the weights NC-A starts from
         train(nca)  # resumes from step 0 and finishes
+        # MT-F from the NC-A model with the preset (Adafactor: ZeRO-0), at this test's lengths
+        train(load_config(ROOT / "configs" / "mtf.yaml", base + [
+            f"run_dir={runs['mtf']}", "model.arch=nd", f"init.from_checkpoint={runs['nca']}", "parallel.zero_stage=0",
+            "schedule.train_tokens=null", "data.format=multitask", f"data.train_files=[{mixture}]",
+            "objective.name=prompted", "objective.seq_length=64", "objective.inputs_length=48",
+            "objective.targets_length=16"]))
         train(cfg("lma", ["model.arch=cd", "objective.name=flm", "objective.seq_length=64",
                           f"init.from_checkpoint={runs['nd-mlm']}"]), max_steps_now=0)
         yield w, runs
@@ -105,9 +116,12 @@ def test_eval_then_report(sweep, tmp_path, capsys):
 
     w, runs = sweep
     tasks = _task_file(tmp_path / "kind.jsonl")
-    for name in ("cd-flm", "nd-mlm", "nca"):
+    for name in ("cd-flm", "nd-mlm", "nca", "mtf"):
         assert main(["eval", str(runs[name]), "--tasks", str(tasks), "--steps", "50%,100%"]) == 0
         res = json.loads((runs[name] / "eval" / f"step-{STEPS:08d}.json").read_text())
+        if name == "mtf":  # finetuned on train files only: no held-out split, not an error
+            assert res["heldout"]["loss"] is None and "no eval split" in res["heldout"]["corpus"]
+            continue
         assert json.loads((runs[name] / "eval" / "step-00000002.json").read_text())["requested"] == "50%"
         # the held-out loss at the last step is the trainer's own final held-out loss
         final = [json.loads(l) for l in (runs[name] / "metrics.jsonl").read_text().splitlines()][-1]
@@ -127,7 +141,12 @@ def test_eval_then_report(sweep, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 2 and not re.search(r'src="(?!data:)', page)
 
     rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["runs"]}
-    assert set(rows) == {"cd-flm", "nd-mlm", "nd-mlm-nca"}
+    assert set(rows) == {"cd-flm", "nd-mlm", "nd-mlm-nca", "nd-mlm-nca-mtf"}
+    # pretrain -> adapt -> finetune: three phases, every one's cost in the finetuned model's total
+    mtf = rows["nd-mlm-nca-mtf"]
+    assert [(p["arch"], p["objective"]) for p in mtf["phases"]] == [("cd", "flm"), ("nd", "mlm")]
+    assert mtf["total"]["tokens_seen"] == sum(_state(runs[n], STEPS)["tokens_seen"] for n in ("cd-flm", "nca", "mtf"))
+    assert "CD:FLM -&gt; ND:MLM -&gt; ND:PROMPTED" in page and mtf["zero_shot"]["step"] == STEPS
     cd, scratch, nca = rows["cd-flm"], rows["nd-mlm"], rows["nd-mlm-nca"]
     cd_state, nca_state = _state(runs["cd-flm"], STEPS), _state(runs["nca"], STEPS)
     # phases add up: NC-A's totals are its own counters plus the CD run's final ones
