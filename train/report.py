@@ -16,6 +16,10 @@ tokens / FLOPs axes. The parent's totals are read from its checkpoint's trainer_
 checkpoint given as a run directory is resolved to that run's newest complete checkpoint *now*
 (the trainer does not yet record which checkpoint it loaded: see docs/evaluation.md).
 
+**Adapted vs from scratch.** For an adapted run and a from-scratch run of the same architecture,
+objective and data, the report says after how many of its own steps the adapted run's held-out
+loss reaches the from-scratch run's final one (the NC-A shortcut of the reference experiment).
+
 **Compute matching.** The reference experiment compares cells at equal tokens seen. A run whose
 total tokens seen (or total FLOPs) differ from the median over the runs by more than 5% is
 flagged in the table (`T` tokens, `F` FLOPs) and on the page.
@@ -167,6 +171,8 @@ def read_run(run_dir: str | Path) -> dict:
         "zero_shot": None if zs is None else {"step": zs["step"], **zs["zero_shot"]["mean"],
                                               "datasets": {k: v["acc"] for k, v in zs["zero_shot"]["datasets"].items()}},
         "loss_curve": [(t + inherited["tokens_seen"], f + inherited["flops"], loss) for _, t, f, loss in metrics_loss],
+        "loss_steps": [(step, loss) for step, _, _, loss in metrics_loss],
+        "data": config.get("data", {}),
         "score_curve": [(e["tokens_seen"] + inherited["tokens_seen"], e["flops"] + inherited["flops"],
                          e["zero_shot"]["mean"]["acc"], e["zero_shot"]["mean"]["acc_norm"])
                         for e in evals if "zero_shot" in e],
@@ -187,6 +193,43 @@ def flag_unmatched(rows: list[dict], tolerance: float = MATCH_TOLERANCE) -> dict
                 flags += letter
         r["flags"] = flags
     return ref
+
+
+def catch_up(rows: list[dict]) -> None:
+    """For every adapted run (one with earlier phases): the first of its own steps at which its
+    held-out loss reaches the final held-out loss of a from-scratch run of the same architecture,
+    objective and data (the NC-A claim: the adapted model gets there in far fewer steps).
+    Sets row["catch_up"] = {reference, target_loss, reference_steps, steps (None: not reached)}."""
+    for r in rows:
+        r["catch_up"] = None
+        if not r["phases"] or not r["loss_steps"]:
+            continue
+        refs = [q for q in rows if not q["phases"] and q["loss_steps"] and q["arch"] == r["arch"]
+                and q["objective"] == r["objective"] and q["data"] == r["data"]]
+        if not refs:
+            continue
+        ref = max(refs, key=lambda q: q["step"])
+        target = ref["loss_steps"][-1][1]
+        steps = next((st for st, loss in r["loss_steps"] if loss <= target), None)
+        r["catch_up"] = {"reference": ref["name"], "target_loss": target, "reference_steps": ref["loss_steps"][-1][0],
+                         "steps": steps}
+
+
+def catch_up_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        c = r.get("catch_up")
+        if not c:
+            continue
+        if c["steps"] is None:
+            out.append(f"{r['name']} has not reached {c['reference']}'s final held-out loss {c['target_loss']:.4f} "
+                       f"(step {c['reference_steps']}) in its {r['step']} steps")
+        else:
+            out.append(f"{r['name']} reaches {c['reference']}'s final held-out loss {c['target_loss']:.4f} "
+                       f"(from scratch: {c['reference_steps']} steps) after {c['steps']} steps of its own "
+                       f"({c['reference_steps'] / c['steps']:.1f}x fewer; held-out loss evaluated every "
+                       f"eval.every_n_steps, so this is an upper bound)")
+    return out
 
 
 # ============================================================================ rendering
@@ -287,6 +330,7 @@ def render_html(rows: list[dict], images: list[Path], ref: dict) -> str:
             f"{MATCH_TOLERANCE:.0%} from the median, {ref['tokens_seen']:,} tokens / {ref['flops']:.3g} FLOPs): "
             f"{esc(', '.join(flagged))}</p>" if flagged else
             f"<p>All runs are compute-matched within {MATCH_TOLERANCE:.0%} (tokens seen and FLOPs).</p>")
+    catch = "".join(f"<li>{esc(line)}</li>" for line in catch_up_lines(rows))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>archscale report</title><style>
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; margin-bottom: 1em; }}
@@ -303,6 +347,7 @@ A * after the step marks an unfinished run.</p>
 <table><tr>{head}</tr>{body}</table>
 {ds_table}
 {"<h2>Phases</h2><ul>" + phases + "</ul>" if phases else ""}
+{"<h2>Adapted vs from scratch</h2><ul>" + catch + "</ul>" if catch else ""}
 {imgs}
 </body></html>
 """
@@ -313,6 +358,7 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> dict:
     runs = find_runs(paths)
     rows = [read_run(r) for r in runs]
     ref = flag_unmatched(rows)
+    catch_up(rows)
     if out is None:
         p = Path(paths[0])
         out = p / "report" if len(paths) == 1 and not (p / "config.yaml").is_file() else Path("report")
@@ -335,6 +381,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text_table(res["rows"]))
+    for line in catch_up_lines(res["rows"]):
+        print(line)
     flagged = [r["name"] for r in res["rows"] if r["flags"]]
     if flagged:
         print(f"\nnot compute-matched (tokens seen / FLOPs more than {MATCH_TOLERANCE:.0%} from the median): "
