@@ -203,11 +203,17 @@ def two_process_runs(work, base):
     """One torchrun launch with every 2-process run: ZeRO-1 (+ the rows each rank reads), ZeRO-2
     stopped after 3 steps, copied, and resumed on 2 processes to the end, ZeRO-3."""
     runs = {z: work / f"two-zero{z}" for z in (1, 2, 3)}
+    runs.update({k: work / k for k in ("pipe-cd", "pipe-ed")})
     spec = [
         {"overrides": curve_overrides(base, runs[1], 1, 2), "rows": STEPS},
         {"overrides": curve_overrides(base, runs[2], 2, 2), "max_steps_now": 3, "copy_to": str(work / "two-zero2-at3")},
         {"overrides": curve_overrides(base, runs[2], 2, 2)},
         {"overrides": curve_overrides(base, runs[3], 3, 2)},
+        # 2 pipeline stages (data-parallel size 1, so accumulation 2 keeps the 4-row global batch):
+        # stopped after 3 steps, copied, resumed to the end in the same launch; and ED
+        {"overrides": pipe_overrides(base, runs["pipe-cd"]), "max_steps_now": 3, "copy_to": str(work / "pipe-cd-at3")},
+        {"overrides": pipe_overrides(base, runs["pipe-cd"])},
+        {"overrides": pipe_overrides(base, runs["pipe-ed"], ed=True)},
     ]
     (work / "spec.json").write_text(json.dumps(spec))
     t = time.perf_counter()
@@ -218,6 +224,14 @@ def two_process_runs(work, base):
     print(f"2-process launch: {time.perf_counter() - t:.1f}s")
     print("\n".join(line for line in p.stdout.splitlines() if line.startswith("trainer_worker:")))
     return runs
+
+
+def pipe_overrides(base: list[str], run_dir: Path, ed: bool = False) -> list[str]:
+    """2 pipeline stages on 2 processes, ZeRO-1, the loss-curve run's global batch."""
+    cell = CELLS["ed"] if ed else ["model.arch=cd", "objective.name=flm"]
+    return base + cell + [f"run_dir={run_dir}", f"schedule.max_steps={STEPS}", "parallel.zero_stage=1",
+                          "parallel.pipeline_stages=2", "parallel.gradient_accumulation_steps=2",
+                          "checkpoint.every_n_steps=3", "eval.every_n_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -491,3 +505,50 @@ def test_bad_config_fails_with_one_line(name, work, capsys, inproc):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and BAD[name][1] in err, err
     assert not run_dir.exists() and not cache.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline parallelism through the trainer: 2 stages follow 1 process, resume, export
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ed", [False, True])
+def test_two_stage_pipeline_follows_one_process(ed, work, base, two_process_runs, inproc):
+    pipe = two_process_runs["pipe-ed" if ed else "pipe-cd"]
+    ref = work / ("one-ed-ref" if ed else "one-cd-ref")
+    ov = [o for o in pipe_overrides(base, ref, ed) if not o.startswith("parallel.pipeline_stages")]
+    run_inproc(ov)  # the same run unpipelined (ZeRO-1, 1 process)
+    one, two = losses(ref), losses(pipe)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    diff = max(abs(one[s] - two[s]) for s in one)
+    print(f"{'ED' if ed else 'CD'} 2-stage pipeline: max |loss diff| = {diff:.3g}")
+    assert diff <= LOSS_TOL
+    s1, s2 = state(ref), state(pipe)
+    assert (s1["tokens_seen"], s1["target_tokens"], s1["flops"]) == (s2["tokens_seen"], s2["target_tokens"], s2["flops"])
+    ev1 = [r["eval_loss"] for r in metrics(ref) if "eval_loss" in r]
+    ev2 = [r["eval_loss"] for r in metrics(pipe) if "eval_loss" in r]
+    assert len(ev1) == len(ev2) == 2 and ev1 == pytest.approx(ev2, rel=1e-3)  # pipeline: mean over micro-batches
+    # the pipeline checkpoint exports to the same weights as the unpipelined run's
+    from train.export import checkpoint_dir, load_model
+
+    m1, _, _ = load_model(checkpoint_dir(ref))
+    m2, _, _ = load_model(checkpoint_dir(pipe))
+    w1, w2 = m1.state_dict(), m2.state_dict()
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+
+
+@pytest.mark.slow
+def test_pipeline_resume_matches_and_refuses_an_unpipelined_resume(work, base, two_process_runs, inproc):
+    """The CD pipeline run stopped at step 3 and resumed (same launch) logs each step once, equal to
+    1 process; its step-3 copy refuses to resume without a pipeline, naming both layouts."""
+    from train.config import ConfigError
+
+    pipe = two_process_runs["pipe-cd"]
+    rec = [r["step"] for r in metrics(pipe) if "loss" in r]
+    assert rec == list(range(1, STEPS + 1))
+    at3 = work / "pipe-cd-at3"
+    assert state(at3)["step"] == 3
+    ov = [o for o in pipe_overrides(base, at3) if not o.startswith("parallel.pipeline_stages")]
+    with pytest.raises(ConfigError, match="pipeline_stages=2; this run has 1"):
+        run_inproc(ov)

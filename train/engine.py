@@ -162,3 +162,54 @@ def grad_norm(engine) -> Optional[float]:
     if v is None:
         v = getattr(engine, "_archscale_grad_norm", None)  # set by train_step where DeepSpeed keeps none
     return float(v) if v is not None else None
+
+
+# ----------------------------------------------------------------------------------- pipeline
+def initialize_pipeline(model, cfg, derived, ds_config: dict):
+    """The DeepSpeed PipelineEngine over train.pipeline's stages of `model` (weights copied)."""
+    from . import pipeline
+    from .ds_config import build_lr_scheduler, build_optimizer, param_groups
+
+    def optimizer(module):
+        return build_optimizer(param_groups(module.named_model_parameters(), cfg.optim.weight_decay), cfg.optim,
+                               derived)
+
+    return pipeline.initialize_pipeline_engine(
+        model, ds_config, num_stages=derived.pipeline_stages, optimizer=optimizer,
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, derived.max_steps, cfg.optim),
+        partition_method=cfg.parallel.pipeline_partition,
+        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0)
+
+
+def pipeline_step(engine, micro_batches: list[dict], config) -> dict:
+    """One optimizer step of the pipeline engine over this data-parallel rank's micro-batches.
+    The loss (cross-entropy + z-loss, averaged over micro-batches and data-parallel ranks) is
+    known on every stage."""
+    from .pipeline import pipeline_batches
+
+    loss = engine.train_batch(data_iter=iter(pipeline_batches(micro_batches, config)))
+    return {"loss": float(loss), "ce_loss": None, "z_loss": None}
+
+
+@torch.no_grad()
+def pipeline_eval(engine, batches: list[dict], config) -> tuple[float, float]:
+    """(loss x micro-batches, micro-batches): the pipeline engine reports the mean loss per
+    micro-batch (averaged over data-parallel ranks), not per token."""
+    from .pipeline import pipeline_batches
+
+    if not batches:
+        return 0.0, 0.0
+    loss = engine.eval_batch(data_iter=iter(pipeline_batches(batches, config)), num_micro_batches=len(batches))
+    return float(loss) * len(batches), float(len(batches))
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute every block in the backward pass (parallel.activation_checkpointing), applied
+    from outside the model: each Block is wrapped, state-dict keys stay unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from model_zoo.blocks import Stack
+
+    for stack in [m for m in model.modules() if isinstance(m, Stack)]:
+        for i, layer in enumerate(stack.layers):
+            stack.layers[i] = checkpoint_wrapper(layer)

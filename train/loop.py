@@ -168,7 +168,7 @@ def _to_universal(step_dir: Path) -> str:
 
 def load_init_weights(model, path: str, family: str) -> None:
     """init.from_checkpoint: weights only, from a checkpoint or run directory of another run."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from .export import engine_weights
 
     step_dir = ckpt.find_resume_point(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
     if step_dir is None or not ckpt.is_complete(step_dir):
@@ -179,7 +179,7 @@ def load_init_weights(model, path: str, family: str) -> None:
     if src_arch and registry.get(src_arch).family != family:
         raise ValueError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
                          f"({registry.get(src_arch).family}); this run's architecture needs a {family} checkpoint")
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="engine")
+    weights = engine_weights(Path(step_dir), model_config=model.config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_embeddings]
     if missing or unexpected:
@@ -214,9 +214,6 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
                           f"engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
     derived = derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
                      bf16_supported=bf16_supported)
-    if derived.pipeline_stages > 1:
-        raise ConfigError(f"parallel.pipeline_stages={stages}: the trainer does not run pipelines yet "
-                          f"(train.pipeline is not wired into train.loop); use parallel.pipeline_stages=1")
     return derived
 
 
@@ -232,6 +229,13 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
     layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
     resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
     state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
+    if state is not None:
+        before = int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))
+        if (before > 1) != (derived.pipeline_stages > 1):
+            raise ConfigError(f"{resume_dir} was written with parallel.pipeline_stages={before}; this run has "
+                              f"{derived.pipeline_stages}: a pipeline checkpoint names its parameters by layer, an "
+                              f"unpipelined one by module. Resume with {'a' if before > 1 else 'no'} pipeline, or "
+                              f"start a new run from it with init.from_checkpoint")
     torch.manual_seed(cfg.seed)
 
     # data: rank 0 prepares (tokenizes, caches) first; the others then hit the cache
@@ -257,9 +261,18 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
     if state is None and cfg.init.from_checkpoint:
         load_init_weights(model, cfg.init.from_checkpoint, arch.family)
     params = arch.num_params(model.config)
-    engine = eng.initialize(model, cfg, derived, ds_config)
-
-    dp_rank, dp_size = dist.rank, dist.world_size  # no pipeline: every process is a data-parallel rank
+    piped = derived.pipeline_stages > 1
+    if piped:
+        engine = eng.initialize_pipeline(model, cfg, derived, ds_config)
+        # every stage of a pipeline reads the same rows: data parallelism is across pipelines
+        dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
+        counts_here = 1.0 if engine.is_first_stage() else 0.0  # count tokens and FLOPs once per pipeline
+    else:
+        if cfg.parallel.activation_checkpointing:
+            eng.apply_activation_checkpointing(model)
+        engine = eng.initialize(model, cfg, derived, ds_config)
+        dp_rank, dp_size = dist.rank, dist.world_size  # every process is a data-parallel rank
+        counts_here = 1.0
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
                           rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data)
     step, tokens_seen, target_tokens, flops = 0, 0, 0, 0.0
@@ -306,6 +319,9 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
                 break
             pop_counts(b)
             batches.extend(eng.split_micro(b, derived.micro_batch_size))
+        if piped:  # per micro-batch means, already averaged over data-parallel ranks
+            total, count = eng.pipeline_eval(engine, batches, model.config)
+            return total / count if count else None
         total, count = eng.all_sum(list(eng.eval_loss(engine.module, batches, dist.device)), dist.device)
         return total / count if count else None
 
@@ -324,10 +340,11 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
         while step < stop_at:
             batch = next(stream)
             counts = pop_counts(batch)
-            batch_flops = arch.batch_flops(model.config, batch)
-            losses = eng.train_step(engine, eng.split_micro(batch, derived.micro_batch_size))
-            red = eng.all_sum([counts["num_tokens"], counts["num_target_tokens"], batch_flops, losses["loss"],
-                               1.0 if signals.received else 0.0], dist.device)
+            batch_flops = arch.batch_flops(model.config, batch) if counts_here else 0.0
+            micro = eng.split_micro(batch, derived.micro_batch_size)
+            losses = eng.pipeline_step(engine, micro, model.config) if piped else eng.train_step(engine, micro)
+            red = eng.all_sum([counts["num_tokens"] * counts_here, counts["num_target_tokens"] * counts_here,
+                               batch_flops, losses["loss"], 1.0 if signals.received else 0.0], dist.device)
             step += 1
             tokens_seen += int(red[0])
             target_tokens += int(red[1])
