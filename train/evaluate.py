@@ -177,10 +177,10 @@ def read_task_file(path: str | Path, limit: int = 0) -> list[dict]:
 
     path = Path(path)
     records = read_records([str(path)])  # validates every line; errors say file:line
-    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    lines = [i + 1 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    numbered = [(i + 1, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
     out = []
-    for rec, r, lineno in zip(records, raw, lines):
+    for rec, (lineno, line) in zip(records, numbered):
+        r = json.loads(line)  # the raw record: its optional `dataset` key
         if not rec["answer_choices"] or rec["label"] < 0:
             raise ValueError(f"{path}:{lineno}: rank classification needs 'answer_choices' and a 'label' (the index "
                              f"of the correct choice); this record has {'no choices' if not rec['answer_choices'] else 'no label'}")
