@@ -3,6 +3,9 @@
     archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run]   train or resume one run
     archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
+    archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
+    archscale plan [CONFIG.yaml] [a.b=c ...] [--gpus N]     will it fit, how long, what it costs
+    archscale eval RUN_DIR --tasks F.jsonl | report RUNS    zero-shot evaluation, the comparison report
     archscale submit | sweep | status ...                   Slurm (see docs/slurm.md)
 """
 from __future__ import annotations
@@ -23,9 +26,13 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 def cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="archscale train", description="Train or resume one run of the comparison.")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] then overrides a.b=c (defaults < file < overrides)")
-    p.add_argument("--dry-run", action="store_true", help="resolve and print the config, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (with origins), batch arithmetic, DeepSpeed JSON, parameters, "
+                        "FLOPs per token and whether the run would resume; train nothing, write nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: the number of processes to plan for (default: $WORLD_SIZE or 1)")
     a = p.parse_args(argv)
-    from .config import ConfigError, format_config, load_config_with_origins
+    from .config import ConfigError, load_config_with_origins
 
     path, overrides = _split_config_args(a.args)
     try:
@@ -33,10 +40,17 @@ def cmd_train(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.dry_run:
-        print(format_config(cfg, origins))
-        return 0
     from .checkpointing import CheckpointError
+
+    if a.dry_run:
+        from .dryrun import describe
+
+        try:
+            print(describe(cfg, origins, a.world_size))
+        except (ConfigError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from .loop import train
 
     try:
@@ -77,6 +91,7 @@ COMMANDS = {
     "train": cmd_train,
     "compare": cmd_compare,
     "export": cmd_export,
+    "inspect": lambda argv: __import__("train.inspection", fromlist=["main"]).main(argv),
     "eval": lambda argv: __import__("train.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
     "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "plan": lambda argv: __import__("train.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
