@@ -197,3 +197,32 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
         load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), "decoder")
     with pytest.raises(ValueError, match=r"is a CD checkpoint \(decoder\)"):
         load_init_weights(model_zoo.build("ed", "debug"), str(src), "encoder_decoder")
+
+
+def test_parent_chain_prefers_the_recorded_checkpoint(tmp_path):
+    """A run directory in init.from_checkpoint means its newest checkpoint *now*; a checkpoint the
+    trainer recorded in trainer_state.json (`init.checkpoint`) wins over it. Chains are followed."""
+    from train import checkpointing as ckpt
+    from train.report import parent_phases
+
+    def step(run, n, tokens, config, init=None):
+        d = tmp_path / run / "checkpoints" / ckpt.step_dir_name(n)
+        d.mkdir(parents=True)
+        state = {"step": n, "tokens_seen": tokens, "target_tokens": tokens // 2, "flops": 10.0 * tokens,
+                 "config": config, **({"init": {"checkpoint": str(init)}} if init else {})}
+        (d / ckpt.STATE_FILE).write_text(json.dumps(state))
+        (d / ckpt.COMPLETE).write_text("")
+        return d, state
+
+    cd = {"model": {"arch": "cd"}, "objective": {"name": "flm"}}
+    early, _ = step("cd", 2, 200, cd)
+    step("cd", 4, 400, cd)  # trained on after the child started
+    nca_cfg = {"model": {"arch": "nd"}, "objective": {"name": "mlm"}, "init": {"from_checkpoint": str(tmp_path / "cd")}}
+    nca, nca_state = step("nca", 3, 300, nca_cfg, init=early)
+    assert [(p["step"], p["tokens_seen"]) for p in parent_phases(nca_cfg, nca_state)] == [(2, 200)]
+    assert [p["step"] for p in parent_phases(nca_cfg, {})] == [4]  # not recorded: resolved now
+    mtf_cfg = {"model": {"arch": "nd"}, "objective": {"name": "prompted"}, "init": {"from_checkpoint": str(nca)}}
+    chain = parent_phases(mtf_cfg, {})
+    assert [(p["arch"], p["objective"], p["tokens_seen"]) for p in chain] == [("cd", "flm", 200), ("nd", "mlm", 300)]
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        parent_phases({"init": {"from_checkpoint": str(tmp_path / "nowhere")}}, {})

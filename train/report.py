@@ -12,9 +12,10 @@ held-out loss, zero-shot scores. Sources: the newest complete checkpoint's train
 **Phases add up.** A run started with `init.from_checkpoint` (adaptation: NC-A, LM-A; multitask
 finetuning) inherits its parent's cost: tokens, target tokens and FLOPs of every earlier phase are
 added (recursively) to the run's own, and the plots place the run after its parent on the
-tokens / FLOPs axes. The parent's totals are read from its checkpoint's trainer_state.json; a
-checkpoint given as a run directory is resolved to that run's newest complete checkpoint *now*
-(the trainer does not yet record which checkpoint it loaded: see docs/evaluation.md).
+tokens / FLOPs axes. The parent's totals are read from its checkpoint's trainer_state.json. The
+parent checkpoint is the one the trainer recorded in the child's trainer_state.json (`init`:
+{"checkpoint": ...}) when it does; otherwise init.from_checkpoint is resolved now, a run directory
+to that run's newest complete checkpoint (see docs/evaluation.md).
 
 **Adapted vs from scratch.** For an adapted run and a from-scratch run of the same architecture,
 objective and data, the report says after how many of its own steps the adapted run's held-out
@@ -89,10 +90,14 @@ def _resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def parent_phases(config: dict, seen: Optional[set] = None) -> list[dict]:
+def parent_phases(config: dict, state: Optional[dict] = None, seen: Optional[set] = None) -> list[dict]:
     """The earlier phases a run's weights come from, oldest first: [{run, checkpoint, arch,
-    objective, step, tokens_seen, target_tokens, flops}], following init.from_checkpoint."""
-    init = (config.get("init") or {}).get("from_checkpoint")
+    objective, step, tokens_seen, target_tokens, flops}], following init.from_checkpoint.
+
+    The checkpoint a run was initialised from is `state["init"]["checkpoint"]` when the trainer
+    recorded it in trainer_state.json, else the run config's init.from_checkpoint resolved now."""
+    recorded = ((state or {}).get("init") or {}).get("checkpoint")
+    init = recorded or (config.get("init") or {}).get("from_checkpoint")
     if not init:
         return []
     step_dir = _resolve_checkpoint(init)
@@ -106,7 +111,7 @@ def parent_phases(config: dict, seen: Optional[set] = None) -> list[dict]:
              "arch": pcfg.get("model", {}).get("arch"), "objective": pcfg.get("objective", {}).get("name"),
              "step": state.get("step", 0), "tokens_seen": state.get("tokens_seen", 0),
              "target_tokens": state.get("target_tokens", 0), "flops": state.get("flops", 0.0)}
-    return parent_phases(pcfg, seen) + [phase]
+    return parent_phases(pcfg, state, seen) + [phase]
 
 
 def _params(cfg_obj) -> Optional[int]:
@@ -151,7 +156,7 @@ def read_run(run_dir: str | Path) -> dict:
                 continue
             if rec.get("eval_loss") is not None:
                 metrics_loss.append((rec["step"], rec["tokens_seen"], rec["flops"], rec["eval_loss"]))
-    phases = parent_phases(config)
+    phases = parent_phases(config, state)
     inherited = {k: sum(p[k] for p in phases) for k in ("tokens_seen", "target_tokens", "flops")}
     own = {k: state.get(k, 0) for k in ("tokens_seen", "target_tokens", "flops")}
     params = next((e["params"] for e in reversed(evals) if e.get("params")), None) or _params(cfg)
