@@ -106,6 +106,12 @@ def check_resources(res) -> Partition:
             raise SlurmError(str(e)) from None
         if part.max_time_s is not None and t is not None and t > part.max_time_s:
             raise SlurmError(f"time {res.time} is over partition {part.name!r}'s limit of {part.max_time_s // 60} minutes")
+        # slurmctld signals at its first limit check (every 30 s) that finds less than
+        # signal_seconds + 30 s left: with a shorter limit that is as soon as the job starts
+        if t is not None and t <= res.signal_seconds + 30:
+            raise SlurmError(f"time {res.time} ({t} s) leaves no time before the USR1 that comes "
+                             f"--signal-seconds {res.signal_seconds} (+ up to 30) s before the limit: the job "
+                             f"would be signalled as it starts; use a longer --time or a smaller --signal-seconds")
     return part
 
 

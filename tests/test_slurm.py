@@ -106,12 +106,25 @@ def wait_for(pred, timeout: float, what: str, logs: pathlib.Path | None = None):
         time.sleep(0.5)
 
 
+# States a job ends in (PREEMPTED is not one: a --requeue job comes back).
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 def final_state(job_id: str) -> str | None:
-    """The job's state once it has ended (None while queued, running or requeued)."""
+    """The job's state once it has ended (None while queued, running, being requeued or in any
+    passing state: a job that requeues itself goes through several)."""
     state = cluster.job_states([job_id]).get(job_id, (None,))[0]
-    if state in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
-        return None
-    return state
+    word = state.split()[0].rstrip("+") if state else None
+    return word if word in ENDED else None
+
+
+def settled_state(job_id: str) -> str | None:
+    """final_state, read twice a second apart (a requeueing job passes through several states)."""
+    state = final_state(job_id)
+    if state:
+        time.sleep(1)
+        return state if final_state(job_id) == state else None
+    return None
 
 
 def events(run_dir) -> list[dict]:
@@ -158,15 +171,16 @@ def launched(slurm_cluster, standin, tmp_path_factory):
     cfg = str(base / "config.yaml")
     pathlib.Path(cfg).write_text("# the stand-in ignores its config\n")
     jobs["cfg"] = cfg
-    # USR1 55 s before a 1-minute limit: at slurmctld's first limit check (every ~30 s), so each run
-    # is cut after 5-35 s; 40 s of work therefore needs at least one requeue.
+    # USR1 25 s before a 1-minute limit: slurmctld signals at its first limit check (every 30 s) that
+    # finds less than 25 + 30 s left, so 5-35 s after each start (not at once, before the stand-in has
+    # installed its handler); 40 s of work therefore needs at least one requeue.
     jobs["timelimit"] = slurm.submit(
         cfg, ["steps=400", "dt=0.1"], run_dir=base / "timelimit", entry=standin,
-        resources=Resources(time="1", signal_seconds=55, max_restarts=6))
+        resources=Resources(time="1", signal_seconds=25, max_restarts=6))
     jobs["crash"] = slurm.submit(cfg, ["mode=crash"], run_dir=base / "crash", entry=standin,
                                  resources=Resources(max_restarts=2))
     jobs["ranks"] = slurm.submit(cfg, ["steps=20"], run_dir=base / "ranks", entry=standin,
-                                 resources=Resources(gpus_per_node=2, time="5"))
+                                 resources=Resources(gpus_per_node=2, time="5", signal_seconds=60))
     sweep = slurm.Sweep(dir=base / "sweep", config=cfg, grid={"model.arch": ["cd", "nd"], "seed": [0, 1]},
                         overrides=["steps=30", "crash_first_run_of_seed=1"], concurrency=2, entry=standin, name="tiny")
     jobs["sweep"] = sweep, slurm.submit_sweep(sweep)
@@ -279,6 +293,9 @@ def real(slurm_cluster, tmp_path_factory):
         env={**os.environ, **REAL_ENV}, stdout=log, stderr=subprocess.STDOUT)
     yield jobs
     stop.set()
+    for job_id in (long.job_id, jobs["tiny"][1]):  # a failed test leaves no job behind
+        if final_state(job_id) is None:
+            subprocess.run(["scancel", job_id], capture_output=True)
     proc = jobs["ref"][1]
     if proc.poll() is None:
         proc.kill()
@@ -323,7 +340,9 @@ def test_rendered_script_is_thin_and_complete(tmp_path):
     # signals are trapped and forwarded to srun, which runs in the background so the trap can run
     assert "trap 'forward USR1' USR1" in s and "trap 'forward TERM' TERM" in s
     assert "srun --kill-on-bad-exit=1" in s and "model.arch=nd optim.lr=3e-4" in s
-    assert 'wait "$child"' in s and 'scontrol requeue "$SLURM_JOB_ID"' in s
+    assert 'wait "$child"' in s and 'scontrol requeue "$JOB"' in s
+    # an array task requeues itself alone: the bare array id would requeue every task of the array
+    assert 'JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}' in s
     assert "SLURM_RESTART_COUNT" in s
     # no training logic in bash: the script is short and calls one Python entry point
     assert len(s.splitlines()) < 80 and s.count("-m train train") == 1
@@ -423,6 +442,8 @@ def test_bad_input_fails_at_submit_time(slurm_cluster, tmp_path):
     assert "at most 2" in err(resources=Resources(gpus_per_node=3))
     assert "2 nodes asked for" in err(resources=Resources(nodes=2))
     assert "not a Slurm time" in err(resources=Resources(time="soon"))
+    # USR1 comes signal_seconds + up to 30 s before the limit: a shorter limit signals at the start
+    assert "would be signalled as it starts" in err(resources=Resources(time="5"))  # 300 s, default 300
     (tmp_path / "file").write_text("")
     assert "is not writable" in err(run_dir=tmp_path / "file" / "run")
     assert not (tmp_path / "run").exists()  # nothing was written for the refused submissions
@@ -537,7 +558,7 @@ def test_crashing_job_stops_after_max_restarts(launched):
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_resumes(launched):
     sub = launched["timelimit"]
-    wait_for(lambda: final_state(sub.job_id), 240, f"time-limited job {sub.job_id}", sub.run_dir)
+    wait_for(lambda: settled_state(sub.job_id), 240, f"time-limited job {sub.job_id}", sub.run_dir)
     ev = events(sub.run_dir)
     assert final_state(sub.job_id) == "COMPLETED", ev
     assert (sub.run_dir / "FINISHED").exists()
@@ -641,7 +662,7 @@ def test_real_time_limit_requeues_and_ends_with_the_same_weights(real):
     sub, steps = real["long"], real["steps"]
     ref_dir, ref = real["ref"]
     logs = sub.run_dir / "slurm"
-    wait_for(lambda: final_state(sub.job_id), 420, f"time-limited training job {sub.job_id} ({steps} steps, "
+    wait_for(lambda: settled_state(sub.job_id), 420, f"time-limited training job {sub.job_id} ({steps} steps, "
              f"~{real['step_s']:.2f} s each)", logs)
     [log_path] = logs.glob("job-*.out")
     log = log_path.read_text()
