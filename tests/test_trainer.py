@@ -552,3 +552,22 @@ def test_pipeline_resume_matches_and_refuses_an_unpipelined_resume(work, base, t
     ov = [o for o in pipe_overrides(base, at3) if not o.startswith("parallel.pipeline_stages")]
     with pytest.raises(ConfigError, match="pipeline_stages=2; this run has 1"):
         run_inproc(ov)
+
+
+def test_signal_during_start_up_stops_before_the_first_step(work, base, inproc, monkeypatch):
+    """SIGUSR1 while the run is still starting (here: as the process group comes up) does not
+    kill the process: the run returns stopped_by before its first step, without a checkpoint."""
+    from train import engine as eng
+
+    real = eng.setup_distributed
+
+    def setup_then_signal():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real()
+
+    monkeypatch.setattr(eng, "setup_distributed", setup_then_signal)
+    run_dir = work / "signal-at-start"
+    result = run_inproc(base + CELLS["cd"] + [f"run_dir={run_dir}", "schedule.max_steps=4"])
+    assert (result.stopped_by, result.step) == ("SIGUSR1", 0)
+    assert not list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "FINISHED").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is put back

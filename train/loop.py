@@ -219,7 +219,19 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
 
 def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
     """Train (or resume) the run `cfg` describes. `max_steps_now`: stop after this many steps of
-    this invocation (tests of resumption), leaving the schedule as configured."""
+    this invocation (tests of resumption), leaving the schedule as configured.
+
+    SIGTERM / SIGUSR1 handlers are installed first, so a signal during start-up (data
+    preparation, model build, checkpoint load) stops the run cleanly before its first step
+    instead of killing the process."""
+    signals = _Signals()
+    try:
+        return _train(cfg, signals, max_steps_now=max_steps_now, desc=desc)
+    finally:
+        signals.restore()
+
+
+def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int], desc: Optional[str]) -> RunResult:
     from .data import build_stream, prepare
     from .objectives import pop_counts
 
@@ -325,7 +337,6 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
         total, count = eng.all_sum(list(eng.eval_loss(engine.module, batches, dist.device)), dist.device)
         return total / count if count else None
 
-    signals = _Signals()
     metrics = _Metrics(cfg, layout, dist.is_rank0, step, derived.max_steps,
                        desc or f"{cfg.model.arch.upper()}:{cfg.objective.name.upper()}")
     result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
@@ -336,7 +347,13 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
     last_saved = step
     t_start, tok_start = time.perf_counter(), tokens_seen
     t_log, tok_log, flops_log = t_start, tokens_seen, flops
+    elapsed = 0.0
     try:
+        if eng.all_sum([1.0 if signals.received else 0.0], dist.device)[0] > 0:
+            # a signal during start-up: nothing new to save; stop before the first step
+            result.stopped_by = signals.received or "signal"
+            stop_at = step
+            last_saved = step
         while step < stop_at:
             batch = next(stream)
             counts = pop_counts(batch)
@@ -374,7 +391,7 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
                 save(step)
                 last_saved = step
         elapsed = time.perf_counter() - t_start
-        if step != last_saved or (state is None and step == 0):
+        if step != last_saved or (state is None and step == 0 and result.stopped_by is None):
             save(step)
         if step >= derived.max_steps and result.stopped_by is None:
             ev = held_out_loss()
@@ -384,7 +401,6 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
             if dist.is_rank0:
                 (layout.root / "FINISHED").write_text(json.dumps({"step": step}) + "\n")
     finally:
-        signals.restore()
         metrics.close()
     result.step, result.tokens_seen, result.target_tokens, result.flops = step, tokens_seen, target_tokens, flops
     result.tokens_per_s = (tokens_seen - tok_start) / max(elapsed, 1e-9)
