@@ -158,7 +158,8 @@ def test_eval_then_report(sweep, tmp_path, capsys):
     # the adapted model's curve starts where its parent's cost ends
     assert min(t for t, _, _ in nca["loss_curve"]) > cd_state["tokens_seen"]
     # compute matching: NC-A saw its parent's tokens too; the two from-scratch runs saw about the same
-    assert "T" in nca["flags"] and "F" in nca["flags"]
+    assert "T" in nca["flags"] and "F" in nca["flags"] and mtf["flags"] == "TF"
+    assert not cd["flags"] and not scratch["flags"]
     assert abs(scratch["total"]["tokens_seen"] - cd["total"]["tokens_seen"]) <= 0.05 * cd["total"]["tokens_seen"]
     assert cd["params"] == scratch["params"] == nca["params"]  # CD and ND: the same parameters
     assert nca["zero_shot"]["step"] == STEPS and nca["heldout_loss"] is not None
@@ -197,6 +198,15 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
         load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), "decoder")
     with pytest.raises(ValueError, match=r"is a CD checkpoint \(decoder\)"):
         load_init_weights(model_zoo.build("ed", "debug"), str(src), "encoder_decoder")
+
+
+def test_matched_reference_is_the_budget_most_runs_share():
+    from train.report import matched_reference
+
+    assert matched_reference([101, 100, 202, 251]) == 100  # two from-scratch runs vs two adapted ones
+    assert matched_reference([100, 300, 300]) == 300
+    assert matched_reference([100, 200]) == 100  # a tie: the smaller budget
+    assert matched_reference([]) == 0
 
 
 def test_parent_chain_prefers_the_recorded_checkpoint(tmp_path):

@@ -21,9 +21,10 @@ to that run's newest complete checkpoint (see docs/evaluation.md).
 objective and data, the report says after how many of its own steps the adapted run's held-out
 loss reaches the from-scratch run's final one (the NC-A shortcut of the reference experiment).
 
-**Compute matching.** The reference experiment compares cells at equal tokens seen. A run whose
-total tokens seen (or total FLOPs) differ from the median over the runs by more than 5% is
-flagged in the table (`T` tokens, `F` FLOPs) and on the page.
+**Compute matching.** The reference experiment compares cells at equal tokens seen. The reference
+budget is the one most runs share (the value with the most runs within 5% of it; ties: the
+smallest); a run whose total tokens seen (or total FLOPs) differ from it by more than 5% is
+flagged in the table (`tokens`, `FLOPs`) and on the page.
 
 Outputs in --out: report.json (every number), loss.png and zero_shot.png (against tokens seen and
 against FLOPs), report.html (self-contained: the table and the images embedded as base64).
@@ -184,13 +185,20 @@ def read_run(run_dir: str | Path) -> dict:
     }
 
 
+def matched_reference(values: list[float], tolerance: float = MATCH_TOLERANCE) -> float:
+    """The budget most runs share: the value with the most runs within `tolerance` of it (ties:
+    the smallest, i.e. the from-scratch budget rather than an adapted run's larger total)."""
+    if not values:
+        return 0
+    near = lambda v: sum(abs(w - v) <= tolerance * v for w in values)  # noqa: E731
+    return min(values, key=lambda v: (-near(v), v))
+
+
 def flag_unmatched(rows: list[dict], tolerance: float = MATCH_TOLERANCE) -> dict:
-    """Mark runs whose total tokens seen / FLOPs differ from the median over runs by > tolerance.
-    Sets row["flags"] ("T", "F", "TF" or "") and returns the reference values."""
-    ref = {}
-    for key in ("tokens_seen", "flops"):
-        vals = [r["total"][key] for r in rows]
-        ref[key] = statistics.median(vals) if vals else 0
+    """Mark runs whose total tokens seen / FLOPs differ from the budget most runs share
+    (`matched_reference`) by more than `tolerance`. Sets row["flags"] ("T", "F", "TF" or "")
+    and returns the reference values."""
+    ref = {key: matched_reference([r["total"][key] for r in rows], tolerance) for key in ("tokens_seen", "flops")}
     for r in rows:
         flags = ""
         for key, letter in (("tokens_seen", "T"), ("flops", "F")):
@@ -332,7 +340,8 @@ def render_html(rows: list[dict], images: list[Path], ref: dict) -> str:
                    f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
     flagged = [r["name"] for r in rows if r["flags"]]
     note = (f"<p class='warn'>Not compute-matched (total tokens seen or FLOPs more than "
-            f"{MATCH_TOLERANCE:.0%} from the median, {ref['tokens_seen']:,} tokens / {ref['flops']:.3g} FLOPs): "
+            f"{MATCH_TOLERANCE:.0%} from the budget most runs share, {ref['tokens_seen']:,} tokens / "
+            f"{ref['flops']:.3g} FLOPs): "
             f"{esc(', '.join(flagged))}</p>" if flagged else
             f"<p>All runs are compute-matched within {MATCH_TOLERANCE:.0%} (tokens seen and FLOPs).</p>")
     catch = "".join(f"<li>{esc(line)}</li>" for line in catch_up_lines(rows))
@@ -390,7 +399,8 @@ def main(argv=None) -> int:
         print(line)
     flagged = [r["name"] for r in res["rows"] if r["flags"]]
     if flagged:
-        print(f"\nnot compute-matched (tokens seen / FLOPs more than {MATCH_TOLERANCE:.0%} from the median): "
+        print(f"\nnot compute-matched (tokens seen / FLOPs more than {MATCH_TOLERANCE:.0%} from the budget most runs "
+              f"share, {res['reference']['tokens_seen']:,} tokens / {res['reference']['flops']:.3g} FLOPs): "
               f"{', '.join(flagged)}")
     print(f"\n{Path(res['out']) / 'report.html'}")
     return 0
