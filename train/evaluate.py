@@ -132,12 +132,8 @@ class Scorer:
             mask[b, :len(r)] = 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             prefix_lengths=torch.tensor(prefix, device=self.device)).logits  # (B, T, V)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        out = []
-        for b, ((_, tgt), p) in enumerate(zip(batch, prefix)):
-            lp = logp[b, p - 1:p - 1 + len(tgt)]  # (n, V): position t predicts token t+1
-            out.append(self._score(lp, tgt))
-        return out
+        # (n, V) per request: position t predicts token t+1 (softmax over these rows only: memory)
+        return [self._score(logits[b, p - 1:p - 1 + len(tgt)], tgt) for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
 
     def _ed(self, batch) -> list[LogLikelihood]:
         import torch
@@ -155,16 +151,17 @@ class Scorer:
             dec[b, :len(t)] = torch.tensor([start] + t[:-1])
         logits = self.model(input_ids=enc.to(self.device), attention_mask=enc_mask.to(self.device),
                             decoder_input_ids=dec.to(self.device)).logits  # (B, To, V), aligned with labels
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return [self._score(logp[b, :len(t)], t) for b, t in enumerate(tgts)]
+        return [self._score(logits[b, :len(t)], t) for b, t in enumerate(tgts)]
 
     @staticmethod
-    def _score(logp, tgt: list[int]) -> LogLikelihood:
+    def _score(logits, tgt: list[int]) -> LogLikelihood:
+        """logits (n, V): row j predicts tgt[j]."""
         import torch
 
-        t = torch.tensor(tgt, device=logp.device)
+        t = torch.tensor(tgt, device=logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
         token_lp = logp.gather(-1, t[:, None])[:, 0]  # (n,)
-        return LogLikelihood(float(token_lp.sum()), len(tgt), bool((logp.argmax(-1) == t).all()))
+        return LogLikelihood(float(token_lp.sum()), len(tgt), bool((logits.argmax(-1) == t).all()))
 
 
 # ============================================================================ rank classification
