@@ -9,7 +9,7 @@ import torch
 import model_zoo
 from train.data import DataConfig, load_tokenizer
 from train.evaluate import Scorer, aggregate, rank_classify, read_task_file, select_checkpoints
-from train.objectives.collate import collate_decoder, collate_encoder_decoder, pop_counts
+from train.objectives.batch import collate_decoder, collate_encoder_decoder, pop_counts
 from train.objectives.core import Example
 
 ARCHS = ["cd", "nd", "ed"]

@@ -90,7 +90,9 @@ def inproc():
     yield
     torch.set_num_threads(threads)
     if not had_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        from train.engine import teardown_distributed
+
+        teardown_distributed()
     os.environ.clear()
     os.environ.update(env)
 

@@ -213,3 +213,14 @@ def apply_activation_checkpointing(model) -> None:
     for stack in [m for m in model.modules() if isinstance(m, Stack)]:
         for i, layer in enumerate(stack.layers):
             stack.layers[i] = checkpoint_wrapper(layer)
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group and DeepSpeed's cached groups with it (deepspeed.comm's
+    destroy_process_group), so that a later run in the same process (a notebook, the tests)
+    starts clean. torch.distributed.destroy_process_group alone leaves DeepSpeed holding stale
+    groups ("Group ... is not registered")."""
+    if torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()

@@ -6,7 +6,7 @@
 writes one JSON per evaluated checkpoint to RUN_DIR/eval/step-N.json (what `archscale report` reads).
 
 **Log-likelihood of a continuation given a context**, as each architecture saw examples in training
-(the batch contract of `train/objectives/collate.py`):
+(the batch contract of `train/objectives/batch.py`):
 
 * CD: one causal row `context ++ continuation`; log p(c_j) is read from the logits at the position
   before c_j (logits[t] predicts token t+1), the first continuation token from the last context

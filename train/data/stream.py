@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..objectives.collate import collate
+from ..objectives.batch import collate
 from ..objectives.core import Objective, TokenInfo, make_prompted, prompted_lengths
 from ..objectives import rng
 from .tokenize import TokenStore
@@ -59,7 +59,7 @@ class Piece:
 
 
 class DataStream:
-    """Iterator of this rank's Batches (dicts of tensors; see train.objectives.collate)."""
+    """Iterator of this rank's Batches (dicts of tensors; see train.objectives.batch)."""
 
     def __init__(self, store: TokenStore, doc_ids: np.ndarray, objective: Objective, tokens: TokenInfo, *,
                  global_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

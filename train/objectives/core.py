@@ -14,7 +14,7 @@ the packer plans rows from lengths alone and only the rank that owns a row build
 | mlm       | T5 corrupted x + EOS                   | sentinels + dropped spans + EOS|
 | ul2 R/X   | [mode] + corrupted x + EOS             | sentinels + spans + EOS        |
 | ul2 S     | [S2S] + x[:s], s uniform in [1, n-1]   | x[s:] + EOS                    |
-How an Example becomes rows for each architecture is `collate.py`.
+How an Example becomes rows for each architecture is `batch.py`.
 Lengths are computed and checked at build time: a configuration that cannot fit fails there,
 with the fix in the message, never mid-run.
 """
