@@ -298,7 +298,11 @@ def test_factored_adafactor_is_kept_or_the_reason_given():
 
 
 def test_bf16_pipeline_flattens_adafactor_and_says_so():
-    p = _plan(["model.size=tiny", "optim.name=adafactor", "parallel.pipeline_stages=2", "schedule.max_steps=1"], gpus=2)
+    # the config refuses it (flat partitions) unless allowed; allowed, the plan counts and says it
+    with pytest.raises(plan.PlanError, match="bf16 with pipeline stages"):
+        _plan(["model.size=tiny", "optim.name=adafactor", "parallel.pipeline_stages=2", "schedule.max_steps=1"], gpus=2)
+    p = _plan(["model.size=tiny", "optim.name=adafactor", "parallel.pipeline_stages=2", "schedule.max_steps=1",
+               "optim.allow_flat_adafactor=true"], gpus=2)
     assert p["parallel"]["optimizer_wrapper"] == "BF16_Optimizer" and p["warnings"]
     p = _plan(["model.size=tiny", "optim.name=adafactor", "parallel.precision=fp32", "parallel.pipeline_stages=2",
                "schedule.max_steps=1"], gpus=2)
