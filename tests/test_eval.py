@@ -164,7 +164,8 @@ def test_aggregate_median_over_prompts_mean_over_datasets():
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("rec,match", [
-    ({"input": "q", "answer_choices": ["a", "b"], "label": 2}, r"t.jsonl:2: 'label'=2 must be an integer index in \[0, 1\]"),
+    ({"input": "q", "answer_choices": ["a", "b"], "label": 2},
+     r"t.jsonl:2: 'label'=2 must be an integer index in \[0, 1\]"),
     ({"input": "q", "target": "a"}, r"t.jsonl:2: rank classification needs 'answer_choices'"),
     ({"input": "q", "answer_choices": ["a", "b"], "label": 0, "dataset": 3}, r"t.jsonl:2: 'dataset' must be"),
 ])

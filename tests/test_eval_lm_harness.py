@@ -52,8 +52,9 @@ def test_local_task_end_to_end(exported, tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records()))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "archscale_kind.yaml").write_text(TASK_YAML.format(data=data))
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)  # no built-in task index
     out = lm_eval.simple_evaluate(model="archscale", model_args=f"pretrained={exported},batch_size=4",
-                                  tasks=["archscale_kind"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+                                  tasks=["archscale_kind"], task_manager=manager,
                                   bootstrap_iters=0, log_samples=False)
     res = out["results"]["archscale_kind"]
     assert res["acc,none"] == 1.0 and res["acc_norm,none"] == 1.0

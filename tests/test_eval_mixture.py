@@ -36,7 +36,8 @@ def test_mixture_file_has_each_task_at_its_rate(files, tmp_path):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     per_round = {"big/p1": 100, "big/p2": 100, "small/p1": 10, "entail": 40}  # rte has one prompt: cap 200
     assert Counter(r["task"] for r in recs) == {t: 2 * k for t, k in per_round.items()}
-    assert {t: s["rate"] for t, s in stats["tasks"].items()} == pytest.approx({t: k / 250 for t, k in per_round.items()})
+    rates = {t: s["rate"] for t, s in stats["tasks"].items()}
+    assert rates == pytest.approx({t: k / 250 for t, k in per_round.items()})
     assert {r["dataset"] for r in recs} == {"big", "small", "rte"}
     # the two rounds of a capped task are different samples (its first 200 of a permutation of 300)
     big = [r["input"] for r in recs if r["task"] == "big/p1"]

@@ -166,8 +166,8 @@ def test_eval_then_report(sweep, tmp_path, capsys):
     # adapted vs from scratch: the first NC-A step at which its held-out loss reaches ND:MLM's final one
     c = nca["catch_up"]
     target = [json.loads(l) for l in (runs["nd-mlm"] / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
-    evals = [(m["step"], m["eval_loss"]) for m in map(json.loads, (runs["nca"] / "metrics.jsonl").read_text().splitlines())
-             if "eval_loss" in m]
+    lines = (runs["nca"] / "metrics.jsonl").read_text().splitlines()
+    evals = [(m["step"], m["eval_loss"]) for m in map(json.loads, lines) if "eval_loss" in m]
     assert (c["reference"], c["target_loss"], c["reference_steps"]) == ("nd-mlm", target, STEPS)
     assert c["steps"] == next((st for st, loss in evals if loss <= target), None)
     assert rows["nd-mlm-nca-mtf"]["catch_up"] is None  # no from-scratch ND:PROMPTED run to compare with

@@ -133,7 +133,8 @@ class Scorer:
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             prefix_lengths=torch.tensor(prefix, device=self.device)).logits  # (B, T, V)
         # (n, V) per request: position t predicts token t+1 (softmax over these rows only: memory)
-        return [self._score(logits[b, p - 1:p - 1 + len(tgt)], tgt) for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
+        return [self._score(logits[b, p - 1:p - 1 + len(tgt)], tgt)
+                for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
 
     def _ed(self, batch) -> list[LogLikelihood]:
         import torch
@@ -179,8 +180,9 @@ def read_task_file(path: str | Path, limit: int = 0) -> list[dict]:
     for rec, (lineno, line) in zip(records, numbered):
         r = json.loads(line)  # the raw record: its optional `dataset` key
         if not rec["answer_choices"] or rec["label"] < 0:
+            missing = "no choices" if not rec["answer_choices"] else "no label"
             raise ValueError(f"{path}:{lineno}: rank classification needs 'answer_choices' and a 'label' (the index "
-                             f"of the correct choice); this record has {'no choices' if not rec['answer_choices'] else 'no label'}")
+                             f"of the correct choice); this record has {missing}")
         task = rec["task"] or path.stem
         dataset = r.get("dataset")
         if dataset is not None and (not isinstance(dataset, str) or not dataset):
@@ -427,8 +429,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="25%,50%,100%",
                    help="percentages of the planned steps (nearest complete checkpoint), steps, 'last' or 'all'")
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
-    p.add_argument("--loss-batches", type=int, default=None, help="eval batches for the loss (default: eval.num_batches)")
-    p.add_argument("--corpus", nargs="*", default=[], help="held-out loss on these files instead of the run's eval split")
+    p.add_argument("--loss-batches", type=int, default=None,
+                   help="eval batches for the loss (default: the run's eval.num_batches)")
+    p.add_argument("--corpus", nargs="*", default=[],
+                   help="held-out loss on these files instead of the run's eval split")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass when scoring choices")
     p.add_argument("--limit", type=int, default=0, help="first N records of each task file (smoke tests); 0 = all")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -35,7 +35,6 @@ import argparse
 import base64
 import html
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -174,8 +173,9 @@ def read_run(run_dir: str | Path) -> dict:
         "phases": phases, "own": own, "inherited": inherited,
         "total": {k: own[k] + inherited[k] for k in own},
         "heldout_loss": heldout, "heldout_from": heldout_from,
-        "zero_shot": None if zs is None else {"step": zs["step"], **zs["zero_shot"]["mean"],
-                                              "datasets": {k: v["acc"] for k, v in zs["zero_shot"]["datasets"].items()}},
+        "zero_shot": None if zs is None else {
+            "step": zs["step"], **zs["zero_shot"]["mean"],
+            "datasets": {k: v["acc"] for k, v in zs["zero_shot"]["datasets"].items()}},
         "loss_curve": [(t + inherited["tokens_seen"], f + inherited["flops"], loss) for _, t, f, loss in metrics_loss],
         "loss_steps": [(step, loss) for step, _, _, loss in metrics_loss],
         "data": config.get("data", {}),
@@ -246,8 +246,8 @@ def catch_up_lines(rows: list[dict]) -> list[str]:
 
 
 # ============================================================================ rendering
-COLUMNS = ["run", "arch", "objective", "init from", "params", "step", "tokens seen", "target tokens", "FLOPs", "held-out loss",
-           "zero-shot acc", "acc (len-norm)", "matched"]
+COLUMNS = ["run", "arch", "objective", "init from", "params", "step", "tokens seen", "target tokens", "FLOPs",
+           "held-out loss", "zero-shot acc", "acc (len-norm)", "matched"]
 
 
 def _label(r: dict) -> str:
@@ -264,7 +264,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         zs = r["zero_shot"]
         out.append([r["name"], r["arch"].upper(), r["objective"].upper(),
-                    " -> ".join(_label(r).split(" -> ")[:-1]) or "-", "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
+                    " -> ".join(_label(r).split(" -> ")[:-1]) or "-",
+                    "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
                     str(r["step"]) + ("" if r["finished"] else "*"),
                     total(r, "tokens_seen", lambda v: f"{v:,}"), total(r, "target_tokens", lambda v: f"{v:,}"),
                     total(r, "flops", lambda v: f"{v:.3g}"),
