@@ -573,3 +573,23 @@ def test_signal_during_start_up_stops_before_the_first_step(work, base, inproc, 
     assert (result.stopped_by, result.step) == ("SIGUSR1", 0)
     assert not list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "FINISHED").exists()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is put back
+
+
+def test_init_from_checkpoint_records_the_parent_and_can_take_its_optimizer(work, base, inproc):
+    """NC-A's first move: a CD run's weights (and, asked for, its AdamW moments) start an ND run;
+    the child's checkpoints name the parent and its cost."""
+    parent = work / "init-parent"
+    run_inproc(base + CELLS["cd"] + [f"run_dir={parent}", "schedule.max_steps=3"])
+    child = work / "init-child"
+    run_inproc(base + ["model.arch=nd", "objective.name=plm", f"run_dir={child}", "schedule.max_steps=3",
+                       f"init.from_checkpoint={parent}", "init.load_optimizer=true"], max_steps_now=0)
+    p, c = state(parent), state(child, 0)
+    assert c["init"]["checkpoint"] == str((parent / "checkpoints" / "step-00000003").resolve())
+    assert (c["init"]["step"], c["init"]["tokens_seen"], c["init"]["flops"]) == (3, p["tokens_seen"], p["flops"])
+    load = lambda d: torch.load(d / "engine" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    po, co = load(parent / "checkpoints" / "step-00000003"), load(child / "checkpoints" / "step-00000000")
+    for k, v in po["module"].items():
+        assert torch.equal(v, co["module"][k]), k
+    moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(po["optimizer"]["state"].values(),
+                                                             co["optimizer"]["state"].values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)

@@ -165,6 +165,10 @@ class TrainerState:
     """Processes of the run that saved it (a different world size resumes via a universal checkpoint)."""
     config: dict = field(default_factory=dict)
     """The resolved run config (``to_dict``), so a checkpoint is self-describing."""
+    init: dict = field(default_factory=dict)
+    """Where the weights came from (init.from_checkpoint): the parent checkpoint's resolved path,
+    step, tokens_seen, target_tokens and flops, so the cost of every phase adds up. Empty for a
+    run trained from scratch."""
     version: int = 1
     """Format version of this file."""
 

@@ -166,8 +166,9 @@ def _to_universal(step_dir: Path) -> str:
     return out.name
 
 
-def load_init_weights(model, path: str, family: str) -> None:
-    """init.from_checkpoint: weights only, from a checkpoint or run directory of another run."""
+def load_init_weights(model, path: str, family: str) -> tuple[Path, dict]:
+    """init.from_checkpoint: weights only, from a checkpoint or run directory of another run.
+    Returns the resolved checkpoint directory and what TrainerState.init records of it."""
     from .export import engine_weights
 
     step_dir = ckpt.find_resume_point(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
@@ -185,6 +186,10 @@ def load_init_weights(model, path: str, family: str) -> None:
     if missing or unexpected:
         raise ValueError(f"init.from_checkpoint={path}: weights do not fit this model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); use a checkpoint of the same size")
+    step_dir = Path(step_dir).resolve()
+    return step_dir, {"checkpoint": str(step_dir), "step": state.step, "tokens_seen": state.tokens_seen,
+                      "target_tokens": state.target_tokens, "flops": state.flops, "world_size": state.world_size,
+                      "pipeline_stages": int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))}
 
 
 def _bf16_supported(device: torch.device) -> bool:
@@ -270,8 +275,15 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
     eng.barrier()
 
     model = arch.build(cfg.model, vocab)
+    init_info, init_dir = (dict(state.init) if state is not None else {}), None
     if state is None and cfg.init.from_checkpoint:
-        load_init_weights(model, cfg.init.from_checkpoint, arch.family)
+        init_dir, init_info = load_init_weights(model, cfg.init.from_checkpoint, arch.family)
+        if cfg.init.load_optimizer and (init_info["world_size"] != dist.world_size
+                                        or (init_info["pipeline_stages"] > 1) != (derived.pipeline_stages > 1)):
+            raise ConfigError(f"init.load_optimizer=true needs the parent's layout: it ran on "
+                              f"{init_info['world_size']} process(es) with pipeline_stages="
+                              f"{init_info['pipeline_stages']}, this run on {dist.world_size} with "
+                              f"{derived.pipeline_stages}; match it, or set init.load_optimizer=false")
     params = arch.num_params(model.config)
     piped = derived.pipeline_stages > 1
     if piped:
@@ -288,6 +300,10 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
                           rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data)
     step, tokens_seen, target_tokens, flops = 0, 0, 0, 0.0
+    if init_dir is not None and cfg.init.load_optimizer:
+        # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
+        engine.load_checkpoint(str(init_dir), tag="engine", load_module_strict=True, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
     if state is not None:
         tag = "engine"
         if universal:
@@ -313,6 +329,7 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
         rngs = eng.all_gather_object(ckpt.capture_rng_state())
         st = ckpt.TrainerState(step=at_step, tokens_seen=tokens_seen, target_tokens=target_tokens, flops=flops,
                                data_position=stream.state_dict(), rng_states=rngs, world_size=dist.world_size,
+                               init=init_info,
                                config=__import__("yaml").safe_load(config_yaml))
         return ckpt.save_checkpoint(layout.checkpoints, st,
                                     write_engine,
