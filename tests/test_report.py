@@ -86,7 +86,9 @@ def sweep(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
         if not had_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            from train.engine import teardown_distributed
+
+            teardown_distributed()  # DeepSpeed's cached groups too: later modules run train() again
         os.environ.clear()
         os.environ.update(env)
 
