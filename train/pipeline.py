@@ -362,14 +362,20 @@ def _decoder_plan(config, cache: Optional[ContextCache]) -> Plan:
         prefixes.append((f"model.layers.{i}.",))
     specs.append(LayerSpec(FinalNorm, config, c_last, c_last))
     prefixes.append(("model.",))
-    if tied:
+    _append_head(config, specs, prefixes, embed_args, embed_prefixes)
+    return Plan(specs, prefixes, c_in.names, cache)
+
+
+def _append_head(config, specs: list, prefixes: list, embed_args: tuple, embed_prefixes: tuple) -> None:
+    """The LM head: the tied embedding's transpose (scaled as the model scales tied logits) or its
+    own matrix."""
+    if config.tie_embeddings:
         scale = config.d_model ** -0.5 if config.scale_tied_logits else None
         specs.append(TiedLayerSpec(TIED_KEY, TokenEmbedding, *embed_args, forward_fn=HeadFn(scale)))
         prefixes.append(embed_prefixes)
     else:
         specs.append(LayerSpec(LMHead, config.d_model, config.vocab_size))
         prefixes.append(("lm_head.",))
-    return Plan(specs, prefixes, c_in.names, cache)
 
 
 def _ed_plan(config, cache: Optional[ContextCache]) -> Plan:
@@ -403,13 +409,7 @@ def _ed_plan(config, cache: Optional[ContextCache]) -> Plan:
         prefixes.append((f"decoder.layers.{i}.",))
     specs.append(LayerSpec(FinalNorm, config, c_last, c_last))
     prefixes.append(("decoder.",))
-    if tied:
-        scale = config.d_model ** -0.5 if config.scale_tied_logits else None
-        specs.append(TiedLayerSpec(TIED_KEY, TokenEmbedding, *embed_args, forward_fn=HeadFn(scale)))
-        prefixes.append(embed_prefixes)
-    else:
-        specs.append(LayerSpec(LMHead, config.d_model, config.vocab_size))
-        prefixes.append(("lm_head.",))
+    _append_head(config, specs, prefixes, embed_args, embed_prefixes)
     return Plan(specs, prefixes, c_in.names, cache)
 
 
