@@ -1,6 +1,6 @@
 """`archscale` (also `python -m train`): one thin entry point; each command calls one function.
 
-    archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run]   train or resume one run
+    archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run | --local-procs N]  train or resume one run
     archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
@@ -31,6 +31,9 @@ def cmd_train(argv: list[str]) -> int:
                         "FLOPs per token and whether the run would resume; train nothing, write nothing")
     p.add_argument("--world-size", type=int, default=None,
                    help="--dry-run: the number of processes to plan for (default: $WORLD_SIZE or 1)")
+    p.add_argument("--local-procs", type=int, default=None, metavar="N",
+                   help="rehearse the cluster here: N CPU processes over gloo (torchrun), with the ZeRO stage, "
+                        "pipeline stages and data-parallel sharding of the config")
     a = p.parse_args(argv)
     from .config import ConfigError, load_config_with_origins
 
@@ -51,6 +54,8 @@ def cmd_train(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if a.local_procs is not None:
+        return _local_procs(a.local_procs, a.args, cfg)
     from .loop import train
 
     try:
@@ -64,6 +69,31 @@ def cmd_train(argv: list[str]) -> int:
     print(json.dumps({"run_dir": result.run_dir, "step": result.step, "tokens_seen": result.tokens_seen,
                       "eval_loss": result.eval_loss}))
     return 0
+
+
+def _local_procs(n: int, args: list[str], cfg) -> int:
+    """`--local-procs N`: this same command (without the flag) under torchrun, N CPU processes over
+    gloo. One thread per process unless OMP_NUM_THREADS is set; TMPDIR defaults to RUN_DIR/tmp
+    (torchrun leaves torchelastic_* directories there). Returns torchrun's exit code."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if n < 1:
+        print(f"error: --local-procs must be at least 1 (got {n})", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if "TMPDIR" not in env:
+        tmp = Path(cfg.run_dir) / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a fresh rendezvous: torchrun sets these for its children
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "train", "train", *args]
+    return subprocess.run(cmd, env=env).returncode
 
 
 def cmd_compare(argv: list[str]) -> int:

@@ -1,0 +1,114 @@
+"""Local debugging (issue 10): `archscale train --local-procs N` rehearses the cluster's ZeRO and
+pipeline layouts on CPU processes and follows the 1-process loss curve; a non-finite loss stops
+the run naming the step and module and saves the batch; `--overfit` drives the loss on one batch
+down; `--determinism-check` finds an injected nondeterminism.
+
+Cheap set-up as in tests/test_trainer.py: a tiny synthetic corpus, the byte tokenizer, the debug
+model, 64-token rows, micro-batch 2, one thread per process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_trainer import DIST_ENV, ROOT, _write_corpus, losses
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("debug")
+    _write_corpus(w / "corpus")
+    return w
+
+
+@pytest.fixture(scope="module")
+def base(work) -> list[str]:
+    return [
+        "data.source=files", f"data.train_files={json.dumps([str(work / 'corpus' / '*.txt')])}",
+        "data.tokenizer=builtin-bytes", f"data.cache_dir={work / 'cache'}", "data.eval_fraction=0.1",
+        "model.size=debug", "objective.seq_length=64", "parallel.micro_batch_size=2",
+        "optim.lr=3e-3", "schedule.name=constant", "logging.every_n_steps=1", "logging.progress_bar=false",
+        "eval.num_batches=1", "eval.every_n_steps=0", "checkpoint.keep_last=0",
+        "model.arch=cd", "objective.name=flm", f"schedule.max_steps={STEPS}", "checkpoint.every_n_steps=1000",
+    ]
+
+
+@pytest.fixture()
+def inproc():
+    """train() in this process: one thread, CPU, the process group and environment restored after."""
+    env, threads = dict(os.environ), torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield
+    torch.set_num_threads(threads)
+    from train.engine import teardown_distributed
+
+    teardown_distributed()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def run_inproc(overrides: list[str], **kw):
+    from train.config import load_config
+    from train.loop import train
+
+    return train(load_config(None, overrides), **kw)
+
+
+def cli(args: list[str], work: Path, **extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.pop("TMPDIR", None)  # --local-procs puts it into RUN_DIR/tmp
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), **extra)
+    return subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+# ----------------------------------------------------------------------------------------------
+# --local-procs
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(work, base):
+    """The 1-process loss curve: global batch 4 = micro 2 x accumulation 2."""
+    env, threads = dict(os.environ), torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        run_dir = work / "ref"
+        run_inproc(base + [f"run_dir={run_dir}", "parallel.gradient_accumulation_steps=2"])
+        return losses(run_dir)
+    finally:
+        torch.set_num_threads(threads)
+        from train.engine import teardown_distributed
+
+        teardown_distributed()
+        os.environ.clear()
+        os.environ.update(env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    # 2 data-parallel ranks x micro 2 x accumulation 1 = 4 rows, ZeRO-2 partitioned over both
+    ["parallel.zero_stage=2", "parallel.gradient_accumulation_steps=1"],
+    # 2 pipeline stages x 1 data-parallel rank: micro 2 x 2 micro-batches = 4 rows
+    ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.gradient_accumulation_steps=2"],
+], ids=["zero2", "pipeline2"])
+def test_local_procs_follows_one_process(layout, work, base, reference):
+    run_dir = work / f"local-{layout[0].split('.')[1].split('=')[0]}"
+    r = cli(["train", *base, f"run_dir={run_dir}", *layout, "--local-procs", "2"], work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s, v in reference.items():
+        assert got[s] == pytest.approx(v, abs=1e-4), (s, got, reference)
+    st = json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert st["world_size"] == 2
+    assert (run_dir / "tmp").is_dir()  # TMPDIR defaulted into the run directory
