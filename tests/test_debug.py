@@ -112,3 +112,41 @@ def test_local_procs_follows_one_process(layout, work, base, reference):
     st = json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert st["world_size"] == 2
     assert (run_dir / "tmp").is_dir()  # TMPDIR defaulted into the run directory
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite loss: step, module, saved batch
+# ----------------------------------------------------------------------------------------------
+
+def test_nonfinite_loss_names_step_and_module_and_saves_the_batch(work, base, inproc, monkeypatch, capsys):
+    from train.cli import main
+    from train.inspection import main as inspect_main
+
+    run_dir = work / "nan"
+    monkeypatch.setenv("ARCHSCALE_TEST_NAN_AT_STEP", "3:model.layers.1.mlp.up_proj")
+    rc = main(["train", *base, f"run_dir={run_dir}", "parallel.gradient_accumulation_steps=2",
+               "schedule.max_steps=6"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    line = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(line) == 1 and "at step 3;" in line[0] and "model.layers.1.mlp.up_proj" in line[0], err
+    saved = run_dir / "nonfinite" / "batch-step-3.pt"
+    assert str(saved) in line[0]
+    batch = torch.load(saved, weights_only=True)
+    assert batch["input_ids"].shape == (4, 64) and "labels" in batch
+    assert sorted(losses(run_dir)) == [1, 2]  # stopped before logging step 3
+    assert inspect_main(["--batch", str(saved), "--plain"]) == 0
+
+
+def test_first_nonfinite_module_is_none_on_a_healthy_model():
+    from train import registry
+    from train.config import load_config
+    from train.debug import first_nonfinite_module
+
+    cfg = load_config(None, ["model.size=debug", "model.arch=cd"])
+    model = registry.get("cd").build(cfg.model, 512)
+    ids = torch.randint(0, 256, (2, 16))
+    assert first_nonfinite_module(model, {"input_ids": ids, "labels": ids}) is None
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
+    assert first_nonfinite_module(model, {"input_ids": ids, "labels": ids}) == "model.layers.0.self_attn.v_proj"

@@ -58,11 +58,16 @@ def cmd_train(argv: list[str]) -> int:
         return _local_procs(a.local_procs, a.args, cfg)
     from .loop import train
 
+    from .debug import NonFiniteError
+
     try:
         result = train(cfg)  # checks the config and checkpoint.resume before any work
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved, resume with the same command")
         return 0

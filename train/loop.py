@@ -354,6 +354,11 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
         total, count = eng.all_sum(list(eng.eval_loss(engine.module, batches, dist.device)), dist.device)
         return total / count if count else None
 
+    # Non-finite loss / gradient norm: stop with the step, the first non-finite module and the batch
+    # saved (train/debug.py). Unpipelined runs locate the module from a hook on the whole model.
+    from .debug import NonFiniteGuard
+
+    guard = NonFiniteGuard(engine.module, layout.root, dist.rank, locate=not piped)
     metrics = _Metrics(cfg, layout, dist.is_rank0, step, derived.max_steps,
                        desc or f"{cfg.model.arch.upper()}:{cfg.objective.name.upper()}")
     result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
@@ -376,6 +381,7 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
             counts = pop_counts(batch)
             batch_flops = arch.batch_flops(model.config, batch) if counts_here else 0.0
             micro = eng.split_micro(batch, derived.micro_batch_size)
+            guard.step = step + 1
             losses = eng.pipeline_step(engine, micro, model.config) if piped else eng.train_step(engine, micro)
             red = eng.all_sum([counts["num_tokens"] * counts_here, counts["num_target_tokens"] * counts_here,
                                batch_flops, losses["loss"], 1.0 if signals.received else 0.0], dist.device)
@@ -384,6 +390,7 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
             target_tokens += int(red[1])
             flops += red[2]
             loss = red[3] / dist.world_size
+            guard.check(step, loss, eng.grad_norm(engine), batch)  # raises NonFiniteError
             result.losses.append((step, loss))
             now = time.perf_counter()
             if step % cfg.logging.every_n_steps == 0 or step == stop_at:
@@ -419,6 +426,7 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
                 (layout.root / "FINISHED").write_text(json.dumps({"step": step}) + "\n")
     finally:
         metrics.close()
+        guard.close()
     result.step, result.tokens_seen, result.target_tokens, result.flops = step, tokens_seen, target_tokens, flops
     result.tokens_per_s = (tokens_seen - tok_start) / max(elapsed, 1e-9)
     return result
