@@ -150,3 +150,41 @@ def test_first_nonfinite_module_is_none_on_a_healthy_model():
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
     assert first_nonfinite_module(model, {"input_ids": ids, "labels": ids}) == "model.layers.0.self_attn.v_proj"
+
+
+# ----------------------------------------------------------------------------------------------
+# --overfit and --determinism-check
+# ----------------------------------------------------------------------------------------------
+
+OVERFIT_THRESHOLD = 0.5  # nats per token; a fresh byte-level model starts near ln(256) ~ 5.5
+
+
+def test_overfit_drives_the_debug_model_below_the_threshold(work, base, inproc, capsys):
+    from train.cli import main
+
+    # seen: 5.95 at step 1, ~0.06 at step 200 (lr 3e-3 is too slow for 200 steps: ~2.3)
+    rc = main(["train", *base, f"run_dir={work / 'unused-overfit'}", "parallel.gradient_accumulation_steps=1",
+               "optim.lr=1e-2", "--overfit", "--overfit-steps", "200", "--overfit-threshold", str(OVERFIT_THRESHOLD)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS: final loss" in out and "step 200:" in out
+    assert not (work / "unused-overfit").exists()  # a temporary run directory, not run_dir
+
+
+def test_overfit_reports_failure_when_the_threshold_is_out_of_reach(work, base, inproc, capsys):
+    from train.cli import main
+
+    rc = main(["train", *base, "parallel.gradient_accumulation_steps=1", "--overfit", "--overfit-steps", "2",
+               "--overfit-threshold", "0.01"])
+    assert rc == 1 and "FAIL: final loss" in capsys.readouterr().out
+
+
+def test_determinism_check_identical_then_finds_injected_noise(work, base, inproc, monkeypatch, capsys):
+    from train.cli import main
+
+    args = ["train", *base, "parallel.gradient_accumulation_steps=1", "--determinism-check", "--steps", "4"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("identical: 4 steps")
+    monkeypatch.setenv("ARCHSCALE_TEST_NOISE_AT_STEP", "3:model.layers.0.mlp")
+    assert main(args) == 1
+    assert "losses differ first at step 3:" in capsys.readouterr().out

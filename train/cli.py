@@ -1,6 +1,7 @@
 """`archscale` (also `python -m train`): one thin entry point; each command calls one function.
 
     archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run | --local-procs N]  train or resume one run
+        [--overfit [--overfit-steps 200] [--overfit-threshold 0.5] | --determinism-check [--steps 5]]
     archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
@@ -34,6 +35,15 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--local-procs", type=int, default=None, metavar="N",
                    help="rehearse the cluster here: N CPU processes over gloo (torchrun), with the ZeRO stage, "
                         "pipeline stages and data-parallel sharding of the config")
+    p.add_argument("--overfit", action="store_true",
+                   help="train on the first batch only, again and again (temporary run directory); exit 0 if the "
+                        "loss falls below --overfit-threshold, else 1")
+    p.add_argument("--overfit-steps", type=int, default=200, help="--overfit: optimizer steps (default 200)")
+    p.add_argument("--overfit-threshold", type=float, default=0.5, help="--overfit: the loss to reach (default 0.5)")
+    p.add_argument("--determinism-check", action="store_true",
+                   help="run the same steps twice (temporary run directories) and report the first step where the "
+                        "losses differ; exit 0 if identical, else 1")
+    p.add_argument("--steps", type=int, default=5, help="--determinism-check: steps of each run (default 5)")
     a = p.parse_args(argv)
     from .config import ConfigError, load_config_with_origins
 
@@ -54,6 +64,19 @@ def cmd_train(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if a.overfit or a.determinism_check:
+        from . import debug
+
+        try:
+            if a.overfit:
+                return debug.main_overfit(path, overrides, a.overfit_steps, a.overfit_threshold)
+            return debug.main_determinism(path, overrides, a.steps)
+        except (ConfigError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except debug.NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     if a.local_procs is not None:
         return _local_procs(a.local_procs, a.args, cfg)
     from .loop import train

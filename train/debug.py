@@ -13,7 +13,15 @@ and save the same way but do not name a module (a stage's forward is not one cal
 
 Test hook: ARCHSCALE_TEST_NAN_AT_STEP="K:MODULE" (e.g. "3:decoder.layers.1.mlp") multiplies the
 output of that module (a name of model.named_modules()) by NaN in the training forward of step K.
-Unset in real runs.
+ARCHSCALE_TEST_NOISE_AT_STEP="K:MODULE" scales that module's output by 1 + 0.05 x (1 + a number
+from the operating system's random source in [0, 1)) at step K: a nondeterminism that
+`--determinism-check` must find at step K. Unset in real runs.
+
+`--overfit` (`overfit`): trains on the stream's first batch, repeated (`train(cfg,
+fixed_batch=True)`), in a temporary run directory, and reports whether the loss fell below a
+threshold: the classic wiring check. `--determinism-check` (`determinism_check`): two fresh runs
+of the same steps in temporary run directories, in this process; the first step where the
+losses differ, or identical.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import torch
 log = logging.getLogger("archscale.debug")
 
 NAN_AT_STEP_ENV = "ARCHSCALE_TEST_NAN_AT_STEP"
+NOISE_AT_STEP_ENV = "ARCHSCALE_TEST_NOISE_AT_STEP"
 
 
 class NonFiniteError(RuntimeError):
@@ -95,6 +104,16 @@ class NonFiniteGuard:
             self._handles.append(target.register_forward_hook(
                 lambda m, a, out: out * float("nan") if self.step == int(at) and m.training else None))
 
+        spec = os.environ.get(NOISE_AT_STEP_ENV)
+        if spec:  # test hook: see NOISE_AT_STEP_ENV
+            import random
+
+            at, name = spec.split(":", 1)
+            target = dict(model.named_modules())[name]
+            self._handles.append(target.register_forward_hook(
+                lambda m, a, out: out * (1 + 0.05 * (1 + random.SystemRandom().random()))
+                if self.step == int(at) and m.training else None))
+
     def _on_forward(self, module, args, kwargs, out):
         if self._busy or self.module is not None or not module.training:
             return
@@ -132,3 +151,96 @@ class NonFiniteGuard:
     def close(self):
         for h in self._handles:
             h.remove()
+
+
+class RepeatFirst:
+    """The first batch of a data stream, again at every step (a fresh dict each time: the loop
+    pops the counts out of it). Checkpoints record the wrapped stream's position."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.first = next(stream)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return dict(self.first)
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+# fresh, short runs in a temporary directory: no checkpoints worth keeping, no held-out loss
+_SCRATCH = ["checkpoint.resume=never", "checkpoint.every_n_steps=1000000000", "checkpoint.keep_last=0",
+            "eval.every_n_steps=0", "logging.progress_bar=false", "logging.tensorboard=false"]
+
+
+def _scratch_config(path, overrides: list[str], run_dir: Path, steps: int):
+    from .config import load_config
+
+    return load_config(path, list(overrides) + _SCRATCH + [f"run_dir={run_dir}", f"schedule.max_steps={steps}"])
+
+
+def _summary(losses: list) -> str:
+    if not losses:
+        return "no steps"
+    picks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1})
+    return ", ".join(f"step {losses[i][0]}: {losses[i][1]:.4f}" for i in picks)
+
+
+def overfit(path, overrides: list[str], steps: int = 200, threshold: float = 0.5) -> tuple[bool, list]:
+    """Train `steps` steps on the stream's first batch; (final loss < threshold, [(step, loss)])."""
+    import tempfile
+
+    from .engine import teardown_distributed
+    from .loop import train
+
+    with tempfile.TemporaryDirectory(prefix="archscale-overfit-") as d:
+        result = train(_scratch_config(path, overrides, Path(d) / "run", steps), fixed_batch=True,
+                       desc="overfit")
+    teardown_distributed()
+    final = result.losses[-1][1] if result.losses else math.inf
+    return final < threshold, result.losses
+
+
+def determinism_check(path, overrides: list[str], steps: int = 5) -> tuple[Optional[int], list, list]:
+    """Two fresh runs of `steps` steps; (first step where the losses differ or None, losses a, b)."""
+    import tempfile
+
+    from .engine import teardown_distributed
+    from .loop import train
+
+    curves = []
+    for i in range(2):
+        with tempfile.TemporaryDirectory(prefix="archscale-determinism-") as d:
+            curves.append(train(_scratch_config(path, overrides, Path(d) / "run", steps),
+                                desc=f"determinism {i + 1}/2").losses)
+        teardown_distributed()
+    a, b = curves
+    for (s, x), (_, y) in zip(a, b):
+        if x != y:
+            return s, a, b
+    return (None if len(a) == len(b) else min(len(a), len(b)) + 1), a, b
+
+
+def main_overfit(path, overrides: list[str], steps: int, threshold: float) -> int:
+    ok, losses = overfit(path, overrides, steps, threshold)
+    final = losses[-1][1] if losses else float("nan")
+    print(f"overfit on one batch, {len(losses)} steps: {_summary(losses)}")
+    print(f"{'PASS' if ok else 'FAIL'}: final loss {final:.4f} {'<' if ok else '>='} threshold {threshold}")
+    return 0 if ok else 1
+
+
+def main_determinism(path, overrides: list[str], steps: int) -> int:
+    first, a, b = determinism_check(path, overrides, steps)
+    if first is None:
+        print(f"identical: {len(a)} steps, the same loss at every step ({_summary(a)})")
+        return 0
+    x = dict(a).get(first)
+    y = dict(b).get(first)
+    print(f"losses differ first at step {first}: run 1 {x!r}, run 2 {y!r}")
+    return 1

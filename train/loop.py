@@ -222,21 +222,24 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
     return derived
 
 
-def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
+def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None,
+          fixed_batch: bool = False) -> RunResult:
     """Train (or resume) the run `cfg` describes. `max_steps_now`: stop after this many steps of
-    this invocation (tests of resumption), leaving the schedule as configured.
+    this invocation (tests of resumption), leaving the schedule as configured. `fixed_batch`:
+    every step trains on the stream's first batch again (`archscale train --overfit`, train/debug.py).
 
     SIGTERM / SIGUSR1 handlers are installed first, so a signal during start-up (data
     preparation, model build, checkpoint load) stops the run cleanly before its first step
     instead of killing the process."""
     signals = _Signals()
     try:
-        return _train(cfg, signals, max_steps_now=max_steps_now, desc=desc)
+        return _train(cfg, signals, max_steps_now=max_steps_now, desc=desc, fixed_batch=fixed_batch)
     finally:
         signals.restore()
 
 
-def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int], desc: Optional[str]) -> RunResult:
+def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int], desc: Optional[str],
+           fixed_batch: bool = False) -> RunResult:
     from .data import build_stream, prepare
     from .objectives import pop_counts
 
@@ -299,6 +302,10 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
         counts_here = 1.0
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
                           rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data)
+    if fixed_batch:  # --overfit: the first batch, again and again (train/debug.py)
+        from .debug import RepeatFirst
+
+        stream = RepeatFirst(stream)
     step, tokens_seen, target_tokens, flops = 0, 0, 0, 0.0
     if init_dir is not None and cfg.init.load_optimizer:
         # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
