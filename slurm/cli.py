@@ -44,6 +44,21 @@ def _fail(prog: str, e: Exception) -> int:
     return 2
 
 
+def local_cluster_problem() -> str | None:
+    """None when the project's local cluster (slurm/local_cluster.sh) is up, else what to do."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).with_name("local_cluster.sh")
+    try:
+        r = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot check the local Slurm cluster ({e}); start it with `bash {script} start`"
+    if r.returncode != 0:
+        return f"the local Slurm cluster is not running: start it with `bash {script} start` (as root)"
+    return None
+
+
 def main_submit(argv=None) -> int:
     p = argparse.ArgumentParser(prog="archscale submit", description="Submit one training run to Slurm.")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] a.b=c",
@@ -55,10 +70,20 @@ def main_submit(argv=None) -> int:
                    help="export this in the job script, e.g. --env DS_ACCELERATOR=cpu (repeatable; the "
                         "submitting shell's environment is passed on as well, as sbatch does)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("--local", action="store_true",
+                   help="rehearse on the project's local Slurm cluster (slurm/local_cluster.sh, which must be "
+                        "running): CPU training (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1 unless --env sets them) "
+                        "and a 10-minute time limit unless --time is given")
     _resource_args(p)
     a = p.parse_args(argv)
     config, overrides = (a.args[0], a.args[1:]) if a.args and "=" not in a.args[0] else (None, a.args)
     env = {}
+    if a.local:
+        problem = local_cluster_problem()
+        if problem:
+            return _fail(p.prog, SlurmError(problem))
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        a.time = a.time or "10"
     for kv in a.env:
         key, eq, value = kv.partition("=")
         if not eq or not key.isidentifier():

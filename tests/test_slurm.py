@@ -690,3 +690,20 @@ def test_real_time_limit_requeues_and_ends_with_the_same_weights(real):
     out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, check=True,
                          env={**os.environ, **REAL_ENV}).stdout.split(maxsplit=1)
     assert int(out[0]) > 0 and out[1].strip() == "[]", f"weights differ: {out}"
+
+
+def test_submit_local_rehearses_on_the_local_cluster(slurm_cluster, tmp_path, capsys, monkeypatch):
+    """--local: CPU training on the project's local cluster (a 10-minute limit unless --time), and a
+    clear refusal naming the start command when that cluster is not up."""
+    from slurm import cli
+
+    run_dir = tmp_path / "run"
+    assert cli.main_submit(["model.arch=cd", "schedule.max_steps=3", "--run-dir", str(run_dir), "--local",
+                            "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "export DS_ACCELERATOR=cpu" in script and "export OMP_NUM_THREADS=1" in script
+    assert "#SBATCH --time=10" in script and not run_dir.exists()
+    monkeypatch.setattr(cli, "local_cluster_problem", lambda: "the local Slurm cluster is not running: start it")
+    assert cli.main_submit(["schedule.max_steps=3", "--run-dir", str(run_dir), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "not running" in err and err.count("\n") == 1
