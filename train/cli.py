@@ -5,6 +5,7 @@
     archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
+    archscale analyze RUN_DIR [--step N]                   attention rank per layer: causal vs bidirectional
     archscale plan [CONFIG.yaml] [a.b=c ...] [--gpus N]     will it fit, how long, what it costs
     archscale eval RUN_DIR --tasks F.jsonl | report RUNS    zero-shot evaluation, the comparison report
     archscale submit | sweep | status ...                   Slurm (see docs/slurm.md)
@@ -150,6 +151,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "export": cmd_export,
     "inspect": lambda argv: __import__("train.inspection", fromlist=["main"]).main(argv),
+    "analyze": lambda argv: __import__("train.analyze", fromlist=["main"]).main(argv),
     "eval": lambda argv: __import__("train.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
     "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "plan": lambda argv: __import__("train.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
