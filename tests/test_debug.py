@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer import DIST_ENV, ROOT, _write_corpus, losses
+from test_trainer import DIST_ENV, ROOT, _write_corpus, base_overrides, losses
 
 STEPS = 4
 
@@ -31,14 +31,8 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(work) -> list[str]:
-    return [
-        "data.source=files", f"data.train_files={json.dumps([str(work / 'corpus' / '*.txt')])}",
-        "data.tokenizer=builtin-bytes", f"data.cache_dir={work / 'cache'}", "data.eval_fraction=0.1",
-        "model.size=debug", "objective.seq_length=64", "parallel.micro_batch_size=2",
-        "optim.lr=3e-3", "schedule.name=constant", "logging.every_n_steps=1", "logging.progress_bar=false",
-        "eval.num_batches=1", "eval.every_n_steps=0", "checkpoint.keep_last=0",
-        "model.arch=cd", "objective.name=flm", f"schedule.max_steps={STEPS}", "checkpoint.every_n_steps=1000",
-    ]
+    return base_overrides(work) + ["model.arch=cd", "objective.name=flm", f"schedule.max_steps={STEPS}",
+                                   "checkpoint.every_n_steps=1000"]
 
 
 @pytest.fixture()

@@ -58,8 +58,7 @@ def work(tmp_path_factory) -> Path:
     return w
 
 
-@pytest.fixture(scope="module")
-def base(work) -> list[str]:
+def base_overrides(work: Path) -> list[str]:
     """Overrides every run here shares: tiny data, debug model, short rows, loss logged every step."""
     return [
         "data.source=files", f"data.train_files={json.dumps([str(work / 'corpus' / '*.txt')])}",
@@ -68,6 +67,11 @@ def base(work) -> list[str]:
         "optim.lr=3e-3", "schedule.name=constant", "logging.every_n_steps=1", "logging.progress_bar=false",
         "eval.num_batches=1", "eval.every_n_steps=0", "checkpoint.keep_last=0",
     ]
+
+
+@pytest.fixture(scope="module")
+def base(work) -> list[str]:
+    return base_overrides(work)
 
 
 def _env(work: Path, **extra) -> dict:
