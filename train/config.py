@@ -733,13 +733,19 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be >= 1")
     stages = p.pipeline_stages
+    # Problems of the config itself first: launching on another number of processes (the world
+    # size check below) would not fix these.
+    if num_layers is not None and stages > num_layers:
+        raise ConfigError(f"parallel.pipeline_stages={stages} is more than the model's {num_layers} layers: "
+                          f"use at most {num_layers} stages")
+    par = ds_config.resolve_parallel(p, bf16_supported=bf16_supported)
+    if par.zero_stage >= 2 and stages > 1:
+        raise ConfigError(f"ZeRO stage {par.zero_stage} with parallel.pipeline_stages={stages}: DeepSpeed's "
+                          f"pipeline engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
     if world_size % stages:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.pipeline_stages={stages}: "
                           f"use a number of processes that is a multiple of {stages}")
     dp = world_size // stages
-    if num_layers is not None and stages > num_layers:
-        raise ConfigError(f"parallel.pipeline_stages={stages} is more than the model's {num_layers} layers: "
-                          f"use at most {num_layers} stages")
 
     micro, acc, glob = p.micro_batch_size, p.gradient_accumulation_steps, p.global_batch_size
     per_acc = micro * dp  # sequences per accumulation step over all data-parallel ranks
@@ -773,10 +779,6 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     else:
         raise ConfigError("no training length: set schedule.max_steps or schedule.train_tokens")
 
-    par = ds_config.resolve_parallel(p, bf16_supported=bf16_supported)
-    if par.zero_stage >= 2 and stages > 1:
-        raise ConfigError(f"ZeRO stage {par.zero_stage} with parallel.pipeline_stages={stages}: DeepSpeed's "
-                          f"pipeline engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
     if par.offload_param and par.zero_stage != 3:
         raise ConfigError(f"parallel.offload_param needs ZeRO stage 3 (got {par.zero_stage}): set parallel.zero_stage=3")
     if par.offload_optimizer and par.zero_stage == 0:

@@ -25,7 +25,6 @@ from . import checkpointing as ckpt
 from . import engine as eng
 from . import registry
 from .config import ConfigError, Derived, RunConfig, config_to_yaml, derive
-from .ds_config import resolve_parallel
 
 log = logging.getLogger("archscale.train")
 
@@ -207,19 +206,9 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
         model_config = arch.make_config(cfg.model)  # the tokenizer's vocabulary does not change the layers
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    num_layers, stages = arch.num_layers(model_config), cfg.parallel.pipeline_stages
-    # Problems of the config itself first: launching on another number of processes (derive's
-    # first check) would not fix these.
-    if stages > num_layers:
-        raise ConfigError(f"parallel.pipeline_stages={stages} is more than the model's {num_layers} layers: "
-                          f"use at most {num_layers} stages")
-    zero = resolve_parallel(cfg.parallel, bf16_supported=bf16_supported).zero_stage
-    if zero >= 2 and stages > 1:
-        raise ConfigError(f"ZeRO stage {zero} with parallel.pipeline_stages={stages}: DeepSpeed's pipeline "
-                          f"engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
-    derived = derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
-                     bf16_supported=bf16_supported)
-    return derived
+    num_layers = arch.num_layers(model_config)
+    return derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
+                  bf16_supported=bf16_supported)
 
 
 def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None,
