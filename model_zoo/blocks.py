@@ -210,7 +210,16 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: self-attention, [cross-attention], MLP."""
+    """Pre-norm residual block: self-attention, [cross-attention], MLP.
+
+    `forward(x, ctx, layer_idx)` picks this layer's mask from the stack's context and runs
+    `body`, which takes only what one layer needs (no layer index), so that a compiled body
+    serves every layer of a stack with one graph. `runner`, when set from outside (training:
+    train.engine.prepare_blocks), is `body` wrapped in activation checkpointing and/or
+    torch.compile; generation with a KV cache and attention recording always run `body` eagerly.
+    """
+
+    runner = None  # Optional[Callable]: body, checkpointed and/or compiled (set from outside)
 
     def __init__(self, config, cross: bool):
         super().__init__()
@@ -224,11 +233,20 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, ctx: "StackContext", layer_idx: int) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), ctx.self_mask(layer_idx), ctx.impl,
-                                            bias=ctx.bias, rope=ctx.rope, cache=ctx.cache, layer_idx=layer_idx))
-        if ctx.encoder_hidden is not None:
-            x = x + self.dropout(self.cross_attn(self.cross_attn_layernorm(x), ctx.cross_mask, ctx.impl,
-                                                 kv_input=ctx.encoder_hidden))
+        mask = ctx.self_mask(layer_idx)
+        if self.runner is None or ctx.cache is not None or self.self_attn.record is not None:
+            return self.body(x, mask, ctx.impl, ctx.bias, ctx.rope, ctx.encoder_hidden, ctx.cross_mask, ctx.cache,
+                             layer_idx)
+        return self.runner(x, mask, ctx.impl, ctx.bias, ctx.rope, ctx.encoder_hidden, ctx.cross_mask)
+
+    def body(self, x: Tensor, mask: "ReadyMask", impl: str, bias: Optional[PositionBias], rope: Optional[tuple],
+             encoder_hidden: Optional[Tensor], cross_mask: Optional["ReadyMask"], cache=None,
+             layer_idx: int = 0) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, impl, bias=bias, rope=rope, cache=cache,
+                                            layer_idx=layer_idx))
+        if encoder_hidden is not None:
+            x = x + self.dropout(self.cross_attn(self.cross_attn_layernorm(x), cross_mask, impl,
+                                                 kv_input=encoder_hidden))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))  # (B, T, D)
 
 

@@ -60,6 +60,10 @@ class ModelConfig:
     attn_impl: Literal["auto", "flex", "sdpa", "reference"] = "auto"
     """Attention kernel: auto = flash SDPA / flex attention on GPU, SDPA with a dense mask on CPU;
     flex, sdpa (plain causal or dense-mask SDPA), reference (plain math, the tested baseline)."""
+    compile: bool = False
+    """torch.compile every block (one graph per stack kind and mask direction, shapes static):
+    fuses norms, activations, RoPE and residual adds; flex attention is compiled on GPUs either
+    way. Costs a compile at start-up (seconds to minutes). Meant for GPUs; works on CPU too."""
     z_loss: float = 0.0
     """Coefficient of the z-loss ``z_loss * logsumexp(logits)**2`` added to the cross entropy
     (reference: 1e-4). It lives here, not in ``optim``: it is a term of the loss, which the model
@@ -187,7 +191,13 @@ class ParallelConfig:
     """A preset in ds_configs/ (zero0, zero1, zero2, zero3, zero2_offload, zero3_offload,
     pipeline, bf16) or a path to a JSON file; None = chosen from the values above."""
     activation_checkpointing: bool = False
-    """Recompute activations in the backward pass (every block; every layer of a pipeline)."""
+    """Recompute activations in the backward pass, every block (every layer of a pipeline);
+    what is kept is ``checkpoint_policy``."""
+    checkpoint_policy: Literal["full", "selective"] = "full"
+    """With activation_checkpointing: full = keep only each block's input and recompute the whole
+    block (about +1/3 compute); selective = also keep the outputs of its matmuls and attention
+    kernel and recompute only the pointwise work (norms, activations, RoPE, residual adds): keeps
+    more memory than full, less than none, for a few percent of compute."""
 
     def check(self) -> None:
         if self.pipeline_stages < 1 or self.micro_batch_size < 1:

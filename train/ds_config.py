@@ -185,7 +185,10 @@ def build_ds_config(cfg: RunConfig, derived: Derived, *, load_universal: bool = 
 
     if derived.pipeline_stages > 1:
         pipe = ds.setdefault("pipeline", {})
-        pipe["activation_checkpoint_interval"] = 1 if cfg.parallel.activation_checkpointing else 0
+        # full checkpointing through DeepSpeed's pipeline; selective runs inside each block
+        # (train.engine.prepare_blocks)
+        full = cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_policy == "full"
+        pipe["activation_checkpoint_interval"] = 1 if full else 0
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds

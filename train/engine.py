@@ -111,8 +111,13 @@ def split_micro(batch: dict, micro: int) -> list[dict]:
 
 def train_step(engine, micro_batches: Iterable[dict]) -> dict:
     """Forward, backward and the optimizer step over one step's micro-batches (DeepSpeed
-    accumulates and steps at the boundary). Returns the mean loss terms of this rank."""
-    sums = {"loss": 0.0, "ce_loss": 0.0, "z_loss": 0.0}
+    accumulates and steps at the boundary). Returns the mean loss terms of this rank.
+
+    The loss terms stay on the device until the step is over: one host synchronisation per
+    step, none between micro-batches, so the host queues the next micro-batch's kernels while
+    the device still runs the last one's."""
+    names = ("loss", "ce_loss", "z_loss")
+    sums: dict = {}
     n = 0
     for mb in micro_batches:
         out = engine(**to_device(mb, engine.device))
@@ -122,11 +127,15 @@ def train_step(engine, micro_batches: Iterable[dict]) -> dict:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             engine._archscale_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
         engine.step()
-        for k in sums:
+        for k in names:
             v = getattr(out, k)
-            sums[k] += float(v.detach()) if v is not None else 0.0
+            if v is not None:
+                v = v.detach().float()
+                sums[k] = v if k not in sums else sums[k] + v
         n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    values = torch.stack([sums[k] for k in names if k in sums]).tolist() if sums else []  # the one sync
+    got = dict(zip([k for k in names if k in sums], values))
+    return {k: got.get(k, 0.0) / max(n, 1) for k in names}
 
 
 @torch.no_grad()
@@ -174,11 +183,16 @@ def initialize_pipeline(model, cfg, derived, ds_config: dict):
         return build_optimizer(param_groups(module.named_model_parameters(), cfg.optim.weight_decay), cfg.optim,
                                derived)
 
-    return pipeline.initialize_pipeline_engine(
+    par = cfg.parallel
+    engine = pipeline.initialize_pipeline_engine(
         model, ds_config, num_stages=derived.pipeline_stages, optimizer=optimizer,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, derived.max_steps, cfg.optim),
-        partition_method=cfg.parallel.pipeline_partition,
-        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0)
+        partition_method=par.pipeline_partition,
+        activation_checkpoint_interval=1 if par.activation_checkpointing and par.checkpoint_policy == "full" else 0)
+    # selective checkpointing and compilation run inside each block of this stage
+    selective = par.activation_checkpointing and par.checkpoint_policy == "selective"
+    prepare_blocks(engine.module, "selective" if selective else "none", compile=cfg.model.compile)
+    return engine
 
 
 def pipeline_step(engine, micro_batches: list[dict], config) -> dict:
@@ -203,16 +217,75 @@ def pipeline_eval(engine, batches: list[dict], config) -> tuple[float, float]:
     return float(loss) * len(batches), float(len(batches))
 
 
-def apply_activation_checkpointing(model) -> None:
-    """Recompute every block in the backward pass (parallel.activation_checkpointing), applied
-    from outside the model: each Block is wrapped, state-dict keys stay unchanged."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+CHECKPOINTING = ("none", "full", "selective")
 
-    from model_zoo.blocks import Stack
 
-    for stack in [m for m in model.modules() if isinstance(m, Stack)]:
-        for i, layer in enumerate(stack.layers):
-            stack.layers[i] = checkpoint_wrapper(layer)
+def _selective_policy():
+    """Selective activation checkpointing: keep the outputs of matmuls and attention kernels,
+    recompute everything else in the backward pass (norms with their fp32 statistics,
+    activations and the gate product, RoPE, residual adds, dropout with its saved RNG state).
+    Recomputing those costs a few pointwise kernels per block, a small fraction of its FLOPs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        save.add(flex)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def prepare_blocks(model, checkpointing: str = "none", compile: bool = False) -> int:
+    """Give every Block of `model` (model_zoo stacks and pipeline layers alike) a `runner`: its
+    `body` under activation checkpointing (`full`: recompute the whole block in the backward
+    pass; `selective`: keep matmul and attention outputs, recompute the rest) and/or
+    torch.compile (one graph per stack kind and mask direction: the body takes no layer index).
+    Applied from outside the model: no module is wrapped, state-dict keys are unchanged.
+    Checkpointing goes inside the compiled function, as torch.compile expects it. Returns the
+    number of blocks prepared."""
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    from model_zoo.blocks import Block
+
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {checkpointing!r} is not valid; choose one of "
+                         f"{', '.join(CHECKPOINTING)}")
+    context_fn = None
+    if checkpointing == "selective":
+        policy = _selective_policy()
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    if compile:
+        # one compiled body per stack kind x mask direction x train/eval mode; the default
+        # limit of 8 is tight for an ED model with mixed-direction layers
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    n = 0
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        fn = block.body
+        if checkpointing != "none":
+            kw = {"context_fn": context_fn} if context_fn is not None else {}
+            fn = functools.partial(_checkpointed, fn, kw)
+        if compile:
+            fn = torch.compile(fn, dynamic=False)
+        block.runner = fn if (compile or checkpointing != "none") else None
+        n += 1
+    return n
+
+
+def _checkpointed(fn, kw: dict, *args):
+    """fn(*args), recomputed in the backward pass when gradients are being recorded."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, **kw)
 
 
 def teardown_distributed() -> None:

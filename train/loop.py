@@ -284,8 +284,8 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
         dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
         counts_here = 1.0 if engine.is_first_stage() else 0.0  # count tokens and FLOPs once per pipeline
     else:
-        if cfg.parallel.activation_checkpointing:
-            eng.apply_activation_checkpointing(model)
+        eng.prepare_blocks(model, cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none",
+                           compile=cfg.model.compile)
         engine = eng.initialize(model, cfg, derived, ds_config)
         dp_rank, dp_size = dist.rank, dist.world_size  # every process is a data-parallel rank
         counts_here = 1.0
