@@ -11,3 +11,37 @@ def test_split_micro_keeps_row_order():
     assert len(parts) == 3
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
     assert torch.equal(parts[1]["labels"], batch["labels"][2:4])
+
+
+def test_trivial_segments_are_dropped_and_change_nothing():
+    from model_zoo.blocks import Stack
+    from train.engine import drop_trivial_segments
+
+    torch.manual_seed(0)
+    model = model_zoo.build("cd", "debug", position="rope")
+    ids = torch.randint(2, 500, (2, 16))
+    one = {"input_ids": ids, "labels": ids, "segment_ids": torch.ones_like(ids),
+           "position_ids": torch.arange(16).expand(2, 16)}
+    packed = dict(one, segment_ids=torch.tensor([[1] * 10 + [2] * 6, [1] * 16]))
+    padded = dict(one, segment_ids=torch.tensor([[1] * 12 + [0] * 4, [1] * 16]))
+    assert "segment_ids" not in drop_trivial_segments(one)
+    assert drop_trivial_segments(packed) is packed and drop_trivial_segments(padded) is padded
+    ed = {"input_ids": ids, "segment_ids": torch.ones_like(ids), "decoder_input_ids": ids}
+    assert drop_trivial_segments(ed) is ed  # encoder-decoder batches keep their cross-attention segments
+
+    seen = []
+    build = Stack.build_context
+
+    def spy(self, *a, **kw):
+        ctx = build(self, *a, **kw)
+        seen.append(ctx.masks["full"].plain)
+        return ctx
+
+    Stack.build_context = spy
+    try:
+        with_seg = model(**one).loss
+        without = model(**drop_trivial_segments(one)).loss
+    finally:
+        Stack.build_context = build
+    assert seen == [None, "causal"]  # a dense / block mask before, plain causal SDPA after
+    torch.testing.assert_close(with_seg, without)
