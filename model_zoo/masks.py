@@ -183,7 +183,11 @@ class MaskSpec:
         from torch.nn.attention.flex_attention import create_block_mask
 
         n_h = self.n_heads if self.per_head else None
-        return create_block_mask(self.mask_mod(), batch_size, n_h, self.q_len, self.kv_len, device=device)
+        # on GPUs the mask is built by a compiled kernel (the eager build evaluates mask_mod on
+        # every (b, h, q, k) at once: B x H x Tq x Tk booleans); shapes are static, tensor values
+        # are inputs, so another batch of the same shapes reuses the compiled build
+        return create_block_mask(self.mask_mod(), batch_size, n_h, self.q_len, self.kv_len, device=device,
+                                 _compile=torch.device(device).type == "cuda")
 
 
 # --------------------------------------------------------------------------------------------
