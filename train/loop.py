@@ -290,7 +290,8 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
         dp_rank, dp_size = dist.rank, dist.world_size  # every process is a data-parallel rank
         counts_here = 1.0
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
-                          rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data)
+                          rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data,
+                          prefetch=cfg.data.prefetch)
     if fixed_batch:  # --overfit: the first batch, again and again (train/debug.py)
         from .debug import RepeatFirst
 

@@ -23,7 +23,7 @@ _WHERE = {
     "DataConfig": "config", "STAT_KEYS": "stream", "DataStream": "stream", "TokenStore": "tokenize",
     "tokenize_dataset": "tokenize", "embedded_files": "corpus", "load_tokenizer": "tokenizer",
     "rank_classification_examples": "multitask", "read_records": "multitask", "validate_record": "multitask",
-    "PreparedData": "api", "Split": "api", "build_stream": "api", "prepare": "api",
+    "PreparedData": "api", "Split": "api", "build_stream": "api", "prepare": "api", "Prefetcher": "prefetch",
 }
 __all__ = sorted(_WHERE)
 

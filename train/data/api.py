@@ -10,6 +10,7 @@ from ..objectives import ObjectiveConfig, TokenInfo, build_objective
 from .config import DataConfig
 from .corpus import embedded_files, expand_files, load_corpus
 from .multitask import load_multitask, rank_classification_examples, read_records, validate_record
+from .prefetch import Prefetcher
 from .stream import STAT_KEYS, DataStream
 from .tokenize import TokenStore, tokenize_dataset, tokenize_prompted
 from .tokenizer import load_tokenizer
@@ -76,10 +77,14 @@ def _first(ids: np.ndarray, n: int) -> np.ndarray:
 
 def build_stream(prepared: PreparedData, objective: ObjectiveConfig, arch: str, *, global_batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train",
-                 data: DataConfig | None = None) -> DataStream:
+                 data: DataConfig | None = None, prefetch: int = 0) -> DataStream | Prefetcher:
     """This rank's stream of Batches for (objective, arch) over a split ('train': endless epochs,
-    shuffled per data.shuffle; 'eval': one pass in file order)."""
+    shuffled per data.shuffle; 'eval': one pass in file order). `prefetch` > 0: that many batches
+    made ahead in a background thread (train.data.prefetch.Prefetcher; the same batches and
+    positions); the trainer passes data.prefetch for its training stream."""
     data = data or DataConfig()
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch={prefetch!r} must be an integer >= 0 (batches made ahead; 0 = off)")
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} is not valid; choose 'train' or 'eval'")
     sp = prepared.train if split == "train" else prepared.eval
@@ -90,9 +95,10 @@ def build_stream(prepared: PreparedData, objective: ObjectiveConfig, arch: str, 
                          f"({'prompted multitask' if prepared.prompted else 'documents'})")
     obj = build_objective(objective, arch, prepared.tokens)
     train = split == "train"
-    return DataStream(sp.store, sp.doc_ids, obj, prepared.tokens, global_batch_size=global_batch_size, rank=rank,
-                      world_size=world_size, seed=seed, shuffle=data.shuffle and train,
-                      max_epochs=None if train else 1, pack_lookahead=data.pack_lookahead,
-                      append_eos=data.append_eos, target_store=sp.target_store, name=split)
+    stream = DataStream(sp.store, sp.doc_ids, obj, prepared.tokens, global_batch_size=global_batch_size, rank=rank,
+                        world_size=world_size, seed=seed, shuffle=data.shuffle and train,
+                        max_epochs=None if train else 1, pack_lookahead=data.pack_lookahead,
+                        append_eos=data.append_eos, target_store=sp.target_store, name=split)
+    return Prefetcher(stream, prefetch) if prefetch else stream
 
 

@@ -78,6 +78,10 @@ class DataConfig:
     pack_lookahead: int = 64
     """Packing: up to this many examples that fit no row of the current global batch wait for the
     next one (the only packer state, saved in the stream position). Capped at the global batch."""
+    prefetch: int = 2
+    """Training batches made ahead in a background thread (pinned when training on CUDA), so
+    packing and span corruption overlap the step; checkpoints record the position of the batches
+    trained on, not of those made ahead. 0 = off (batches made on demand in the training loop)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,7 +110,7 @@ class DataConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         for name, low in (("max_documents", 0), ("bpe_vocab_size", 300), ("num_sentinels", 0),
-                          ("max_vocab_size", 0), ("num_proc", 1), ("pack_lookahead", 1)):
+                          ("max_vocab_size", 0), ("num_proc", 1), ("pack_lookahead", 1), ("prefetch", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"data.{name}={v!r} must be an integer >= {low}")

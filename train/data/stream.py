@@ -20,13 +20,20 @@ epoch permutation costs O(documents) numpy work, as at any epoch start) and the 
 exactly the batches an uninterrupted run would. The plan depends on the global batch size, not on
 the world size, so a run can resume on another number of ranks at the same global batch size.
 Batches never cross an epoch boundary; the last batch of an epoch may be partly padding.
+
+Cost (issue 8). Documents are expanded into pieces with numpy, `_CHUNK_DOCS` at a time, and the
+expansion is kept while the cursor is in it (waiting pieces are looked up there); the packer's loop
+per piece is a bisection (decoder rows) or a few numpy ops over the G rows (encoder-decoder); the
+rank's examples are made together per variant (span corruption shuffles per example, lays out for
+all) and collated in one pass. tests/test_data_golden.py pins the output bit for bit.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,11 +46,10 @@ log = logging.getLogger("archscale.data")
 STATE_VERSION = 1
 STAT_KEYS = ("documents", "pieces", "tokens", "empty_documents", "bad_rows", "skipped_short_pieces",
              "skipped_short_tokens", "truncated_examples", "truncated_tokens", "padding_tokens", "batches")
-_CHUNK_DOCS = 256  # documents expanded into pieces at a time
+_CHUNK_DOCS = 256  # documents expanded into pieces at a time (and kept while the cursor is in them)
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One example to be: piece `k` of the document at position `pos` of the epoch order."""
 
     pos: int
@@ -56,6 +62,7 @@ class Piece:
     n_in: int
     n_tgt: int
     skip: str = ""  # "" | empty_documents | bad_rows | skipped_short_pieces
+    need: tuple[int, int] = (0, 0)  # room it takes in a row: the objective's footprint(n_in, n_tgt)
 
 
 class DataStream:
@@ -89,6 +96,7 @@ class DataStream:
         self.min_need = self._min_footprint()
         self.fingerprint = self._fingerprint()
         self._order_epoch, self._order = None, None
+        self._cached: _Pieces | None = None  # the expanded documents at the cursor (see _chunk)
         self.epoch, self.pos, self.k, self.waiting, self.batches = 0, 0, 0, [], 0
         self.stats = {k: 0 for k in STAT_KEYS}
 
@@ -125,7 +133,8 @@ class DataStream:
         if rows is None:
             raise StopIteration
         mine = rows[self.rank * self.B:(self.rank + 1) * self.B]
-        return collate([[self._example(p) for p in row] for row in mine], self.objective.shape, self.tokens)
+        examples = iter(self._examples([p for row in mine for p in row]))
+        return collate([[next(examples) for _ in row] for row in mine], self.objective.shape, self.tokens)
 
     def _plan_next(self):
         """Plan the next global batch (rows of Pieces) and advance the position; None when done."""
@@ -152,11 +161,11 @@ class DataStream:
         self.epoch, self.pos, self.k = self.epoch + 1, 0, 0
 
     def _pack(self):
-        G, cap = self.G, self.cap
-        room = np.tile(cap, (G, 1))  # (G, 2) room left per row
+        G = self.G
+        fit = (_BestFit1D if self.objective.shape.family == "decoder" else _BestFit2D)(G, self.cap, self.min_need)
         rows: list[list[Piece]] = [[] for _ in range(G)]
         placed = 0
-        waiting_now = [self._piece_at(pos, k) for pos, k in self.waiting]
+        waiting_now = self._pieces_at(self.waiting)
         self.waiting = []
         new_waiting: list[Piece] = []
         closed = False
@@ -166,12 +175,8 @@ class DataStream:
                 if p.skip == "skipped_short_pieces":
                     self.stats["skipped_short_tokens"] += p.n
                 continue
-            need = np.asarray(self.objective.shape.footprint(p.n_in, p.n_tgt), dtype=np.int64)  # (2,)
-            left = room - need  # (G, 2)
-            ok = (left >= 0).all(axis=1)
-            if ok.any():
-                r = int(np.argmin(np.where(ok, left.sum(axis=1), np.iinfo(np.int64).max)))
-                room[r] = left[r]
+            r = fit.place(*p.need)
+            if r >= 0:
                 rows[r].append(p)
                 placed += 1
                 self._account(p)
@@ -179,11 +184,11 @@ class DataStream:
                 new_waiting.append(p)
                 if len(new_waiting) >= self.lookahead:
                     closed = True
-            if closed or not (room >= self.min_need).all(axis=1).any():
+            if closed or not fit.open_rows:
                 break
         self.waiting = [(p.pos, p.k) for p in new_waiting]
         if placed:
-            self.stats["padding_tokens"] += int(room.sum())
+            self.stats["padding_tokens"] += fit.padding()
         return rows, placed
 
     def _account(self, p: Piece) -> None:
@@ -195,18 +200,28 @@ class DataStream:
     def _candidates(self, first: list[Piece]):
         """Waiting pieces, then pieces from the cursor on; the cursor advances as they are taken."""
         yield from first
-        order = self._epoch_order()
-        while self.pos < len(order):
-            for item in self._expand(self.pos, min(self.pos + _CHUNK_DOCS, len(order))):
-                p = item.piece
-                if (p.pos, p.k) < (self.pos, self.k):
-                    continue  # already consumed (resumed inside a document)
+        n_order = len(self._epoch_order())
+        while self.pos < n_order:
+            chunk = self._chunk()
+            for j in range(chunk.find(self.pos, self.k), len(chunk)):
+                p = chunk.piece(j)
                 # p is consumed once taken: advance the cursor past it first
-                self.pos, self.k = (p.pos + 1, 0) if item.last else (p.pos, p.k + 1)
-                if item.truncated > 0 and not p.skip:
+                self.pos, self.k = (p.pos + 1, 0) if chunk.last[j] else (p.pos, p.k + 1)
+                if chunk.truncated[j] > 0 and not p.skip:
                     self.stats["truncated_examples"] += 1
-                    self.stats["truncated_tokens"] += item.truncated
+                    self.stats["truncated_tokens"] += chunk.truncated[j]
                 yield p
+
+    def _chunk(self) -> "_Pieces":
+        """The expanded documents around the cursor: _CHUNK_DOCS epoch positions from it, kept until
+        the cursor leaves them (an expansion depends only on (seed, epoch, position), not on where a
+        chunk starts, so reusing one across batches changes nothing)."""
+        c = self._cached
+        if c is None or c.epoch != self.epoch or not c.lo <= self.pos < c.hi:
+            hi = min(self.pos + _CHUNK_DOCS, len(self._epoch_order()))
+            c = self._cached = self._expand(np.arange(self.pos, hi, dtype=np.int64))
+            c.epoch, c.lo, c.hi = self.epoch, self.pos, hi
+        return c
 
     # ------------------------------------------------------------------ pieces
     def _epoch_order(self) -> np.ndarray:
@@ -219,51 +234,62 @@ class DataStream:
             self._order_epoch = self.epoch
         return self._order
 
-    def _expand(self, lo: int, hi: int):
-        """Pieces of the documents at epoch positions [lo, hi), in order."""
+    def _expand(self, positions: np.ndarray) -> "_Pieces":
+        """Pieces of the documents at the (increasing) epoch positions `positions`, in order."""
         order = self._epoch_order()
-        docs = order[lo:hi]
+        docs = order[positions]  # (D,)
         raw = self.store.lengths[docs]  # (D,) -1 = bad row
-        out = []
+        obj = self.objective
         if self.target_store is not None:  # prompted: one example per record, truncated to fit
             tgt = self.target_store.lengths[docs]
-            n_in, n_tgt = prompted_lengths(self.objective, raw, tgt)
-            for i, d in enumerate(docs):
-                skip = "" if raw[i] > 0 else "empty_documents"
-                trunc = int(raw[i] + tgt[i] - n_in[i] - n_tgt[i])
-                p = Piece(lo + i, 0, int(d), 0, int(raw[i]), 0, 0, int(n_in[i]), int(n_tgt[i]), skip)
-                out.append(_Item(p, True, trunc))
-            return out
+            n_in, n_tgt = prompted_lengths(obj, raw, tgt)
+            zeros = np.zeros(len(docs), dtype=np.int64)
+            skip = np.where(raw > 0, _SKIP_NONE, _SKIP_EMPTY)
+            return self._pieces(positions, zeros, docs, zeros, raw, zeros, zeros.astype(np.uint64), n_in, n_tgt, skip,
+                                np.ones(len(docs), dtype=bool), raw + tgt - n_in - n_tgt)
         n_doc = raw + (raw > 0) * (self.eos is not None)  # (D,) with EOS
-        variants = self.objective.choose_variant(rng.mix(self.seed, self.epoch, docs, rng.SALT_DOC))  # (D,)
-        P = self.objective.max_piece[variants]  # (D,)
+        variants = obj.choose_variant(rng.mix(self.seed, self.epoch, docs, rng.SALT_DOC))  # (D,)
+        P = obj.max_piece[variants]  # (D,)
         n_pieces = np.where(n_doc > 0, -(-n_doc // P), 1)  # (D,) empty / bad rows: one skip marker
         idx = np.repeat(np.arange(len(docs)), n_pieces)  # (M,) document of each piece
         k = np.arange(len(idx)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)  # (M,) piece index
         start = k * P[idx]
         n = np.minimum(P[idx], n_doc[idx] - start)
         words = rng.mix(self.seed, self.epoch, docs[idx], k, rng.SALT_PIECE)
-        n_in, n_tgt = self.objective.lengths(np.maximum(n, self.objective.min_piece), variants[idx], words)
-        last = k == n_pieces[idx] - 1
-        for j in range(len(idx)):
-            i = idx[j]
-            skip = ("bad_rows" if raw[i] < 0 else "empty_documents" if raw[i] == 0
-                    else "skipped_short_pieces" if n[j] < self.objective.min_piece else "")
-            out.append(_Item(Piece(lo + int(i), int(k[j]), int(docs[i]), int(start[j]), int(n[j]), int(variants[i]),
-                                   int(words[j]), int(n_in[j]), int(n_tgt[j]), skip), bool(last[j]), 0))
+        n_in, n_tgt = obj.lengths(np.maximum(n, obj.min_piece), variants[idx], words)
+        raw_i = raw[idx]
+        skip = np.select([raw_i < 0, raw_i == 0, n < obj.min_piece], [_SKIP_BAD, _SKIP_EMPTY, _SKIP_SHORT], _SKIP_NONE)
+        return self._pieces(positions[idx], k, docs[idx], start, n, variants[idx], words, n_in, n_tgt, skip,
+                            k == n_pieces[idx] - 1, np.zeros(len(idx), dtype=np.int64))
+
+    def _pieces(self, pos, k, doc, start, n, variant, word, n_in, n_tgt, skip, last, truncated) -> "_Pieces":
+        need_a, need_b = self.objective.shape.footprint(n_in, n_tgt)
+        return _Pieces(pos, k, doc, start, n, variant, word, n_in, n_tgt, skip, last, truncated,
+                       np.broadcast_to(need_a, pos.shape), np.broadcast_to(need_b, pos.shape))
+
+    def _pieces_at(self, keys: list[tuple[int, int]]) -> list[Piece]:
+        """The pieces (pos, k) of `keys` (the waiting ones), expanded together."""
+        if not keys:
+            return []
+        chunk = self._cached  # waiting pieces were usually taken from the documents at the cursor
+        if chunk is None or chunk.epoch != self.epoch or not all(chunk.lo <= pos < chunk.hi for pos, _ in keys):
+            chunk = self._expand(np.unique(np.fromiter((pos for pos, _ in keys), dtype=np.int64, count=len(keys))))
+        out = []
+        for pos, k in keys:
+            j = chunk.find(pos, k)
+            if j >= len(chunk) or chunk.pos[j] != pos or chunk.k[j] != k:
+                raise ValueError(f"saved stream position refers to piece {k} of document position {pos}, which does "
+                                 f"not exist; the state does not belong to this data")
+            out.append(chunk.piece(j))
         return out
 
-    def _piece_at(self, pos: int, k: int) -> Piece:
-        for item in self._expand(pos, pos + 1):
-            if item.piece.k == k:
-                return item.piece
-        raise ValueError(f"saved stream position refers to piece {k} of document position {pos}, which does not "
-                         f"exist; the state does not belong to this data")
-
-    def _example(self, p: Piece):
+    def _examples(self, pieces: list[Piece]) -> list:
+        """The Examples of `pieces` (this rank's rows, flattened), made together per variant."""
         if self.target_store is not None:
-            return make_prompted(self.objective, self.store.tokens(p.doc), self.target_store.tokens(p.doc))
-        return self.objective.make(self.store.piece(p.doc, p.start, p.n, self.eos), p.variant, p.word)
+            return [make_prompted(self.objective, self.store.tokens(p.doc), self.target_store.tokens(p.doc))
+                    for p in pieces]
+        tokens = [self.store.piece(p.doc, p.start, p.n, self.eos) for p in pieces]
+        return self.objective.make_many(tokens, [p.variant for p in pieces], [p.word for p in pieces])
 
     def _min_footprint(self) -> np.ndarray:
         """The smallest room any example can need (a 2-token piece): rows with less are full."""
@@ -283,8 +309,84 @@ class DataStream:
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
-@dataclass
-class _Item:
-    piece: Piece
-    last: bool
-    truncated: int
+class _BestFit2D:
+    """Best fit of (a, b) footprints into G rows of room `cap` (2,): the row with the least room left
+    after placing among those where it fits (room_a + room_b, the same order as the room left), ties
+    to the lowest row. `open_rows` counts rows that still take the smallest example (`min_need`)."""
+
+    def __init__(self, G: int, cap, min_need):
+        self.cap_a, self.cap_b = (int(c) for c in cap)
+        self.min_a, self.min_b = (int(c) for c in min_need)
+        self.room_a = np.full(G, self.cap_a, dtype=np.int64)  # (G,)
+        self.room_b = np.full(G, self.cap_b, dtype=np.int64)  # (G,)
+        self.open_rows = G if self.cap_a >= self.min_a and self.cap_b >= self.min_b else 0
+        self.never = np.iinfo(np.int64).max
+
+    def place(self, a: int, b: int) -> int:
+        """The row the example goes to (its room taken), or -1 if it fits no row."""
+        ok = (self.room_a >= a) & (self.room_b >= b)  # (G,)
+        if not ok.any():
+            return -1
+        r = int(np.argmin(np.where(ok, self.room_a + self.room_b, self.never)))
+        was_open = self.room_a[r] >= self.min_a and self.room_b[r] >= self.min_b
+        self.room_a[r] -= a
+        self.room_b[r] -= b
+        if was_open and (self.room_a[r] < self.min_a or self.room_b[r] < self.min_b):
+            self.open_rows -= 1  # rows only shrink: once full, full for this batch
+        return r
+
+    def padding(self) -> int:
+        return int(self.room_a.sum() + self.room_b.sum())
+
+
+class _BestFit1D:
+    """_BestFit2D for decoder rows (room and footprint (a, 0)): the rows kept sorted by (room, row),
+    so the best fit is a bisection instead of a pass over all rows; the same choices."""
+
+    def __init__(self, G: int, cap, min_need):
+        self.cap, self.min = int(cap[0]), int(min_need[0])
+        self.rows = [(self.cap, r) for r in range(G)]  # sorted by (room, row)
+        self.open_rows = G if self.cap >= self.min else 0
+
+    def place(self, a: int, b: int) -> int:
+        i = bisect.bisect_left(self.rows, (a, -1))  # least room >= a, lowest row among equals
+        if i == len(self.rows):
+            return -1
+        room, r = self.rows.pop(i)
+        bisect.insort(self.rows, (room - a, r))
+        if room >= self.min > room - a:
+            self.open_rows -= 1
+        return r
+
+    def padding(self) -> int:
+        return sum(room for room, _ in self.rows)
+
+
+_SKIP_NONE, _SKIP_BAD, _SKIP_EMPTY, _SKIP_SHORT = range(4)
+_SKIP_NAMES = ("", "bad_rows", "empty_documents", "skipped_short_pieces")
+
+
+class _Pieces:
+    """Expanded documents: one entry per piece, in (pos, k) order, as columns (numpy for the
+    vectorised work, Python lists for the packer's per-piece loop)."""
+
+    def __init__(self, pos, k, doc, start, n, variant, word, n_in, n_tgt, skip, last, truncated, need_a, need_b):
+        self.pos_array = np.asarray(pos, dtype=np.int64)  # (M,) sorted: the lookup key
+        self.pos, self.k, self.doc, self.start, self.n = (np.asarray(c).tolist() for c in (pos, k, doc, start, n))
+        self.variant, self.word, self.n_in, self.n_tgt = (np.asarray(c).tolist() for c in (variant, word, n_in, n_tgt))
+        self.skip, self.last, self.truncated = (np.asarray(c).tolist() for c in (skip, last, truncated))
+        self.need_a, self.need_b = np.asarray(need_a).tolist(), np.asarray(need_b).tolist()
+        self.epoch, self.lo, self.hi = -1, 0, 0  # set by DataStream._chunk
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def find(self, pos: int, k: int) -> int:
+        """Index of the first piece at or after (pos, k)."""
+        first = int(np.searchsorted(self.pos_array, pos, side="left"))
+        end = int(np.searchsorted(self.pos_array, pos, side="right"))
+        return min(first + k, end)
+
+    def piece(self, j: int) -> Piece:
+        return Piece(self.pos[j], self.k[j], self.doc[j], self.start[j], self.n[j], self.variant[j], self.word[j],
+                     self.n_in[j], self.n_tgt[j], _SKIP_NAMES[self.skip[j]], (self.need_a[j], self.need_b[j]))

@@ -40,32 +40,80 @@ def _check_fit(used: int, length: int, what: str) -> None:
                          f"respect the objective's row shape")
 
 
+def _layout(rows: list[list[Example]]):
+    """Where each example goes: per example (flattened over rows) its row, index in the row, and
+    input / target lengths; and the flat inputs and targets. All (E,) int64 but the token arrays."""
+    counts = [len(row) for row in rows]
+    flat = [ex for row in rows for ex in row]
+    E = len(flat)
+    row = np.repeat(np.arange(len(rows)), counts)  # (E,)
+    j = np.arange(E) - np.repeat(np.cumsum(counts) - counts, counts)  # (E,) index within the row
+    n_in = np.fromiter((len(ex.inputs) for ex in flat), dtype=np.int64, count=E)
+    n_tgt = np.fromiter((len(ex.targets) for ex in flat), dtype=np.int64, count=E)
+    return flat, row, j, n_in, n_tgt
+
+
+def _tokens(arrays: list) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _starts(lengths: np.ndarray, row: np.ndarray, B: int) -> np.ndarray:
+    """(E,) offset of each example in its row: examples are laid out back to back from column 0."""
+    ends = np.cumsum(lengths)  # (E,) flat
+    row_base = np.zeros(B + 1, dtype=np.int64)
+    np.add.at(row_base, row + 1, lengths)
+    row_base = np.cumsum(row_base)[:-1]  # (B,) flat offset of each row's first example
+    return ends - lengths - row_base[row]
+
+
+def _spread(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """values (E,) repeated lengths[e] times each: one entry per token, flat."""
+    return np.repeat(values, lengths)
+
+
+def _ramp(lengths: np.ndarray) -> np.ndarray:
+    """0..lengths[e]-1 for each example, flat."""
+    total = int(lengths.sum())
+    return np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def _first_overflow(ends: np.ndarray, length: int):
+    bad = np.flatnonzero(ends > length)
+    return int(bad[0]) if len(bad) else None
+
+
 def collate_decoder(rows: list[list[Example]], seq_length: int, bidirectional: bool,
                     pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder-family batch: see the module docstring. `bidirectional` False = cd, True = nd."""
+    """Decoder-family batch: see the module docstring. `bidirectional` False = cd, True = nd.
+
+    Laid out for all examples at once: a row's examples fill its first `used` columns back to
+    back, so the flat token stream (row by row) is exactly the row-major order of those columns."""
     B, T = len(rows), seq_length
+    flat, row, j, n_in, n_tgt = _layout(rows)
+    n = n_in + n_tgt  # (E,)
+    used = np.zeros(B, dtype=np.int64)
+    np.add.at(used, row, n)  # (B,) tokens per row
+    if (used > T).any():
+        off = _starts(n, row, B)
+        _check_fit(int((off + n)[np.flatnonzero(off + n > T)[0]]), T, "examples")
+    col = np.arange(T, dtype=np.int64)  # (T,)
+    filled = col[None, :] < used[:, None]  # (B, T) the non-padding slots, row-major = flat order
+    parts = np.stack([n_in, n_tgt], axis=1).reshape(-1)  # (2E,) inputs then targets of each example
+    tokens = _tokens([a for ex in flat for a in (ex.inputs, ex.targets)])  # (N,)
+    is_input = _spread(np.tile(np.array([True, False]), len(flat)), parts)  # (N,)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE, dtype=np.int64)
     segment_ids = np.zeros((B, T), dtype=np.int64)
-    position_ids = np.zeros((B, T), dtype=np.int64)
+    position_ids = col[None, :] - used[:, None]  # (B, T) padding is its own segment, positions 0..
     bidir = np.zeros((B, T), dtype=bool)
-    docs = 0
-    for r, row in enumerate(rows):
-        off = 0
-        for j, ex in enumerate(row):
-            n_in, n_tgt = len(ex.inputs), len(ex.targets)
-            n = n_in + n_tgt
-            _check_fit(off + n, T, "examples")
-            input_ids[r, off:off + n_in] = ex.inputs
-            input_ids[r, off + n_in:off + n] = ex.targets
-            labels[r, off + n_in:off + n] = ex.targets
-            labels[r, off] = IGNORE  # never predict an example's first token from the previous example
-            segment_ids[r, off:off + n] = j + 1
-            position_ids[r, off:off + n] = np.arange(n)
-            bidir[r, off:off + n_in] = bidirectional
-            off += n
-            docs += 1
-        position_ids[r, off:] = np.arange(T - off)  # padding is its own segment, positions 0..
+    input_ids[filled] = tokens
+    label = np.where(is_input, IGNORE, tokens)
+    label[(np.cumsum(n) - n)[n > 0]] = IGNORE  # never predict an example's first token from the previous one
+    labels[filled] = label
+    segment_ids[filled] = _spread(j + 1, n)
+    position_ids[filled] = _ramp(n)
+    if bidirectional:
+        bidir[filled] = is_input
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
@@ -73,7 +121,7 @@ def collate_decoder(rows: list[list[Example]], seq_length: int, bidirectional: b
         "position_ids": torch.from_numpy(position_ids),
         "bidirectional": torch.from_numpy(bidir),
     }
-    _add_counts(batch, int((segment_ids != 0).sum()), int((labels != IGNORE).sum()), docs)
+    _add_counts(batch, int(used.sum()), int((labels != IGNORE).sum()), len(flat))
     return batch
 
 
@@ -81,36 +129,39 @@ def collate_encoder_decoder(rows: list[list[Example]], encoder_length: int, deco
                             pad_id: int) -> dict[str, torch.Tensor]:
     """Encoder-decoder batch: see the module docstring. decoder_start_token_id = pad_id (T5)."""
     B, Ti, To = len(rows), encoder_length, decoder_length
+    flat, row, j, n_in, n_tgt = _layout(rows)
+    ei, di = _starts(n_in, row, B), _starts(n_tgt, row, B)  # (E,) each
+    for e in np.flatnonzero((n_in == 0) | (n_tgt == 0) | (ei + n_in > Ti) | (di + n_tgt > To))[:1].tolist():
+        if n_in[e] == 0 or n_tgt[e] == 0:  # the first bad example, checked in the order of the definition
+            raise ValueError("an encoder-decoder example needs non-empty inputs and targets "
+                             f"(got {n_in[e]} / {n_tgt[e]}); flm does not fit arch 'ed'")
+        _check_fit(int(ei[e] + n_in[e]), Ti, "encoder inputs")
+        _check_fit(int(di[e] + n_tgt[e]), To, "decoder targets")
+    used_in, used_tgt = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+    np.add.at(used_in, row, n_in)
+    np.add.at(used_tgt, row, n_tgt)
+    enc_dest = _spread(row * Ti + ei, n_in) + _ramp(n_in)  # (N_in,) flat index into [B, Ti]
+    dec_dest = _spread(row * To + di, n_tgt) + _ramp(n_tgt)  # (N_tgt,) flat index into [B, To]
+    targets = _tokens([ex.targets for ex in flat])  # (N_tgt,)
     enc_ids = np.full((B, Ti), pad_id, dtype=np.int64)
     enc_seg = np.zeros((B, Ti), dtype=np.int64)
-    enc_pos = np.zeros((B, Ti), dtype=np.int64)
+    enc_pos = np.arange(Ti, dtype=np.int64)[None, :] - used_in[:, None]  # (B, Ti) padding positions 0..
     dec_ids = np.full((B, To), pad_id, dtype=np.int64)
     labels = np.full((B, To), IGNORE, dtype=np.int64)
     dec_seg = np.zeros((B, To), dtype=np.int64)
-    dec_pos = np.zeros((B, To), dtype=np.int64)
-    docs = 0
-    for r, row in enumerate(rows):
-        ei = di = 0
-        for j, ex in enumerate(row):
-            n_in, n_tgt = len(ex.inputs), len(ex.targets)
-            if n_in == 0 or n_tgt == 0:
-                raise ValueError("an encoder-decoder example needs non-empty inputs and targets "
-                                 f"(got {n_in} / {n_tgt}); flm does not fit arch 'ed'")
-            _check_fit(ei + n_in, Ti, "encoder inputs")
-            _check_fit(di + n_tgt, To, "decoder targets")
-            enc_ids[r, ei:ei + n_in] = ex.inputs
-            enc_seg[r, ei:ei + n_in] = j + 1
-            enc_pos[r, ei:ei + n_in] = np.arange(n_in)
-            dec_ids[r, di] = pad_id  # decoder_start_token_id (T5: the pad id)
-            dec_ids[r, di + 1:di + n_tgt] = ex.targets[:-1]
-            labels[r, di:di + n_tgt] = ex.targets
-            dec_seg[r, di:di + n_tgt] = j + 1
-            dec_pos[r, di:di + n_tgt] = np.arange(n_tgt)
-            ei += n_in
-            di += n_tgt
-            docs += 1
-        enc_pos[r, ei:] = np.arange(Ti - ei)
-        dec_pos[r, di:] = np.arange(To - di)
+    dec_pos = np.arange(To, dtype=np.int64)[None, :] - used_tgt[:, None]
+    enc_ids.reshape(-1)[enc_dest] = _tokens([ex.inputs for ex in flat])
+    enc_seg.reshape(-1)[enc_dest] = _spread(j + 1, n_in)
+    enc_pos.reshape(-1)[enc_dest] = _ramp(n_in)
+    # T5 shift right per example: [decoder_start (= pad id)] + targets[:-1]
+    first = np.cumsum(n_tgt) - n_tgt  # (E,) flat index of each example's first target
+    shifted = np.empty_like(targets) if len(targets) else np.zeros(0, dtype=np.int64)
+    shifted[1:] = targets[:-1]
+    shifted[first] = pad_id
+    dec_ids.reshape(-1)[dec_dest] = shifted
+    labels.reshape(-1)[dec_dest] = targets
+    dec_seg.reshape(-1)[dec_dest] = _spread(j + 1, n_tgt)
+    dec_pos.reshape(-1)[dec_dest] = _ramp(n_tgt)
     batch = {
         "input_ids": torch.from_numpy(enc_ids),
         "segment_ids": torch.from_numpy(enc_seg),
@@ -120,7 +171,7 @@ def collate_encoder_decoder(rows: list[list[Example]], encoder_length: int, deco
         "decoder_segment_ids": torch.from_numpy(dec_seg),
         "decoder_position_ids": torch.from_numpy(dec_pos),
     }
-    _add_counts(batch, int((enc_seg != 0).sum() + (dec_seg != 0).sum()), int((labels != IGNORE).sum()), docs)
+    _add_counts(batch, int((enc_seg != 0).sum() + (dec_seg != 0).sum()), int((labels != IGNORE).sum()), len(flat))
     return batch
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import rng
 from .config import ARCHS, DenoiserConfig, ObjectiveConfig
-from .span_corruption import random_spans_helper, span_corrupt, span_corruption_lengths
+from .span_corruption import random_spans_helper, span_corrupt, span_corrupt_many, span_corruption_lengths
 
 MIN_PIECE = 2  # one token to condition on and one to predict; shorter pieces are skipped and counted
 
@@ -146,6 +146,18 @@ class PrefixLM:
         return (np.concatenate([np.asarray(self.prefix, dtype=np.int64), tokens[:s]]),
                 np.concatenate([tokens[s:], tail]))
 
+    def make_many(self, pieces, words):
+        """`make` of each (piece, word), the split points drawn together."""
+        n = np.fromiter((len(t) for t in pieces), dtype=np.int64, count=len(pieces))
+        head = np.asarray(self.prefix, dtype=np.int64)
+        tail = np.array([self.eos] if self.eos is not None else [], dtype=np.int64)
+        out = []
+        for t, s in zip(pieces, self.split(n, words).tolist()):
+            t = np.asarray(t, dtype=np.int64)
+            out.append((np.concatenate([head, t[:s]]) if len(head) else t[:s],
+                        np.concatenate([t[s:], tail]) if len(tail) else t[s:]))
+        return out
+
 
 class SpanCorruption:
     """MLM: T5 span corruption (see span_corruption.py); `prefix` = UL2 mode token, if any."""
@@ -180,6 +192,11 @@ class SpanCorruption:
     def make(self, tokens, word):
         return span_corrupt(tokens, self.noise_density, self.mean_span_length, rng.generator(word),
                             self.sentinel_ids, self.eos_id, self.prefix)
+
+    def make_many(self, pieces, words):
+        """`make` of each (piece, word), laid out together (span_corrupt_many)."""
+        return span_corrupt_many(pieces, self.noise_density, self.mean_span_length, rng.generators(words),
+                                 self.sentinel_ids, self.eos_id, self.prefix)
 
 
 # --------------------------------------------------------------------------------------- objective
@@ -221,6 +238,24 @@ class Objective:
     def make(self, tokens, variant: int, word) -> Example:
         inputs, targets = self.variants[int(variant)].make(tokens, np.uint64(word))
         return Example(inputs, targets)
+
+    def make_many(self, pieces: list, variants, words) -> list[Example]:
+        """[make(t, v, w) for t, v, w in zip(pieces, variants, words)], each variant's examples at once."""
+        variants = np.asarray(variants, dtype=np.int64).reshape(-1)  # (E,)
+        words = np.asarray(words, dtype=np.uint64).reshape(-1)  # (E,)
+        out: list = [None] * len(pieces)
+        for v, var in enumerate(self.variants):
+            idx = np.flatnonzero(variants == v).tolist()
+            if not idx:
+                continue
+            many = getattr(var, "make_many", None)
+            if many is None:
+                made = [var.make(pieces[i], words[i]) for i in idx]
+            else:
+                made = many([pieces[i] for i in idx], words[idx])
+            for i, (inputs, targets) in zip(idx, made):
+                out[i] = Example(inputs, targets)
+        return out
 
     def describe(self) -> str:
         parts = [f"{v.name}: pieces <= {p}" for v, p in zip(self.variants, self.max_piece)]

@@ -149,6 +149,80 @@ def span_corrupt(tokens: np.ndarray, noise_density: float, mean_noise_span_lengt
             np.concatenate([targets, eos]))
 
 
+def span_corrupt_many(pieces: list, noise_density: float, mean_noise_span_length: float, generators,
+                      sentinel_ids: np.ndarray, eos_id: int,
+                      prefix: tuple[int, ...] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`span_corrupt` of many examples at once, example i with the i-th Generator of `generators`
+    (an iterable; each is used before the next is drawn): the same pairs, bit for bit, as
+    `[span_corrupt(t, ..., g, ...) for t, g in zip(pieces, generators)]`.
+
+    Only the two shuffles of `_random_segmentation` run per example (they are the randomness);
+    the span lengths, masks, sentinels and EOS / prefix are laid out for all examples together on
+    flat arrays. Every mask starts kept and ends dropped, so runs never cross an example boundary.
+    """
+    E = len(pieces)
+    if E == 0:
+        return []
+    L = np.fromiter((len(t) for t in pieces), dtype=np.int64, count=E)  # (E,)
+    gens = iter(generators)
+    if L.min() < 2:  # T5's 1-token special case: the one-at-a-time path
+        return [span_corrupt(t, noise_density, mean_noise_span_length, next(gens), sentinel_ids, eos_id, prefix)
+                for t in pieces]
+    noise, spans = _counts(L, noise_density, mean_noise_span_length)  # (E,) each
+    kept = L - noise
+    sentinel_ids = np.asarray(sentinel_ids)
+    if spans.max() > len(sentinel_ids):
+        raise ValueError(f"example needs {int(spans.max())} sentinels but the tokenizer has "
+                         f"{len(sentinel_ids)}; raise data.num_sentinels")
+    # span starts over each example's noise tokens and kept tokens: [True] + the shuffled indicator
+    noise_off, kept_off = np.cumsum(noise) - noise, np.cumsum(kept) - kept  # (E,)
+    noise_start = np.zeros(int(noise.sum()), dtype=bool)  # (sum noise,)
+    kept_start = np.zeros(int(kept.sum()), dtype=bool)  # (sum kept,)
+    noise_start[noise_off] = True
+    kept_start[kept_off] = True
+    # as _random_segmentation(noise) then _random_segmentation(kept): the first spans-1 True, shuffled
+    for g, a0, a1, b0, b1, m in zip(gens, (noise_off + 1).tolist(), (noise_off + noise).tolist(),
+                                    (kept_off + 1).tolist(), (kept_off + kept).tolist(), (spans - 1).tolist()):
+        a = noise_start[a0:a1]
+        a[:m] = True
+        g.shuffle(a)
+        b = kept_start[b0:b1]
+        b[:m] = True
+        g.shuffle(b)
+    noise_len = np.diff(np.append(np.flatnonzero(noise_start), len(noise_start)))  # (S,) S = sum spans
+    kept_len = np.diff(np.append(np.flatnonzero(kept_start), len(kept_start)))  # (S,)
+    S = len(noise_len)
+    mask = np.repeat(np.tile(np.array([False, True]), S), np.stack([kept_len, noise_len], axis=1).reshape(-1))
+    tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t in pieces])  # (N,) N = sum L
+    span_off = np.cumsum(spans) - spans  # (E,)
+    span_sentinel = sentinel_ids[np.arange(S) - np.repeat(span_off, spans)]  # (S,) sentinel of each span
+    prev = np.concatenate([[False], mask[:-1]])  # (N,)
+    first_noise, first_kept = mask & ~prev, ~mask & prev  # first_kept: a kept run after a dropped one
+    first_kept[0] = True
+    inputs = np.where(first_noise, span_sentinel[np.maximum(np.cumsum(first_noise) - 1, 0)], tokens)[~(mask & prev)]
+    targets = np.where(first_kept, span_sentinel[np.maximum(np.cumsum(first_kept) - 1, 0)], tokens)[mask | first_kept]
+    P = len(prefix)
+    in_len, tgt_len = kept + spans, noise + spans  # (E,) each, before prefix / EOS
+    out_in = _frame(inputs, in_len, np.asarray(prefix, dtype=np.int64), eos_id)
+    out_tgt = _frame(targets, tgt_len, np.zeros(0, dtype=np.int64), eos_id)
+    in_end, tgt_end = np.cumsum(in_len + P + 1).tolist(), np.cumsum(tgt_len + 1).tolist()
+    in_start, tgt_start = [0] + in_end[:-1], [0] + tgt_end[:-1]
+    return [(out_in[a:b], out_tgt[c:d]) for a, b, c, d in zip(in_start, in_end, tgt_start, tgt_end)]
+
+
+def _frame(core: np.ndarray, lengths: np.ndarray, prefix: np.ndarray, eos_id: int) -> np.ndarray:
+    """Flat examples `core` (pieces of `lengths`) -> prefix + piece + [eos] each, flat."""
+    E, P = len(lengths), len(prefix)
+    out_len = lengths + P + 1  # (E,)
+    out_off = np.cumsum(out_len) - out_len  # (E,)
+    out = np.full(int(out_len.sum()), eos_id, dtype=np.int64)
+    if P:
+        out[(out_off[:, None] + np.arange(P)).reshape(-1)] = np.tile(prefix, E)
+    core_off = np.cumsum(lengths) - lengths
+    out[np.repeat(out_off + P - core_off, lengths) + np.arange(len(core))] = core
+    return out
+
+
 def merge_by_sentinels(inputs: np.ndarray, targets: np.ndarray, sentinel_ids: np.ndarray,
                        eos_id: int | None = None, prefix_length: int = 0) -> np.ndarray:
     """Invert span corruption: put each target span back at its sentinel in the inputs.
