@@ -138,10 +138,11 @@ def collate_encoder_decoder(rows: list[list[Example]], encoder_length: int, deco
         _check_fit(int(ei[e] + n_in[e]), Ti, "encoder inputs")
         _check_fit(int(di[e] + n_tgt[e]), To, "decoder targets")
     used_in, used_tgt = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
-    np.add.at(used_in, row, n_in)
-    np.add.at(used_tgt, row, n_tgt)
-    enc_dest = _spread(row * Ti + ei, n_in) + _ramp(n_in)  # (N_in,) flat index into [B, Ti]
-    dec_dest = _spread(row * To + di, n_tgt) + _ramp(n_tgt)  # (N_tgt,) flat index into [B, To]
+    np.add.at(used_in, row, n_in)  # (B,) encoder tokens per row
+    np.add.at(used_tgt, row, n_tgt)  # (B,) decoder tokens per row
+    # a row's examples fill its first used columns back to back: row-major order = flat order
+    enc_filled = np.arange(Ti, dtype=np.int64)[None, :] < used_in[:, None]  # (B, Ti)
+    dec_filled = np.arange(To, dtype=np.int64)[None, :] < used_tgt[:, None]  # (B, To)
     targets = _tokens([ex.targets for ex in flat])  # (N_tgt,)
     enc_ids = np.full((B, Ti), pad_id, dtype=np.int64)
     enc_seg = np.zeros((B, Ti), dtype=np.int64)
@@ -150,18 +151,18 @@ def collate_encoder_decoder(rows: list[list[Example]], encoder_length: int, deco
     labels = np.full((B, To), IGNORE, dtype=np.int64)
     dec_seg = np.zeros((B, To), dtype=np.int64)
     dec_pos = np.arange(To, dtype=np.int64)[None, :] - used_tgt[:, None]
-    enc_ids.reshape(-1)[enc_dest] = _tokens([ex.inputs for ex in flat])
-    enc_seg.reshape(-1)[enc_dest] = _spread(j + 1, n_in)
-    enc_pos.reshape(-1)[enc_dest] = _ramp(n_in)
+    enc_ids[enc_filled] = _tokens([ex.inputs for ex in flat])
+    enc_seg[enc_filled] = _spread(j + 1, n_in)
+    enc_pos[enc_filled] = _ramp(n_in)
     # T5 shift right per example: [decoder_start (= pad id)] + targets[:-1]
     first = np.cumsum(n_tgt) - n_tgt  # (E,) flat index of each example's first target
     shifted = np.empty_like(targets) if len(targets) else np.zeros(0, dtype=np.int64)
     shifted[1:] = targets[:-1]
     shifted[first] = pad_id
-    dec_ids.reshape(-1)[dec_dest] = shifted
-    labels.reshape(-1)[dec_dest] = targets
-    dec_seg.reshape(-1)[dec_dest] = _spread(j + 1, n_tgt)
-    dec_pos.reshape(-1)[dec_dest] = _ramp(n_tgt)
+    dec_ids[dec_filled] = shifted
+    labels[dec_filled] = targets
+    dec_seg[dec_filled] = _spread(j + 1, n_tgt)
+    dec_pos[dec_filled] = _ramp(n_tgt)
     batch = {
         "input_ids": torch.from_numpy(enc_ids),
         "segment_ids": torch.from_numpy(enc_seg),
@@ -171,7 +172,7 @@ def collate_encoder_decoder(rows: list[list[Example]], encoder_length: int, deco
         "decoder_segment_ids": torch.from_numpy(dec_seg),
         "decoder_position_ids": torch.from_numpy(dec_pos),
     }
-    _add_counts(batch, int((enc_seg != 0).sum() + (dec_seg != 0).sum()), int((labels != IGNORE).sum()), len(flat))
+    _add_counts(batch, int(used_in.sum() + used_tgt.sum()), int((labels != IGNORE).sum()), len(flat))
     return batch
 
 

@@ -192,34 +192,48 @@ def span_corrupt_many(pieces: list, noise_density: float, mean_noise_span_length
     noise_len = np.diff(np.append(np.flatnonzero(noise_start), len(noise_start)))  # (S,) S = sum spans
     kept_len = np.diff(np.append(np.flatnonzero(kept_start), len(kept_start)))  # (S,)
     S = len(noise_len)
-    mask = np.repeat(np.tile(np.array([False, True]), S), np.stack([kept_len, noise_len], axis=1).reshape(-1))
+    # span q of example e: kept run, then noise run; example e's spans are q in [span_off[e], +spans[e])
+    mask = np.repeat(np.tile(np.array([False, True]), S), np.stack([kept_len, noise_len], axis=1).reshape(-1))  # (N,)
     tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t in pieces])  # (N,) N = sum L
     span_off = np.cumsum(spans) - spans  # (E,)
-    span_sentinel = sentinel_ids[np.arange(S) - np.repeat(span_off, spans)]  # (S,) sentinel of each span
-    prev = np.concatenate([[False], mask[:-1]])  # (N,)
-    first_noise, first_kept = mask & ~prev, ~mask & prev  # first_kept: a kept run after a dropped one
-    first_kept[0] = True
-    inputs = np.where(first_noise, span_sentinel[np.maximum(np.cumsum(first_noise) - 1, 0)], tokens)[~(mask & prev)]
-    targets = np.where(first_kept, span_sentinel[np.maximum(np.cumsum(first_kept) - 1, 0)], tokens)[mask | first_kept]
+    span_example = np.repeat(np.arange(E), spans)  # (S,)
+    span_sentinel = sentinel_ids[np.arange(S) - span_off[span_example]]  # (S,) sentinel of each span
+    prefix = np.asarray(prefix, dtype=np.int64)
     P = len(prefix)
-    in_len, tgt_len = kept + spans, noise + spans  # (E,) each, before prefix / EOS
-    out_in = _frame(inputs, in_len, np.asarray(prefix, dtype=np.int64), eos_id)
-    out_tgt = _frame(targets, tgt_len, np.zeros(0, dtype=np.int64), eos_id)
-    in_end, tgt_end = np.cumsum(in_len + P + 1).tolist(), np.cumsum(tgt_len + 1).tolist()
+    # inputs of example e: prefix, then per span its kept run and its sentinel, then EOS
+    inputs = _lay_out(tokens[~mask], kept_len, span_sentinel, span_example, kept + spans, prefix, eos_id, after=True)
+    # targets: per span its sentinel and its noise run, then EOS
+    targets = _lay_out(tokens[mask], noise_len, span_sentinel, span_example, noise + spans, prefix[:0], eos_id,
+                       after=False)
+    in_end, tgt_end = np.cumsum(kept + spans + P + 1).tolist(), np.cumsum(noise + spans + 1).tolist()
     in_start, tgt_start = [0] + in_end[:-1], [0] + tgt_end[:-1]
-    return [(out_in[a:b], out_tgt[c:d]) for a, b, c, d in zip(in_start, in_end, tgt_start, tgt_end)]
+    return [(inputs[a:b], targets[c:d]) for a, b, c, d in zip(in_start, in_end, tgt_start, tgt_end)]
 
 
-def _frame(core: np.ndarray, lengths: np.ndarray, prefix: np.ndarray, eos_id: int) -> np.ndarray:
-    """Flat examples `core` (pieces of `lengths`) -> prefix + piece + [eos] each, flat."""
-    E, P = len(lengths), len(prefix)
-    out_len = lengths + P + 1  # (E,)
-    out_off = np.cumsum(out_len) - out_len  # (E,)
-    out = np.full(int(out_len.sum()), eos_id, dtype=np.int64)
+def _lay_out(run_tokens: np.ndarray, run_len: np.ndarray, sentinel: np.ndarray, span_example: np.ndarray,
+             core_len: np.ndarray, prefix: np.ndarray, eos_id: int, after: bool) -> np.ndarray:
+    """Flat examples `prefix + [run_0, s_0, run_1, s_1, ...] + [eos]` (after=True) or
+    `prefix + [s_0, run_0, ...] + [eos]`: one run and one sentinel per span, the runs' tokens in
+    order in `run_tokens`. core_len (E,) = tokens of runs and sentinels of each example."""
+    E, P, S = len(core_len), len(prefix), len(run_len)
+    out_len = core_len + P + 1  # (E,)
+    out_end = np.cumsum(out_len)  # (E,)
+    out = np.empty(int(out_end[-1]), dtype=np.int64)
+    q = np.arange(S)  # global span index
+    # span q's sentinel: after its own run (after) or after the previous run, + q earlier sentinels,
+    # + the prefix / EOS slots of the examples up to and including its own (P before, 1 after each)
+    runs_before = np.cumsum(run_len) - (0 if after else run_len)  # (S,)
+    sentinel_at = runs_before + q + (P + 1) * span_example + P
+    special = np.zeros(len(out), dtype=bool)
+    special[sentinel_at] = True
+    special[out_end - 1] = True  # EOS
+    out[out_end - 1] = eos_id
     if P:
-        out[(out_off[:, None] + np.arange(P)).reshape(-1)] = np.tile(prefix, E)
-    core_off = np.cumsum(lengths) - lengths
-    out[np.repeat(out_off + P - core_off, lengths) + np.arange(len(core))] = core
+        prefix_at = ((out_end - out_len)[:, None] + np.arange(P)).reshape(-1)  # (E * P,)
+        special[prefix_at] = True
+        out[prefix_at] = np.tile(prefix, E)
+    out[sentinel_at] = sentinel
+    out[~special] = run_tokens
     return out
 
 
