@@ -3,8 +3,10 @@ architecture through the real training step, side by side with the Hugging Face 
 
     python -m bench                       # GPU: the issue's shapes (CD ~1.3B at seq 2048, ...)
     python -m bench --smoke               # CPU: tiny shapes, seconds; keeps the harness working in CI
-    python -m bench --only attention      # matmul | attention | models | hf
+    python -m bench --only attention      # matmul | attention | models | hf | data
+    python -m bench --only models --models cd,nd   # some of the architecture rows (see MODELS)
     python -m bench --json out.json
+    python -m bench --profile DIR         # profile each model's training step: top kernels, time shares
 
 Prints a table (tokens/s, model TFLOP/s, fraction of the measured peak, ratio to the HF anchor,
 peak memory) and writes JSON. Model FLOPs come from model_zoo.train_flops (one formula for all
@@ -37,6 +39,25 @@ class Row:
     frac_peak: Optional[float] = None
     vs_anchor: Optional[float] = None
     note: str = ""
+    anchor: str = ""  # archscale rows: the HF row whose tokens/s vs_anchor divides by
+
+
+@dataclass
+class ModelSpec:
+    """One archscale row: an architecture and objective through the real training step."""
+
+    name: str
+    arch: str
+    objective: str
+    model: dict  # model_zoo overrides
+    micro: int
+    seq: int = 0  # CD / ND row length
+    ed_in: int = 0  # ED encoder / decoder lengths
+    ed_out: int = 0
+    compile: bool = True  # model.compile (torch.compile of every block)
+    checkpointing: str = "none"  # none | full | selective
+    anchor: str = ""  # the HF row its tokens/s is compared with
+    note: str = ""
 
 
 @dataclass
@@ -47,10 +68,9 @@ class Shapes:
     dtype: torch.dtype
     matmul: int
     attn: tuple  # B, H, S, D
-    dec: dict  # model_zoo overrides for CD / ND
-    ed: dict
-    seq: int
-    ed_in: int
+    models: list  # ModelSpec
+    seq: int  # HF Llama row length
+    ed_in: int  # HF T5 lengths
     ed_out: int
     micro: int
     ed_micro: int
@@ -61,11 +81,28 @@ class Shapes:
 
 
 def gpu_shapes() -> Shapes:
+    # CD/ND ~1.36B: HF Llama's anchor shape. ED "matched": the same total parameters (12 + 12
+    # layers). ED "T5 shape": HF T5's anchor (24 + 24 layers, d_ff 5120, tied, 2.93B) for the
+    # tokens/s ratio at the same shape.
     dec = dict(d_model=2048, n_layers=24, n_heads=16, head_dim=128, d_ff=5632, vocab_size=32128, mlp="swiglu",
                position="rope", tie_embeddings=False)
     ed = dict(d_model=2048, n_layers=12, n_heads=16, head_dim=128, d_ff=5632, vocab_size=32128, mlp="geglu",
               position="t5_bias", tie_embeddings=False)
-    return Shapes("cuda", torch.bfloat16, 8192, (8, 16, 2048, 128), dec, ed, 2048, 1024, 1024, 4, 2,
+    t5 = dict(ed, n_layers=24, d_ff=5120, tie_embeddings=True)
+    models = [
+        ModelSpec("CD:FLM", "cd", "flm", dec, 4, seq=2048, anchor="HF Llama"),
+        ModelSpec("CD:FLM eager", "cd", "flm", dec, 4, seq=2048, compile=False, anchor="HF Llama",
+                  note="no torch.compile"),
+        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 4, seq=2048, checkpointing="selective",
+                  anchor="HF Llama"),
+        ModelSpec("ND:PLM", "nd", "plm", dec, 4, seq=2048, anchor="HF Llama", note="random prefix per row"),
+        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, ed_in=1024, ed_out=1024, anchor="HF T5", note="params as CD"),
+        ModelSpec("ED:MLM 512/114", "ed", "mlm", ed, 8, ed_in=512, ed_out=114, anchor="HF T5",
+                  note="reference lengths"),
+        ModelSpec("ED:MLM T5 shape", "ed", "mlm", t5, 2, ed_in=1024, ed_out=1024, anchor="HF T5",
+                  note="HF T5's config"),
+    ]
+    return Shapes("cuda", torch.bfloat16, 8192, (8, 16, 2048, 128), models, 2048, 1024, 1024, 4, 2,
                   hf_llama=dict(vocab_size=32128, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
                                 num_attention_heads=16),
                   hf_t5=dict(vocab_size=32128, d_model=2048, d_kv=128, d_ff=5120, num_layers=24, num_heads=16,
@@ -75,7 +112,14 @@ def gpu_shapes() -> Shapes:
 def smoke_shapes() -> Shapes:
     dec = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128, vocab_size=512, position="rope", mlp="swiglu")
     ed = dict(d_model=64, n_layers=1, n_heads=4, head_dim=16, d_ff=128, vocab_size=512)
-    return Shapes("cpu", torch.float32, 256, (2, 4, 64, 16), dec, ed, 64, 48, 16, 2, 2,
+    models = [  # compile off: CPU compilation takes long; tests/test_fastpaths.py covers it
+        ModelSpec("CD:FLM", "cd", "flm", dec, 2, seq=64, compile=False, anchor="HF Llama"),
+        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 2, seq=64, compile=False, checkpointing="selective",
+                  anchor="HF Llama"),
+        ModelSpec("ND:PLM", "nd", "plm", dec, 2, seq=64, compile=False, anchor="HF Llama"),
+        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, ed_in=48, ed_out=16, compile=False, anchor="HF T5"),
+    ]
+    return Shapes("cpu", torch.float32, 256, (2, 4, 64, 16), models, 64, 48, 16, 2, 2,
                   hf_llama=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4),
                   hf_t5=dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
@@ -172,55 +216,76 @@ def bench_attention(s: Shapes) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------ models
-def synthetic_batch(arch: str, s: Shapes, vocab: int, rows: int) -> dict:
+def synthetic_batch(spec: ModelSpec, rows: int) -> dict:
+    """Full rows as the objectives lay them out (one example per row; ND: a random prefix)."""
     g = torch.Generator().manual_seed(0)
-    if arch == "ed":
-        x = torch.randint(2, vocab, (rows, s.ed_in), generator=g)
-        y = torch.randint(2, vocab, (rows, s.ed_out), generator=g)
-        return dict(input_ids=x, segment_ids=torch.ones_like(x), position_ids=torch.arange(s.ed_in).expand(rows, -1),
+    vocab = spec.model["vocab_size"]
+    if spec.arch == "ed":
+        x = torch.randint(2, vocab, (rows, spec.ed_in), generator=g)
+        y = torch.randint(2, vocab, (rows, spec.ed_out), generator=g)
+        return dict(input_ids=x, segment_ids=torch.ones_like(x), position_ids=torch.arange(spec.ed_in).expand(rows, -1),
                     decoder_input_ids=y, labels=y, decoder_segment_ids=torch.ones_like(y),
-                    decoder_position_ids=torch.arange(s.ed_out).expand(rows, -1))
-    ids = torch.randint(2, vocab, (rows, s.seq), generator=g)
-    prefix = torch.randint(1, s.seq, (rows,), generator=g)
-    bidir = torch.arange(s.seq)[None, :] < prefix[:, None]
-    labels = ids.masked_fill(bidir, -100) if arch == "nd" else ids.clone()
+                    decoder_position_ids=torch.arange(spec.ed_out).expand(rows, -1))
+    ids = torch.randint(2, vocab, (rows, spec.seq), generator=g)
+    prefix = torch.randint(1, spec.seq, (rows,), generator=g)
+    bidir = torch.arange(spec.seq)[None, :] < prefix[:, None]
+    labels = ids.masked_fill(bidir, -100) if spec.arch == "nd" else ids.clone()
     return dict(input_ids=ids, labels=labels, segment_ids=torch.ones_like(ids),
-                position_ids=torch.arange(s.seq).expand(rows, -1), bidirectional=bidir & (arch == "nd"))
+                position_ids=torch.arange(spec.seq).expand(rows, -1), bidirectional=bidir & (spec.arch == "nd"))
 
 
-def bench_archscale(s: Shapes, peak: Optional[float]) -> list[Row]:
-    """CD:FLM, ND:PLM (random prefix per row), ED:MLM through the real step: DeepSpeed engine,
-    optimizer step included."""
+def build_step(spec: ModelSpec, s: Shapes, dist):
+    """(engine, batch, tokens, flops, params) for one spec: the trainer's own engine set-up
+    (train.engine.initialize over a DeepSpeed config from the run config, ZeRO-1), its block
+    preparation (compile / checkpointing) and a synthetic batch of `spec.micro` rows."""
     import model_zoo
     from train import engine as eng
     from train.config import derive, load_config
     from train.ds_config import build_ds_config
     from train.registry import get
 
+    cfg = load_config(None, [f"model.arch={spec.arch}", f"objective.name={spec.objective}", "schedule.max_steps=100",
+                             f"parallel.micro_batch_size={spec.micro}", "parallel.zero_stage=1",
+                             f"parallel.precision={'bf16' if s.device == 'cuda' else 'fp32'}",
+                             "optim.grad_clip=1.0"])
+    model = model_zoo.build(spec.arch, "debug", **spec.model)
+    eng.prepare_blocks(model, spec.checkpointing, compile=spec.compile)
+    derived = derive(cfg, dist.world_size, tokens_per_sequence=get(spec.arch).tokens_per_row(cfg.objective),
+                     bf16_supported=s.device == "cuda")
+    engine = eng.initialize(model, cfg, derived, build_ds_config(cfg, derived))
+    batch = synthetic_batch(spec, spec.micro)
+    tokens = sum(v.numel() for k, v in batch.items() if k in ("input_ids", "decoder_input_ids"))
+    return engine, batch, tokens, get(spec.arch).batch_flops(model.config, batch), model_zoo.num_params(model.config)
+
+
+def release(s: Shapes) -> None:
+    import gc
+
+    gc.collect()
+    reset_mem(s.device)
+
+
+def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None) -> list[Row]:
+    """Every ModelSpec through the real step: DeepSpeed engine, optimizer step included."""
+    from train import engine as eng
+
     dist = eng.setup_distributed()
     rows = []
-    for arch, objective in (("cd", "flm"), ("nd", "plm"), ("ed", "mlm")):
-        over = s.ed if arch == "ed" else s.dec
-        micro = s.ed_micro if arch == "ed" else s.micro
-        cfg = load_config(None, [f"model.arch={arch}", f"objective.name={objective}", "schedule.max_steps=100",
-                                 f"parallel.micro_batch_size={micro}", "parallel.zero_stage=1",
-                                 f"parallel.precision={'bf16' if s.device == 'cuda' else 'fp32'}",
-                                 "optim.grad_clip=1.0"])
-        reset_mem(s.device)
-        model = model_zoo.build(arch, "debug", **over)
-        derived = derive(cfg, dist.world_size, tokens_per_sequence=get(arch).tokens_per_row(cfg.objective),
-                         bf16_supported=s.device == "cuda")
-        engine = eng.initialize(model, cfg, derived, build_ds_config(cfg, derived))
-        batch = synthetic_batch(arch, s, over["vocab_size"], micro)
-        tokens = sum(v.numel() for k, v in batch.items() if k in ("input_ids", "decoder_input_ids"))
-        flops = get(arch).batch_flops(model.config, batch)
+    for spec in s.models:
+        if names and spec.name not in names:
+            continue
+        release(s)
+        engine, batch, tokens, flops, params = build_step(spec, s, dist)
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)
         tf = flops / ms / 1e9
-        rows.append(Row("archscale", f"{arch.upper()}:{objective.upper()}",
-                        f"{model_zoo.num_params(model.config) / 1e9:.2f}B mb{micro}", ms, tflops=tf,
+        shape = f"{spec.seq}" if spec.arch != "ed" else f"{spec.ed_in}/{spec.ed_out}"
+        rows.append(Row("archscale", spec.name, f"{params / 1e9:.2f}B {shape} mb{spec.micro}", ms, tflops=tf,
                         tokens_per_s=tokens / ms * 1e3, peak_mem_gb=peak_mem(s.device),
-                        frac_peak=tf / peak if peak else None))
-        del engine, model
+                        frac_peak=tf / peak if peak else None,
+                        note="; ".join(x for x in (spec.note, "compiled" if spec.compile else "",
+                                                   f"{spec.checkpointing} AC" if spec.checkpointing != "none" else "")
+                                       if x), anchor=spec.anchor))
+        del engine
     return rows
 
 
@@ -269,45 +334,146 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(b) for b in body])
 
 
+# ------------------------------------------------------------------------------------ targets
+def link_anchors(rows: list[Row]) -> None:
+    """vs_anchor of archscale rows: tokens/s over their HF anchor's, measured in the same run."""
+    anchors = {r.name: r.tokens_per_s for r in rows if r.group == "hf"}
+    for r in rows:
+        if r.group == "archscale":
+            a = anchors.get(r.anchor)
+            r.vs_anchor = r.tokens_per_s / a if a and r.tokens_per_s else None
+
+
+def targets(rows: list[Row]) -> list[tuple[str, Optional[float], float]]:
+    """The issue's targets as (what, measured ratio, target), from rows of one run (None where a
+    row is missing)."""
+    by = {(r.group, r.name): r for r in rows}
+
+    def get(group, name, attr):
+        r = by.get((group, name))
+        return getattr(r, attr) if r is not None else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    cd_frac = get("archscale", "CD:FLM", "frac_peak")
+    out = [("CD:FLM fraction of measured peak", cd_frac, 0.55),
+           ("CD:FLM tokens/s vs HF Llama", get("archscale", "CD:FLM", "vs_anchor"), 1.2),
+           ("ND:PLM model TFLOP/s vs CD:FLM", ratio(get("archscale", "ND:PLM", "tflops"),
+                                                    get("archscale", "CD:FLM", "tflops")), 0.9)]
+    for name in ("ED:MLM", "ED:MLM 512/114"):
+        out.append((f"{name} fraction of peak vs CD:FLM's", ratio(get("archscale", name, "frac_peak"), cd_frac), 0.9))
+    out.append(("ED:MLM T5 shape tokens/s vs HF T5", get("archscale", "ED:MLM T5 shape", "vs_anchor"), 3.0))
+    for r in rows:
+        if r.group == "attention" and r.name != "causal (flash)":
+            out.append((f"attention {r.name} vs flash causal (TFLOP/s)", r.vs_anchor, 0.8))
+    return out
+
+
+def format_targets(ts) -> str:
+    lines = [f"{'target (issue 8)':<62}  measured  target  met"]
+    for what, got, want in ts:
+        met = "-" if got is None else ("yes" if got >= want else "NO")
+        lines.append(f"{what:<62}  {'-' if got is None else format(got, '.2f'):>8}  {want:>6.2f}  {met}")
+    return "\n".join(lines)
+
+
+def environment(smoke: bool) -> dict:
+    cuda = torch.cuda.is_available() and not smoke
+    env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+           "smoke": smoke}
+    for mod in ("transformers", "deepspeed"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return env
+
+
+def load_rows(paths: list[str]) -> tuple[list[Row], list[dict]]:
+    rows, envs = [], []
+    for path in paths:
+        try:
+            data = json.loads(open(path).read())
+            rows += [Row(**r) for r in data["rows"]]
+            envs.append(data["env"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {path} is not a bench JSON file ({e}); give files written by --json")
+    return rows, envs
+
+
 def main(argv=None) -> int:
+    parts = ["matmul", "attention", "hf", "models", "data"]
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (what CI runs)")
-    p.add_argument("--only", nargs="*", default=["matmul", "attention", "models", "hf"],
-                   choices=["matmul", "attention", "models", "hf"])
+    p.add_argument("--only", nargs="*", default=parts, choices=parts,
+                   help="the parts to run (default: all; the matmul peak always runs, ratios need it)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated names of the archscale rows to run (default: all of them)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print one table and the targets from the JSON files of several runs (same device)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile each model's training step instead: top kernels and time shares, into DIR")
     a = p.parse_args(argv)
+    if a.merge:
+        rows, envs = load_rows(a.merge)
+        devices = {e.get("device") for e in envs}
+        if len(devices) > 1:
+            print(f"error: the files come from different devices {sorted(map(str, devices))}: ratios across devices "
+                  "mean nothing; merge runs of one device", file=sys.stderr)
+            return 2
+        link_anchors(rows)
+        print(f"# {envs[0]}")
+        print(format_table(rows))
+        print()
+        print(format_targets(targets(rows)))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"env": envs[0], "rows": [asdict(r) for r in rows]}, f, indent=1)
+        return 0
     if not a.smoke and not torch.cuda.is_available():
         print("error: no GPU here; run with --smoke for the CPU smoke mode", file=sys.stderr)
         return 2
     s = smoke_shapes() if a.smoke else gpu_shapes()
+    names = None
+    if a.models:
+        names = {n.strip() for n in a.models.split(",") if n.strip()}
+        unknown = names - {m.name for m in s.models}
+        if unknown:
+            print(f"error: unknown model row(s) {sorted(unknown)}; choose from: "
+                  f"{', '.join(m.name for m in s.models)}", file=sys.stderr)
+            return 2
     torch.manual_seed(0)
-    rows: list[Row] = []
-    peak = None
-    if "matmul" in a.only:
-        rows.append(bench_matmul(s))
-        peak = rows[-1].tflops
+    if a.profile:
+        from .profile import profile_models
+
+        profile_models(s, names, a.profile)
+        return 0
+    rows: list[Row] = [bench_matmul(s)]
+    peak = rows[0].tflops
     if "attention" in a.only:
         rows += bench_attention(s)
     if "hf" in a.only:
         rows += bench_hf(s, peak)
     if "models" in a.only:
-        models = bench_archscale(s, peak)
-        anchors = {r.name: r.tokens_per_s for r in rows if r.group == "hf"}
-        for r in models:
-            anchor = anchors.get("HF T5" if r.name.startswith("ED") else "HF Llama")
-            r.vs_anchor = r.tokens_per_s / anchor if anchor and r.tokens_per_s else None
-        rows += models
-    env = {"device": torch.cuda.get_device_name() if s.device == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-           "smoke": a.smoke}
-    try:
-        import transformers
+        rows += bench_archscale(s, peak, names)
+    if "data" in a.only:
+        from .data import bench_data
 
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+        for d in bench_data(a.smoke):
+            rows.append(Row("data", d["name"], d["shape"], d["ms_per_batch"], tokens_per_s=d["tokens_per_s"],
+                            note=d.get("note", "")))
+    link_anchors(rows)
+    env = environment(a.smoke)
     print(f"# {env}")
     print(format_table(rows))
+    print()
+    if a.smoke:
+        print("(smoke mode: tiny shapes on a CPU; these numbers say nothing about the GPU targets)")
+    else:
+        print(format_targets(targets(rows)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

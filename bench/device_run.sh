@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Run ON a lent GPU machine (the device tool), from the repository root, with .whl carried
-# (made here by bench/device_wheels.sh). One call does the GPU work of issue 8 in order:
+# (made here by bench/device_wheels.sh). Steps, each well inside one call's 10 minutes:
 #   tests    the GPU-only tests (bf16 vs fp32 reference, compile, no host sync, fused loss)
-#   bench    python -m bench: the table against the anchors, JSON to $OUT/bench.json
-#   profile  python -m bench --profile: top kernels of each architecture's training step
-# Usage: bash bench/device_run.sh [tests] [bench] [profile]   (default: all three)
-# Every log lands in $OUT (or ./device_out without the device tool).
+#   kernels  python -m bench --only attention hf: matmul peak, attention kernels, HF anchors
+#   cd       the CD:FLM rows (compiled, eager, selective checkpointing)
+#   nded     the ND:PLM and ED:MLM rows
+#   profile  python -m bench --profile: top kernels and time shares of CD, ND and ED steps
+# Usage: bash bench/device_run.sh STEP [STEP ...]; e.g. call 1: tests kernels, call 2: cd,
+# call 3: nded, call 4: profile. Logs and bench_<step>.json land in $OUT (./device_out without
+# the device tool); join the JSONs here with `python -m bench --merge bench_*.json`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -18,15 +21,19 @@ fi
 python3 -c "import deepspeed, datasets" 2>/dev/null \
   || { echo "error: deepspeed/datasets missing: run bash bench/device_wheels.sh here and carry .whl" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench profile)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && { echo "error: name the steps: tests kernels cd nded profile" >&2; exit 2; }
 rc=0
 for s in "${steps[@]}"; do
   case "$s" in
     tests)   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_loss.py 2>&1 \
                | tee "$OUT/gpu_tests.log" || rc=1 ;;
-    bench)   python3 -m bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
-    profile) python3 -m bench --profile "$OUT" 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
-    *) echo "error: unknown step '$s' (tests, bench, profile)" >&2; exit 2 ;;
+    kernels) python3 -m bench --only attention hf --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" || rc=1 ;;
+    cd)      python3 -m bench --only models --models "CD:FLM,CD:FLM eager,CD:FLM selective AC" \
+               --json "$OUT/bench_cd.json" 2>&1 | tee "$OUT/bench_cd.log" || rc=1 ;;
+    nded)    python3 -m bench --only models --models "ND:PLM,ED:MLM,ED:MLM 512/114,ED:MLM T5 shape" \
+               --json "$OUT/bench_nded.json" 2>&1 | tee "$OUT/bench_nded.log" || rc=1 ;;
+    profile) python3 -m bench --profile "$OUT" --models "CD:FLM,ND:PLM,ED:MLM" 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    *) echo "error: unknown step '$s' (tests, kernels, cd, nded, profile)" >&2; exit 2 ;;
   esac
 done
 exit $rc
