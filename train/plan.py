@@ -57,6 +57,8 @@ DEFAULT_MFU = 0.40          # assumed model-FLOPs utilisation when bench/ has no
 DEFAULT_HEADROOM = 0.10     # fraction of GPU memory kept free: CUDA context, NCCL, allocator fragmentation
 DEFAULT_CPU_ADAM_PARAMS_PER_S = 1.0e9  # assumed CPU optimizer throughput per GPU's partition (offload)
 DEFAULT_PCIE_GBS = 25.0     # assumed host<->GPU bandwidth per GPU for offload (PCIe 4/5 x16, effective)
+CHECKPOINT_POLICIES = ("none", "full", "selective")
+SELECTIVE_RECOMPUTE = 1.05  # assumed step-time factor of selective checkpointing (recompute_factor's docstring)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -171,8 +173,43 @@ def measured_mfu(gpu: str, arch: str, size: str, bench_dir: Path = REPO / "bench
             best, best_score = e, score
     if best is None:
         return None
-    ckpt = str(best.get("activation_checkpointing", "")).lower() in ("true", "yes", "1", "on")
-    return {"mfu": _float(best["mfu"]), "source": best["_source"], "activation_checkpointing": ckpt}
+    policy = _bench_policy(best)
+    return {"mfu": _float(best["mfu"]), "source": best["_source"], "activation_checkpointing": policy != "none",
+            "checkpoint_policy": policy}
+
+
+def _bench_policy(entry: dict) -> str:
+    """The checkpointing a measurement ran with: `checkpoint_policy` or `checkpointing` (none /
+    full / selective), else `activation_checkpointing` (true = full, or a policy name)."""
+    for key in ("checkpoint_policy", "checkpointing", "activation_checkpointing"):
+        v = str(entry.get(key, "")).strip().lower()
+        if v in CHECKPOINT_POLICIES:
+            return v
+        if v in ("true", "yes", "1", "on"):
+            return "full"
+        if v in ("false", "no", "0", "off"):
+            return "none"
+    return "none"
+
+
+def recompute_factor(policy: str) -> float:
+    """Step time with activation checkpointing / without, at the same MFU (model FLOPs only).
+
+    none: 1. full: 4/3 - the backward re-runs every block's forward (1 of the 3 forward-equivalents
+    of a training step). selective: SELECTIVE_RECOMPUTE = 1.05, an estimate: the matmuls and the
+    attention kernel are not re-run (their outputs are kept), only the block's pointwise work is
+    (norms with their fp32 statistics, the MLP activation and gate product, RoPE, residual adds,
+    dropout), which is memory-bound: eager bf16 kernels move about 84 D + 10 F (+ 40 I with RoPE)
+    bytes per token and block (each RMSNorm ~36 D: upcast, square, mean, scale, downcast, weight;
+    each residual add 6 D; GEGLU act + product 10 F), against 6 (4 D I + 3 D F) matmul FLOPs per
+    token and block. For the 4.8B shape (D = I = 4096, F = 10240) on an H100 (3.35 TB/s, 989
+    TFLOP/s at MFU 0.4): 0.13 us of pointwise work against 2.9 us of matmuls, about 4.5%, hence
+    1.05. Narrower models pay relatively more (the pointwise work scales with D, matmuls with D^2),
+    model.compile (fused pointwise kernels) less. Not measured here (no GPU lent so far)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r} is not valid; choose one of "
+                         f"{', '.join(CHECKPOINT_POLICIES)}")
+    return {"none": 1.0, "full": 4 / 3, "selective": SELECTIVE_RECOMPUTE}[policy]
 
 
 # ------------------------------------------------------------------ parameters and shapes
@@ -447,22 +484,69 @@ def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_t
     return norm + attn + mlp + drop + dense
 
 
-def activation_bytes(config, lengths: Lengths, batch: int, precision: str, checkpointing: bool,
+def layer_selective_bytes(config, tokens: int, batch: int, a: float, *, cross_tokens: int = 0,
+                          dense_attention: bool = False) -> tuple[float, float]:
+    """(kept, shared): bytes one block keeps under selective activation checkpointing, besides
+    its input, and how many of layer_activation_bytes' bytes are those same tensors.
+
+    train/engine.py `_selective_policy` runs each block under non-reentrant torch.utils.checkpoint
+    with a policy that MUST_SAVEs the outputs of aten mm / addmm / bmm and of the SDPA / flex
+    attention kernels and recomputes everything else; autograd's own saved tensors are dropped
+    (recomputed in the backward), and the block's input is kept by the checkpoint to re-run it.
+    nn.Linear on a [B, T, *] input is one aten.mm on [B T, *], so per block:
+      self-attention: q, k, v, o_proj outputs a B T (3 I + D) + the kernel output a B T I and its
+        fp32 log-sum-exp 4 B H T (flash / flex; the kernel's other outputs are scalars);
+        attn_impl=reference: the two bmm outputs instead, q k^T a B H T Tk and probs v a B T I;
+      cross-attention (ED decoder): q a B T I, k, v a B Tk I each, o_proj a B T D, kernel output
+        a B T I + 4 B H T;
+      GEGLU / SwiGLU MLP: gate, up a B T F each, down a B T D; GELU MLP: up a B T F, down a B T D.
+    Not kept: norms (and their fp32 copies), RoPE'd q and k, the activation and gate product,
+    residual sums, dropout masks (their RNG state is replayed).
+    shared: v, the kernel output, the log-sum-exp, q and k unless RoPE rotates them (RoPE makes
+      new tensors), the cross-attention's q, k, v, output, log-sum-exp, and the MLP's gate and up
+      (GELU: up): in the backward, recomputing the block re-creates only the rest.
+    tests/test_plan.py measures what stays alive after a selective forward on CPU."""
+    B, T, D, I, F, H = batch, tokens, config.d_model, config.n_heads * config.head_dim, config.d_ff, config.n_heads
+    gated = config.mlp in ("geglu", "swiglu")
+    lse = 4 * B * H * T
+    kernel = a * B * T * I + (a * B * H * T * T if dense_attention else lse)
+    kept = a * B * T * (3 * I + D) + kernel
+    shared = a * B * T * I * (1 if config.position == "rope" else 3) + a * B * T * I + (0 if dense_attention else lse)
+    if cross_tokens:
+        Tk = cross_tokens
+        cross = a * B * T * I + 2 * a * B * Tk * I + a * B * T * D + a * B * T * I \
+            + (a * B * H * T * Tk if dense_attention else lse)
+        kept += cross
+        shared += cross - a * B * T * D - (a * B * H * T * Tk if dense_attention else 0)
+    kept += a * B * T * ((2 if gated else 1) * F + D)
+    shared += a * B * T * (2 if gated else 1) * F
+    return kept, shared
+
+
+def activation_bytes(config, lengths: Lengths, batch: int, precision: str, checkpointing,
                      layers: Sequence[int], attn_impl: str = "auto") -> dict:
     """Activation bytes of one micro-batch on the pipeline layers `layers` (all: no pipeline).
 
+    checkpointing: "none" / False, "full" / True, or "selective" (parallel.checkpoint_policy).
     saved: what the forward pass leaves for the backward. Without checkpointing: every block's
-      saved tensors (layer_activation_bytes). With checkpointing (every block): each block's input
-      (a B T D); the block is recomputed in the backward.
+      saved tensors (layer_activation_bytes). Full checkpointing (every block): each block's input
+      (a B T D); the block is recomputed in the backward. Selective: each block's input + what
+      layer_selective_bytes keeps (matmul and attention-kernel outputs).
     working: the largest transient of the backward pass: one block's activation gradients (about
-      its saved size), plus its recomputed activations under checkpointing; or the loss: the
-      logits' gradient, (4 + a) B T V.
+      its saved size), plus its recomputed activations under checkpointing (full: all of them;
+      selective: those not kept, layer_activation_bytes - shared); or the loss: the logits'
+      gradient, (4 + a) B T V.
     Stack-level tensors: nothing for the embedding (the first norm keeps its own fp32 copy); each
     final norm as a block's norm ((4 + 2a) B T D + 4 B T: its output is the head's input, or the
     ED encoder output every decoder layer reads); the logits: a B T V kept by the model output +
     4 B T V fp32 log-softmax output + (z_loss > 0) 4 B T V fp32 copy saved by log-sum-exp.
     tests/test_plan.py checks all of this against the tensors autograd saves on CPU.
     """
+    if checkpointing is True or checkpointing is False:
+        checkpointing = "full" if checkpointing else "none"
+    if checkpointing not in CHECKPOINT_POLICIES:
+        raise ValueError(f"activation checkpointing {checkpointing!r} is not valid; choose one of "
+                         f"{', '.join(CHECKPOINT_POLICIES)}")
     a = 2.0 if precision == "bf16" else 4.0
     c, B, D, V = config, batch, config.d_model, config.vocab_size
     L = c.n_layers
@@ -485,9 +569,13 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
         if kind in ("enc", "dec", "dec_only"):
             cross_tokens = lengths.encoder if kind == "dec" else 0
             full = layer_activation_bytes(c, T, B, a, cross_tokens=cross_tokens, dense_attention=dense)
-            if checkpointing:
+            if checkpointing == "full":
                 saved += a * B * T * D
                 working = max(working, 2 * full)
+            elif checkpointing == "selective":
+                kept, shared = layer_selective_bytes(c, T, B, a, cross_tokens=cross_tokens, dense_attention=dense)
+                saved += a * B * T * D + kept
+                working = max(working, 2 * full - shared)
             else:
                 saved += full
                 working = max(working, full)
@@ -593,6 +681,10 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     wrapper = optimizer_wrapper(d.precision, d.zero_stage, S, grad_accum, d.offload_optimizer)
     flat = adafactor_is_flat(wrapper)
     usable = g.memory_gib * GIB * (1 - headroom)
+    policy = cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none"
+    if policy not in CHECKPOINT_POLICIES:
+        raise PlanError(f"parallel.checkpoint_policy={cfg.parallel.checkpoint_policy!r} is not valid; choose one of "
+                        f"full, selective")
     stages = []
     for s in range(S):
         layers = list(range(parts[s], parts[s + 1]))
@@ -606,8 +698,8 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
                                state_bytes=sb, largest_layer=largest, offload_optimizer=d.offload_optimizer,
                                offload_param=d.offload_param, pipeline_stages=S, grad_accum_dtype=grad_accum,
                                sub_group_size=sub_group)
-        act = activation_bytes(model_config, lengths, d.micro_batch_size, d.precision,
-                               cfg.parallel.activation_checkpointing, layers, cfg.model.attn_impl)
+        act = activation_bytes(model_config, lengths, d.micro_batch_size, d.precision, policy, layers,
+                               cfg.model.attn_impl)
         in_flight = min(S - s, M) if S > 1 else 1
         buffers = buffer_bytes(d.zero_stage, d.precision, preset, N)
         if S > 1:  # DeepSpeed's pipeline buffers: max(2, in flight) inputs and outputs of the stage
@@ -639,7 +731,8 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
         mfu_used, mfu_source = bench["mfu"], f"measured ({bench['source']})"
     else:
         mfu_used, mfu_source = DEFAULT_MFU, f"assumed default {DEFAULT_MFU} (no bench/ measurement for {g.name})"
-    recompute = 4 / 3 if cfg.parallel.activation_checkpointing and not (bench and bench["activation_checkpointing"]) else 1.0
+    # a measured MFU already includes the recompute of the policy it was measured with
+    recompute = recompute_factor(policy) / recompute_factor(bench["checkpoint_policy"] if bench else "none")
     compute_s = flops_step / gpus / (mfu_used * g.peak_tflops * 1e12) * recompute
     bubble = pipeline_bubble(S, M)
     compute_s /= (1 - bubble)
@@ -672,12 +765,15 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
                      "micro_batch_size": d.micro_batch_size, "gradient_accumulation_steps": M,
                      "global_batch_size": d.global_batch_size, "precision": d.precision, "ds_preset": d.ds_preset,
                      "activation_checkpointing": cfg.parallel.activation_checkpointing,
-                     "optimizer": o.name, "optimizer_wrapper": wrapper, "grad_accum_dtype": grad_accum},
+                     "checkpoint_policy": policy, "optimizer": o.name, "optimizer_wrapper": wrapper,
+                     "grad_accum_dtype": grad_accum},
         "memory": {"stages": [{k: (v / GIB if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
                    "binding_stage": worst["stage"], "peak_gib": worst["peak"] / GIB, "usable_gib": usable / GIB,
                    "fits": fits, "margin_gib": (usable - worst["peak"]) / GIB, "unit": "GiB"},
         "time": {"flops_per_row": flops_row, "flops_per_step": flops_step, "mfu": mfu_used, "mfu_source": mfu_source,
-                 "recompute_factor": recompute, "pipeline_bubble": bubble, "compute_seconds": compute_s,
+                 "recompute_factor": recompute,
+                 "mfu_checkpoint_policy": bench["checkpoint_policy"] if bench else "none",
+                 "pipeline_bubble": bubble, "compute_seconds": compute_s,
                  "comm_bytes_per_gpu": comm["bytes"], "comm_seconds": comm["seconds"], "comm_detail": comm["detail"],
                  "offload_seconds": offload_s, "step_seconds": step_s, "tokens_per_step": tokens_step,
                  "tokens_per_second": tokens_step / step_s, "max_steps": d.max_steps, "train_tokens": d.train_tokens,
@@ -748,18 +844,22 @@ FIX_ORDER = ("zero", "micro_batch", "activation_checkpointing", "zero3", "pipeli
 zero: ZeRO-1, then ZeRO-2 (partitions optimizer states, then gradients; costs about nothing over
   data-parallel all-reduce; not with pipeline stages);
 micro_batch: halve the micro-batch, repeatedly down to 1, keeping the global batch (more accumulation);
-activation_checkpointing: recompute every block in the backward (+1/3 compute);
+activation_checkpointing: selective checkpointing first (keeps each block's matmul and attention
+  outputs, recomputes its pointwise work: about +5% compute, recompute_factor), then full (keeps
+  only each block's input, recomputes the whole block: +1/3 compute); from selective, full;
 zero3: partition the weights too (about 1.5x the communication of ZeRO-2);
 pipeline_stages: double the stages (ZeRO <= 1; a bubble of (S-1)/(M+S-1));
 offload_optimizer: optimizer states and step on the CPU (ZeRO >= 1; slow step);
 offload_param: ZeRO-3 weights on the CPU too (the slowest).
-Each single change is tried first; then they are combined cumulatively in the same order.
+Each single change is tried first; then they are combined cumulatively in the same order (a later
+change of the same kind - a smaller micro-batch, full after selective checkpointing - replaces
+the earlier one).
 Changes that would hand Adafactor flat partitions (ZeRO >= 1, or pipeline stages in bf16) are
 skipped unless optim.allow_flat_adafactor=true: the config refuses them too."""
 
 
-def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str]]]:
-    """(description, overrides) for each single change of FIX_ORDER that applies to `cfg`."""
+def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str], str]]:
+    """(description, overrides, kind) for each single change of FIX_ORDER that applies to `cfg`."""
     from .ds_config import resolve_parallel
 
     p = cfg.parallel
@@ -774,8 +874,9 @@ def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str]]]:
         base += [f"parallel.global_batch_size={d.global_batch_size}", "parallel.gradient_accumulation_steps=null"]
     else:
         base += ["parallel.gradient_accumulation_steps=null"]
-    out: list[tuple[str, list[str]]] = []
+    out: list[tuple[str, list[str], str]] = []
     for kind in FIX_ORDER:
+        n_before = len(out)
         if kind == "zero" and p.pipeline_stages == 1:
             for z in (1, 2):
                 if z > par.zero_stage:
@@ -785,8 +886,12 @@ def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str]]]:
             while mb >= 1:
                 out.append((f"parallel.micro_batch_size={mb}", [f"parallel.micro_batch_size={mb}"]))
                 mb //= 2
-        elif kind == "activation_checkpointing" and not p.activation_checkpointing:
-            out.append(("parallel.activation_checkpointing=true", ["parallel.activation_checkpointing=true"]))
+        elif kind == "activation_checkpointing":
+            policies = ["selective", "full"] if not p.activation_checkpointing else \
+                ["full"] if p.checkpoint_policy == "selective" else []
+            for pol in policies:
+                ov = ["parallel.activation_checkpointing=true", f"parallel.checkpoint_policy={pol}"]
+                out.append((" ".join(ov), ov))
         elif kind == "zero3" and p.pipeline_stages == 1 and par.zero_stage < 3:
             out.append(("parallel.zero_stage=3", ["parallel.zero_stage=3"]))
         elif kind == "pipeline_stages" and par.zero_stage <= 1:
@@ -802,7 +907,8 @@ def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str]]]:
         elif kind == "offload_param" and not par.offload_param and p.pipeline_stages == 1:
             out.append(("parallel.zero_stage=3 parallel.offload_optimizer=true parallel.offload_param=true",
                         ["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_param=true"]))
-    return [(desc, base + ov) for desc, ov in out]
+        out[n_before:] = [(desc, ov, kind) for desc, ov in out[n_before:]]
+    return [(desc, base + ov, kind) for desc, ov, kind in out]
 
 
 def find_fix(cfg, *, gpus: int, gpu: str, headroom: float = DEFAULT_HEADROOM, vocab: Optional[int] = None,
@@ -833,20 +939,21 @@ def find_fix(cfg, *, gpus: int, gpu: str, headroom: float = DEFAULT_HEADROOM, vo
         return new, p
 
     singles = _candidates(cfg, gpus, n_blocks)
-    tried = [desc for desc, _ in singles]
-    for desc, ov in singles:
+    tried = [desc for desc, _, _ in singles]
+    for desc, ov, _ in singles:
         _, p = attempt(cfg, ov)
         if p is not None and p["memory"]["fits"]:
             return _fix_result(desc, ov, p)
-    current, applied = cfg, []
-    for desc, ov in singles:
+    current, applied = cfg, {}  # kind -> description of the change of that kind kept so far
+    for desc, ov, kind in singles:
         new, p = attempt(current, ov)
         if p is None:
             continue
         current = new
-        applied.append(desc)
+        applied.pop(kind, None)
+        applied[kind] = desc
         if p["memory"]["fits"]:
-            return _fix_result(" + ".join(applied), _overrides_of(current), p)
+            return _fix_result(" + ".join(applied.values()), _overrides_of(current), p)
     reason = "no change in the planner's list fits"
     if keep_factored:
         reason += (" while keeping Adafactor factored (ZeRO >= 1 and bf16 pipeline stages hand it flat "
@@ -876,7 +983,8 @@ def _overrides_of(cfg) -> list[str]:
     return [f"parallel.zero_stage={p.zero_stage}", f"parallel.offload_optimizer={str(bool(p.offload_optimizer)).lower()}",
             f"parallel.offload_param={str(bool(p.offload_param)).lower()}", f"parallel.pipeline_stages={p.pipeline_stages}",
             f"parallel.micro_batch_size={p.micro_batch_size}",
-            f"parallel.activation_checkpointing={str(p.activation_checkpointing).lower()}"]
+            f"parallel.activation_checkpointing={str(p.activation_checkpointing).lower()}",
+            f"parallel.checkpoint_policy={p.checkpoint_policy}"]
 
 
 def _fix_result(desc: str, overrides: list[str], p: dict) -> dict:
@@ -918,7 +1026,7 @@ def format_plan(p: dict) -> str:
         f"engine     {par['precision']}, ZeRO-{par['zero_stage']}"
         + (" + optimizer offload" if par["offload_optimizer"] else "") + (" + param offload" if par["offload_param"] else "")
         + f", optimizer {par['optimizer']} under {par['optimizer_wrapper']}, activation checkpointing "
-        + ("on" if par["activation_checkpointing"] else "off") + f" (preset {par['ds_preset']})",
+        + (par["checkpoint_policy"] if par["activation_checkpointing"] else "off") + f" (preset {par['ds_preset']})",
         "",
         f"{'memory per GPU (GiB)':<32}" + "".join(f"{'stage ' + str(s['stage']):>10}" for s in mem["stages"]),
     ]
@@ -952,7 +1060,10 @@ def format_plan(p: dict) -> str:
     lines += [
         "",
         f"time       {t['flops_per_row'] / 1e12:.2f} TFLOP per row (model_zoo.train_flops), MFU {t['mfu']:.2f} "
-        f"[{t['mfu_source']}]" + (f", x{t['recompute_factor']:.3f} recompute" if t["recompute_factor"] != 1 else ""),
+        f"[{t['mfu_source']}]" + (f", x{t['recompute_factor']:.3f} recompute ({par['checkpoint_policy']} checkpointing"
+                                  + (f"; the MFU was measured with {t['mfu_checkpoint_policy']}"
+                                     if t["mfu_checkpoint_policy"] != "none" else "") + ")"
+                                  if t["recompute_factor"] != 1 else ""),
         f"           compute {t['compute_seconds']:.2f} s/step (incl. pipeline bubble {t['pipeline_bubble']:.1%}) + "
         f"communication {t['comm_seconds']:.2f} s ({t['comm_bytes_per_gpu'] / 1e9:.1f} GB/GPU, not overlapped: "
         + "; ".join(t["comm_detail"]) + ")" + (f" + offload {t['offload_seconds']:.2f} s" if t["offload_seconds"] else ""),
@@ -1034,6 +1145,7 @@ def reference_plan(gpus: int = 64, gpu: str = "h100-80gb", *, mfu: Optional[floa
                      "zero_stage": par["zero_stage"], "pipeline_stages": par["pipeline_stages"],
                      "micro_batch_size": par["micro_batch_size"],
                      "activation_checkpointing": par["activation_checkpointing"],
+                     "checkpoint_policy": par["checkpoint_policy"],
                      "peak_gib": chosen["memory"]["peak_gib"], "step_seconds": t["step_seconds"],
                      "tokens_per_second": t["tokens_per_second"], "wall_hours": t["wall_hours"],
                      "gpu_hours": t["gpu_hours"], "gpu_hours_overlapped": t["gpu_hours_overlapped"],
