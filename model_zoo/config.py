@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .loss import LOSS_IMPLS
+
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("geglu", "swiglu", "gelu")
 POSITIONS = ("rope", "t5_bias", "learned", "none")
@@ -44,6 +46,9 @@ COMMON_DEFAULTS = dict(
     attn_impl="auto",        # auto (flex on CUDA, SDPA on CPU) | reference | sdpa | flex
     dropout=0.0,             # residual-branch and embedding dropout (reference: 0 pretrain, 0.1 MT-F)
     z_loss=0.0,              # coefficient of log(Z)^2 added to the loss (reference: 1e-4)
+    loss_impl="auto",        # training loss (model_zoo/loss.py): auto (CUDA: liger, else chunked; CPU: dense) |
+                             # dense | chunked | liger; fused ones skip the logits (output logits=None)
+    loss_chunk_size=1024,    # loss_impl=chunked: rows per chunk (its fp32 logits: rows x vocab x 4 bytes)
     initializer_range=0.02,  # std of the normal init of linear and embedding weights
     pad_token_id=0,
     eos_token_id=1,
@@ -81,7 +86,8 @@ class _ArchscaleConfig(PretrainedConfig):
         _check_choice("position", self.position, POSITIONS)
         _check_choice("bidirectional_mode", self.bidirectional_mode, BIDIRECTIONAL_MODES)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
+        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "loss_chunk_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive integer")

@@ -10,6 +10,12 @@
 Packed rows: `segment_ids` (padding is its own segment) keep examples apart in every attention,
 cross-attention included, and positions restart in every example unless `position_ids` are
 given. Without segment ids, `attention_mask` (1 = token, 0 = padding) plays their role.
+
+Loss (model_zoo/loss.py): with labels, the output carries loss = ce_loss + z_loss * z_loss-term.
+In training mode (`model.train()`) with a fused `config.loss_impl` (chunked / liger; `auto` on
+CUDA) the LM head and the loss run fused and the output's `logits` is None: the [B, T, V] logits
+are never built. In eval mode, or without labels, or with loss_impl="dense" (and "auto" on CPU),
+the logits are computed and returned as always.
 """
 from __future__ import annotations
 
@@ -17,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -26,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from .blocks import Stack, positions_from_segments
 from .config import DecoderConfig, EncoderDecoderConfig
+from .loss import LMHead, lm_loss, resolve_impl, shift_labels  # noqa: F401 (lm_loss: public here too)
 
 # Keyword arguments that Hugging Face utilities pass and that these models accept and ignore.
 _IGNORED_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
@@ -52,20 +58,6 @@ LMOutput = dataclass(type("LMOutput", (ModelOutput,), {
 
 def _output(cache, **fields) -> LMOutput:
     return LMOutput(**fields, **{_CACHE_FIELD: cache})
-
-
-def lm_loss(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean cross-entropy over labels != -100, plus z_loss * mean(logsumexp(logits)^2) over the
-    same tokens (PaLM / the reference experiment's z-loss keeps the softmax normaliser near 1)."""
-    logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V) fp32
-    labels = labels.reshape(-1)
-    ce = F.cross_entropy(logits, labels, ignore_index=-100)
-    if z_loss == 0:
-        zero = ce.new_zeros(())
-        return ce, ce, zero
-    keep = labels != -100
-    z = (torch.logsumexp(logits[keep], dim=-1) ** 2).mean() if keep.any() else ce.new_zeros(())
-    return ce + z_loss * z, ce, z
 
 
 def _key_tensors(segment_ids, attention_mask, position_ids, past: int, t: int, b: int, device,
@@ -102,10 +94,35 @@ class _PreTrained(PreTrainedModel):
     _supports_flex_attn = True
     _no_split_modules = ["Block"]
 
-    def _lm_logits(self, hidden: Tensor) -> Tensor:
+    def _head_input(self, hidden: Tensor) -> Tensor:
         if self.config.tie_embeddings and self.config.scale_tied_logits:
             hidden = hidden * self.config.d_model ** -0.5  # t5x: logits through the embedding are rescaled
-        return self.lm_head(hidden)  # (B, T, V)
+        return hidden
+
+    def _lm_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self._head_input(hidden))  # (B, T, V)
+
+    def _head_and_loss(self, hidden: Tensor, labels: Optional[Tensor], shift: bool):
+        """(logits, loss, ce, z) of the final hidden states [B, T, D]. `shift`: decoder labels
+        (position t predicts labels[t + 1]). In training mode with labels and a fused loss_impl
+        (model_zoo/loss.py), the loss comes from the hidden states and the logits are None;
+        otherwise the logits [B, T, V] are computed and the loss (if labels) is lm_loss of them."""
+        impl = resolve_impl(self.config.loss_impl, hidden.device)
+        if labels is None or not self.training or impl == "dense":
+            logits = self._lm_logits(hidden)
+            if labels is None:
+                return logits, None, None, None
+            if shift:
+                logits_, labels = logits[:, :-1], labels[:, 1:]  # predict the next token
+            else:
+                logits_ = logits  # labels aligned with outputs (T5)
+            return (logits, *lm_loss(logits_, labels, self.config.z_loss))
+        if shift:
+            labels = shift_labels(labels)  # [B, T]: the last position predicts nothing
+        h = self._head_input(hidden)
+        loss, ce, z = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1), z_loss=self.config.z_loss,
+                                   impl=impl, chunk_size=self.config.loss_chunk_size)
+        return None, loss, ce, z
 
 
 # ============================================================================ decoder: CD / ND
@@ -136,7 +153,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -179,10 +196,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
         hidden = stack.embed_tokens(input_ids)  # (B, T, D)
         ctx = stack.build_context(hidden, segments=seg, positions=pos, bidirectional=bidir, offset=past, cache=cache)
         hidden = stack.run(hidden, ctx, pos[:, past:])
-        logits = self._lm_logits(hidden)
-        loss = ce = z = None
-        if labels is not None:
-            loss, ce, z = lm_loss(logits[:, :-1], labels[:, 1:], self.config.z_loss)  # predict the next token
+        logits, loss, ce, z = self._head_and_loss(hidden, labels, shift=True)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z)
 
     def generate(self, input_ids: Optional[Tensor] = None, **kwargs):
@@ -235,7 +249,7 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config, self.shared)
         self.decoder = Stack(config, causal=True, cross=True, rel_bidirectional=False)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -305,8 +319,5 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
                                          cache=self_cache, encoder_hidden=enc, encoder_segments=enc_seg,
                                          cross_segments=cross_seg)
         hidden = self.decoder.run(hidden, ctx, pos[:, past:])
-        logits = self._lm_logits(hidden)
-        loss = ce = z = None
-        if labels is not None:
-            loss, ce, z = lm_loss(logits, labels, self.config.z_loss)  # labels aligned with outputs (T5)
+        logits, loss, ce, z = self._head_and_loss(hidden, labels, shift=False)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z, encoder_last_hidden_state=enc)

@@ -69,6 +69,12 @@ class ModelConfig:
     (reference: 1e-4). It lives here, not in ``optim``: it is a term of the loss, which the model
     (or the pipeline's last stage) computes from its logits; the optimizer only ever sees
     gradients, and objectives only produce labels (the model never knows the objective)."""
+    loss_impl: Literal["auto", "dense", "chunked", "liger"] = "auto"
+    """How the training loss is computed from the last hidden states (docs/model_zoo.md):
+    dense = full logits then cross-entropy (the reference); chunked = fused head + loss in
+    chunks of ``model.overrides.loss_chunk_size`` rows, never the [tokens, vocab] fp32 logits;
+    liger = liger-kernel's fused kernel (CUDA, ``pip install archscale[gpu]``); auto = liger on
+    CUDA if installed, else chunked on CUDA, dense on CPU. Eval always computes the logits."""
 
 
 @dataclass

@@ -38,8 +38,10 @@ tensors get no gradient. Masks are never sent: every stage rebuilds them from th
 tensors with model_zoo's own `Stack.build_context`, once per stack, stage and micro-batch
 (`ContextCache`).
 
-Loss on the last stage: model_zoo.models.lm_loss (cross-entropy + z-loss); decoders shift it
-(logits[:, :-1] vs labels[:, 1:]), ED does not (T5).
+Loss on the last stage: model_zoo.loss (cross-entropy + z-loss); decoders shift it (logits[:, :-1]
+vs labels[:, 1:]), ED does not (T5). In training with a fused `loss_impl` (chunked / liger, see
+docs/model_zoo.md) the head layer hands the loss `(hidden, head weight)` instead of the logits,
+and the loss runs model_zoo's linear_cross_entropy on them, as the unpipelined model does.
 
 Public API (see docs/pipeline.md): `check_pipeline`, `pipeline_layers`, `build_pipeline_module`,
 `initialize_pipeline_engine`, `batch_to_pipeline`, `pipeline_batches`, `ArchscalePipeline`
@@ -63,7 +65,7 @@ from torch import Tensor, nn
 
 from model_zoo.blocks import Block, RelativePositionBias, Stack, StackContext, make_norm, positions_from_segments
 from model_zoo.masks import PositionBias
-from model_zoo.models import lm_loss
+from model_zoo.loss import linear_cross_entropy, lm_loss, resolve_impl, shift_labels
 
 TIED_KEY = "embed"  # the TiedLayerSpec key of the token embedding (shared with the LM head / ED decoder)
 COUNT_KEYS = ("num_tokens", "num_target_tokens", "num_documents")  # batch accounting, not model inputs
@@ -233,27 +235,36 @@ class EmbedFn:
         return module.embed(inputs, self.carry_in, self.carry_out, self.ids_field)
 
 
+def _head_output(module: nn.Module, hidden: Tensor, weight: Tensor, loss_impl: str):
+    """The last layer's output: logits [B, T, V], or (hidden [B, T, D], weight [V, D]) for
+    PipelineLoss to fuse head and loss (training with a fused loss_impl, as model_zoo's models)."""
+    if module.training and resolve_impl(loss_impl, hidden.device) != "dense":
+        return hidden, weight
+    return F.linear(hidden, weight)  # (B, T, V)
+
+
 class HeadFn:
     """forward_fn of the tied embedding as the LM head: logits = (hidden x scale) E^T."""
 
-    def __init__(self, scale: Optional[float]):
-        self.scale = scale
+    def __init__(self, scale: Optional[float], loss_impl: str = "dense"):
+        self.scale, self.loss_impl = scale, loss_impl
 
     def __call__(self, module: TokenEmbedding, inputs):
         hidden = _HIDDEN.unpack(inputs)["hidden"]
         if self.scale is not None:
             hidden = hidden * self.scale  # t5x: logits through the embedding are rescaled
-        return F.linear(hidden, module.weight)  # (B, T, V)
+        return _head_output(module, hidden, module.weight, self.loss_impl)
 
 
 class LMHead(nn.Linear):
     """Untied LM head (parameter `weight`, model key lm_head.weight)."""
 
-    def __init__(self, d_model: int, vocab_size: int):
+    def __init__(self, d_model: int, vocab_size: int, loss_impl: str = "dense"):
         super().__init__(d_model, vocab_size, bias=False)
+        self.loss_impl = loss_impl
 
     def forward(self, inputs):
-        return super().forward(_HIDDEN.unpack(inputs)["hidden"])  # (B, T, V)
+        return _head_output(self, _HIDDEN.unpack(inputs)["hidden"], self.weight, self.loss_impl)
 
 
 class StackInput(nn.Module):
@@ -316,20 +327,30 @@ class FinalNorm(nn.Module):
 
 
 class PipelineLoss:
-    """The last stage's loss: model_zoo's lm_loss (cross-entropy + z-loss), shifted for decoders."""
+    """The last stage's loss: model_zoo's lm_loss (cross-entropy + z-loss) of the logits, or its
+    fused linear_cross_entropy of (hidden, head weight); shifted for decoders."""
 
-    def __init__(self, z_loss: float, shift: bool):
-        self.z_loss, self.shift = z_loss, shift
+    def __init__(self, z_loss: float, shift: bool, loss_impl: str = "dense", chunk_size: int = 1024):
+        self.z_loss, self.shift, self.loss_impl, self.chunk_size = z_loss, shift, loss_impl, chunk_size
         self.__name__ = "lm_loss_shifted" if shift else "lm_loss"
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, outputs, labels: Tensor) -> Tensor:
+        if isinstance(outputs, tuple):  # fused: (hidden [B, T, D], weight [V, D]) from the head layer
+            hidden, weight = outputs
+            if self.shift:
+                labels = shift_labels(labels)  # [B, T]: the last position predicts nothing
+            return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                        self.z_loss, resolve_impl(self.loss_impl, hidden.device),
+                                        self.chunk_size)[0]
+        logits = outputs
         if self.shift:
             logits, labels = logits[:, :-1], labels[:, 1:]  # predict the next token
         return lm_loss(logits, labels, self.z_loss)[0]
 
 
 def pipeline_loss(config) -> PipelineLoss:
-    return PipelineLoss(config.z_loss, shift=config.arch != "ed")
+    return PipelineLoss(config.z_loss, shift=config.arch != "ed", loss_impl=config.loss_impl,
+                        chunk_size=config.loss_chunk_size)
 
 
 # ================================================================================== the plan
@@ -371,10 +392,10 @@ def _append_head(config, specs: list, prefixes: list, embed_args: tuple, embed_p
     own matrix."""
     if config.tie_embeddings:
         scale = config.d_model ** -0.5 if config.scale_tied_logits else None
-        specs.append(TiedLayerSpec(TIED_KEY, TokenEmbedding, *embed_args, forward_fn=HeadFn(scale)))
+        specs.append(TiedLayerSpec(TIED_KEY, TokenEmbedding, *embed_args, forward_fn=HeadFn(scale, config.loss_impl)))
         prefixes.append(embed_prefixes)
     else:
-        specs.append(LayerSpec(LMHead, config.d_model, config.vocab_size))
+        specs.append(LayerSpec(LMHead, config.d_model, config.vocab_size, config.loss_impl))
         prefixes.append(("lm_head.",))
 
 

@@ -73,7 +73,7 @@ class ArchSpec:
 
     @staticmethod
     def _options(model_cfg, vocab_size: int | None) -> dict:
-        options = {"attn_impl": model_cfg.attn_impl, "z_loss": model_cfg.z_loss}
+        options = {"attn_impl": model_cfg.attn_impl, "z_loss": model_cfg.z_loss, "loss_impl": model_cfg.loss_impl}
         if vocab_size is not None:
             options["vocab_size"] = vocab_size
         return {**options, **model_cfg.overrides}  # explicit overrides win
