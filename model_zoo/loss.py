@@ -57,8 +57,9 @@ def lm_loss(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tens
     if z_loss == 0:
         zero = ce.new_zeros(())
         return ce, ce, zero
-    keep = labels != IGNORE_INDEX
-    z = (torch.logsumexp(logits[keep], dim=-1) ** 2).mean() if keep.any() else ce.new_zeros(())
+    # masked mean without boolean indexing or a branch on the data: no host synchronisation
+    keep = (labels != IGNORE_INDEX).float()
+    z = (torch.logsumexp(logits, dim=-1).square() * keep).sum() / keep.sum().clamp(min=1.0)
     return ce + z_loss * z, ce, z
 
 

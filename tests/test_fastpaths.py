@@ -171,3 +171,32 @@ def test_trainer_with_compiled_blocks_and_selective_checkpointing_follows_the_ea
     assert sorted(eager) == [1, 2, 3]
     for step in eager:
         assert fast[step] == pytest.approx(eager[step], abs=1e-5)
+
+
+def test_compile_with_zero3_is_refused_before_any_work():
+    from train.config import ConfigError, derive, load_config
+
+    cfg = load_config(None, ["model.compile=true", "parallel.zero_stage=3", "schedule.max_steps=10"])
+    with pytest.raises(ConfigError, match="model.compile=true with ZeRO-3"):
+        derive(cfg, 1)
+    derive(load_config(None, ["model.compile=true", "parallel.zero_stage=2", "schedule.max_steps=10"]), 1)
+
+
+@pytest.mark.parametrize("arch", ["nd", "ed"])
+def test_pipeline_layers_take_selective_checkpointing(arch):
+    """The pipeline's BlockLayers are Blocks: prepare_blocks reaches them (train.engine does so
+    on every stage), and the chain with selective checkpointing equals the model."""
+    from test_pipeline import VARIANTS, model_and_batch, reference
+    from train.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
+
+    model, batch = model_and_batch(arch, **VARIANTS[1])  # RoPE, mixed-direction layers
+    ref, ref_grads = reference(model, batch)
+    pipe = LocalPipeline(model.config)
+    pipe.load_model_state_dict(model.state_dict())
+    assert prepare_blocks(pipe, "selective") == model.config.n_layers * (2 if arch == "ed" else 1)
+    inputs, labels = batch_to_pipeline(batch, model.config)
+    loss = pipeline_loss(model.config)(pipe(inputs), labels)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.loss, rtol=0, atol=1e-6)
+    for k, p in pipe.named_model_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=0, atol=1e-6, msg=k)

@@ -758,6 +758,10 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     if par.zero_stage >= 2 and stages > 1:
         raise ConfigError(f"ZeRO stage {par.zero_stage} with parallel.pipeline_stages={stages}: DeepSpeed's "
                           f"pipeline engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")
+    if cfg.model.compile and par.zero_stage == 3:
+        raise ConfigError("model.compile=true with ZeRO-3: DeepSpeed gathers ZeRO-3 parameters in module hooks "
+                          "that a compiled block would trace through; use parallel.zero_stage=1 or 2, or "
+                          "model.compile=false")
     if world_size % stages:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.pipeline_stages={stages}: "
                           f"use a number of processes that is a multiple of {stages}")
