@@ -265,17 +265,25 @@ def release(s: Shapes) -> None:
     reset_mem(s.device)
 
 
-def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None) -> list[Row]:
-    """Every ModelSpec through the real step: DeepSpeed engine, optimizer step included."""
+def model_steps(s: Shapes, names: Optional[set]):
+    """(spec, engine, batch, tokens, flops, params) for each selected ModelSpec in turn, the
+    previous engine released before the next is built."""
     from train import engine as eng
 
     dist = eng.setup_distributed()
-    rows = []
     for spec in s.models:
         if names and spec.name not in names:
             continue
         release(s)
-        engine, batch, tokens, flops, params = build_step(spec, s, dist)
+        yield (spec, *build_step(spec, s, dist))
+
+
+def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None) -> list[Row]:
+    """Every ModelSpec through the real step: DeepSpeed engine, optimizer step included."""
+    from train import engine as eng
+
+    rows = []
+    for spec, engine, batch, tokens, flops, params in model_steps(s, names):
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)
         tf = flops / ms / 1e9
         shape = f"{spec.seq}" if spec.arch != "ed" else f"{spec.ed_in}/{spec.ed_out}"

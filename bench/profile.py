@@ -52,18 +52,13 @@ def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> lis
 
     from train import engine as eng
 
-    from .__main__ import build_step, release
+    from .__main__ import model_steps
 
     cuda = s.device == "cuda"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dist = eng.setup_distributed()
     summaries = []
-    for spec in s.models:
-        if names and spec.name not in names:
-            continue
-        release(s)
-        engine, batch, tokens, flops, _ = build_step(spec, s, dist)
+    for spec, engine, batch, *_ in model_steps(s, names):
         for _ in range(s.warmup):
             eng.train_step(engine, [batch])
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
