@@ -523,8 +523,74 @@ def layer_selective_bytes(config, tokens: int, batch: int, a: float, *, cross_to
     return kept, shared
 
 
+def resolve_loss_impl(loss_impl: str, device: str = "cuda") -> str:
+    """The loss implementation a model runs for `loss_impl` on `device`, as the model resolves it
+    (model_zoo.loss.resolve_impl): auto = liger on CUDA when liger-kernel imports (here, where the
+    planner runs: install the `gpu` extra here too, or set model.loss_impl), else chunked on
+    CUDA; dense on CPU."""
+    from model_zoo.loss import resolve_impl
+
+    return resolve_impl(loss_impl, device)
+
+
+def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
+    """Bytes of the LM head + loss for `tokens` = B x T positions (model_zoo/loss.py), by the
+    resolved loss implementation `impl`, V = vocab, D = d_model, a = activation / weight bytes:
+
+    dense: the logits [N, V] a N V kept by the model output + their fp32 log-softmax 4 N V
+      (F.cross_entropy) + with z-loss 4 N V: logsumexp saves its fp32 input (a copy made by the
+      upcast, or by the decoder's shifted reshape; an fp32 ED model's own logits, counted already);
+      working: the logits' gradient, (4 + a) N V. Norm before it: as a block's norm (its output
+      is the head matmul's saved input).
+    chunked / liger (training; fused head + loss, the gradients computed in the forward): saved
+      = grad_hidden a N D + grad_weight a V D (ChunkedLinearCrossEntropy / liger's function save
+      only these; no logits, no head input); the norm before it keeps (4 + a) N D + 4 N (its
+      output is not saved). working, during the loss's forward, over what is saved afterwards:
+        the head input, alive but not saved: a N D (+ a N D more for its t5x rescaled copy when
+          the head is the tied embedding with scale_tied_logits),
+        + (4 - a) V D: the fp32 grad_weight accumulator beside the a V D copy that is kept
+          (fp32: the accumulator is that copy),
+        + the largest of the loss's own transients, C = min(loss_chunk_size, N) rows per chunk,
+          c = 4 + a bytes per logit (fp32 logits, then the softmax gradient cast to the dtype;
+          fp32: c = 4, one tensor):
+          chunked: the previous chunk's logits are still referenced while the next ones are made
+            (Python names), 2 c C V with more than one chunk (c C V with one); while the chunk's
+            gradient is multiplied out, c C V + max(a C D, a V D) (a V D: bf16's g^T h product
+            before it is added to the fp32 accumulator; fp32 adds in place); at the final cast
+            of grad_weight to the dtype, a V D + c C_last V.
+          liger (read from liger-kernel's fused_linear_cross_entropy_forward, accum_dtype fp32
+            as model_zoo asks for it): chunks of C = min(N, next_pow2(ceil(N / ceil(V / D)))) rows,
+            one chunk's logits in the dtype (its gradient written in place) + a C D, or the cast
+            copy a V D. Not measured here (CUDA only).
+    Returns {"saved", "working", "norm"}: norm = the bytes the norm before the head keeps."""
+    c = config
+    N, D, V = float(tokens), c.d_model, c.vocab_size
+    full_norm = (4 + 2 * a) * N * D + 4 * N
+    if impl == "dense":
+        z = 4 * N * V if c.z_loss > 0 and not (a == 4 and c.arch == "ed") else 0.0
+        return {"saved": (a + 4) * N * V + z, "working": (4 + a) * N * V, "norm": full_norm}
+    if impl not in ("chunked", "liger"):
+        raise ValueError(f"loss_impl {impl!r} is not valid here; choose one of dense, chunked, liger "
+                         f"(resolve auto with resolve_loss_impl)")
+    head_in = a * N * D * (2 if c.tie_embeddings and c.scale_tied_logits else 1)
+    low = a < 4  # bf16: a separate fp32 accumulator and a cast copy
+    if impl == "chunked":
+        C = min(int(c.loss_chunk_size), int(N))
+        last = int(N) - (math.ceil(N / C) - 1) * C
+        per = (4 + a) if low else 4.0
+        loss = max((2 if N > C else 1) * per * C * V,
+                   per * C * V + max(a * C * D, a * V * D if low else 0.0),
+                   (a * V * D + per * last * V) if low else 0.0)
+    else:
+        rows = math.ceil(N / math.ceil(V / D))
+        C = min(int(N), 1 << (rows - 1).bit_length())  # triton.next_power_of_2(rows), at most N
+        loss = max(a * C * V + a * C * D, a * V * D if low else 0.0)
+    return {"saved": a * N * D + a * V * D, "working": head_in + (4 - a) * V * D + loss,
+            "norm": (4 + a) * N * D + 4 * N}
+
+
 def activation_bytes(config, lengths: Lengths, batch: int, precision: str, checkpointing,
-                     layers: Sequence[int], attn_impl: str = "auto") -> dict:
+                     layers: Sequence[int], attn_impl: str = "auto", device: str = "cuda") -> dict:
     """Activation bytes of one micro-batch on the pipeline layers `layers` (all: no pipeline).
 
     checkpointing: "none" / False, "full" / True, or "selective" (parallel.checkpoint_policy).
@@ -536,10 +602,12 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
       its saved size), plus its recomputed activations under checkpointing (full: all of them;
       selective: those not kept, layer_activation_bytes - shared); or the loss: the logits'
       gradient, (4 + a) B T V.
-    Stack-level tensors: nothing for the embedding (the first norm keeps its own fp32 copy); each
-    final norm as a block's norm ((4 + 2a) B T D + 4 B T: its output is the head's input, or the
-    ED encoder output every decoder layer reads); the logits: a B T V kept by the model output +
-    4 B T V fp32 log-softmax output + (z_loss > 0) 4 B T V fp32 copy saved by log-sum-exp.
+    Stack-level tensors: nothing for the embedding (the first norm keeps its own fp32 copy); the
+    ED encoder's final norm as a block's norm ((4 + 2a) B T D + 4 B T: its output is what every
+    decoder layer reads); the head, its loss and the norm before it: head_loss_bytes, by
+    config.loss_impl as the model resolves it on `device` (the plan's: "cuda"; "cpu" for what a CPU
+    run does): dense keeps the logits and their fp32 log-softmax, chunked / liger keep the two
+    gradients they compute in the forward.
     tests/test_plan.py checks all of this against the tensors autograd saves on CPU.
     """
     if checkpointing is True or checkpointing is False:
@@ -548,21 +616,22 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
         raise ValueError(f"activation checkpointing {checkpointing!r} is not valid; choose one of "
                          f"{', '.join(CHECKPOINT_POLICIES)}")
     a = 2.0 if precision == "bf16" else 4.0
-    c, B, D, V = config, batch, config.d_model, config.vocab_size
+    c, B, D = config, batch, config.d_model
     L = c.n_layers
     dense = attn_impl == "reference"
     layers = set(layers)
     saved = working = 0.0
+    head = head_loss_bytes(c, B * lengths.decoder, a, resolve_loss_impl(getattr(c, "loss_impl", "dense"), device))
     if c.arch == "ed":
         Ti, To = lengths.encoder, lengths.decoder
         # pipeline layer index -> (kind, tokens)
         kinds = {0: ("embed", Ti), 1: ("input", Ti), L + 2: ("norm", Ti), L + 3: ("embed", To), L + 4: ("input", To),
-                 2 * L + 5: ("norm", To), 2 * L + 6: ("head", To)}
+                 2 * L + 5: ("head_norm", To), 2 * L + 6: ("head", To)}
         kinds.update({2 + i: ("enc", Ti) for i in range(L)})
         kinds.update({L + 5 + i: ("dec", To) for i in range(L)})
     else:
         T = lengths.decoder
-        kinds = {0: ("embed", T), 1: ("input", T), L + 2: ("norm", T), L + 3: ("head", T)}
+        kinds = {0: ("embed", T), 1: ("input", T), L + 2: ("head_norm", T), L + 3: ("head", T)}
         kinds.update({2 + i: ("dec_only", T) for i in range(L)})
     for i in sorted(layers):
         kind, T = kinds[i]
@@ -581,9 +650,11 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
                 working = max(working, full)
         elif kind == "norm":
             saved += (4 + 2 * a) * B * T * D + 4 * B * T
+        elif kind == "head_norm":
+            saved += head["norm"]
         elif kind == "head":
-            saved += (a + 4 + (4 if c.z_loss > 0 else 0)) * B * T * V
-            working = max(working, (4 + a) * B * T * V)
+            saved += head["saved"]
+            working = max(working, head["working"])
     return {"saved": saved, "working": working}
 
 
@@ -682,6 +753,10 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     flat = adafactor_is_flat(wrapper)
     usable = g.memory_gib * GIB * (1 - headroom)
     policy = cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none"
+    try:
+        loss_impl = resolve_loss_impl(model_config.loss_impl, "cuda")
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     if policy not in CHECKPOINT_POLICIES:
         raise PlanError(f"parallel.checkpoint_policy={cfg.parallel.checkpoint_policy!r} is not valid; choose one of "
                         f"full, selective")
@@ -753,7 +828,9 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     plan = {
         "schema": 1,
         "model": {"arch": cfg.model.arch, "size": cfg.model.size, "parameters": P_total,
-                  "vocab_size": model_config.vocab_size, "layers": n_blocks, "largest_layer_parameters": largest},
+                  "vocab_size": model_config.vocab_size, "layers": n_blocks, "largest_layer_parameters": largest,
+                  "loss_impl": model_config.loss_impl, "loss_impl_resolved": loss_impl,
+                  "loss_chunk_size": model_config.loss_chunk_size},
         "objective": {"name": cfg.objective.name, "encoder_tokens": lengths.encoder, "decoder_tokens": lengths.decoder,
                       "tokens_per_row": d.tokens_per_sequence},
         "hardware": {"gpu": g.name, "gpus": gpus, "memory_gib": g.memory_gib, "peak_tflops": g.peak_tflops,
@@ -1017,7 +1094,9 @@ def format_plan(p: dict) -> str:
             else f"{ob['decoder_tokens']} tokens")
     lines = [
         f"model      {m['arch'].upper()} {m['size']}: {m['parameters']:,} parameters (vocab {m['vocab_size']}, "
-        f"{m['layers']} blocks); objective {ob['name']} ({toks} per row)",
+        f"{m['layers']} blocks); objective {ob['name']} ({toks} per row); loss {m['loss_impl_resolved']}"
+        + (" (auto on CUDA)" if m["loss_impl"] == "auto" else "")
+        + (f", chunks of {m['loss_chunk_size']} rows" if m["loss_impl_resolved"] == "chunked" else ""),
         f"hardware   {h['gpus']} x {h['gpu']}: {h['memory_gib']} GiB, {h['peak_tflops']:g} TFLOP/s bf16 dense, "
         f"{h['interconnect_gbs']:g} GB/s {h['interconnect']}",
         f"layout     {par['pipeline_stages']} pipeline stage(s) x {par['data_parallel']} data-parallel; micro-batch "
