@@ -75,14 +75,20 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation `impl` runs as on `device` ("auto" -> liger / chunked / dense)."""
+def resolve_impl(impl: str, device: torch.device, tokens: Optional[int] = None,
+                 d_model: Optional[int] = None) -> str:
+    """The implementation `impl` runs as on `device` ("auto" -> liger / chunked / dense) for a
+    loss over `tokens` rows of width `d_model` (when given)."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss_impl={impl!r} is not valid; choose one of {', '.join(LOSS_IMPLS)}")
     if impl != "auto":
         return impl
     if torch.device(device).type != "cuda":
         return "dense"  # CPU: exactly today's numbers; memory is not what limits a CPU run
+    if tokens is not None and d_model is not None and tokens < d_model:
+        # few tokens (an ED decoder of 114 x a small micro-batch): their (4 + a) x tokens x V
+        # logits take less memory than the fused path's [V, D] weight gradient and accumulator
+        return "dense"
     return "liger" if liger_available() else "chunked"
 
 
@@ -95,7 +101,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss:
             or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy wants hidden [N, D], weight [V, D], labels [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, hidden.shape[0], hidden.shape[1])
     if impl == "dense":
         return lm_loss(F.linear(hidden, weight), labels, z_loss)  # (N, V) logits
     if impl == "liger":
@@ -150,6 +156,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(g.t(), h)  # (V, D)
                 else:
                     grad_weight += g.t() @ h
+            del x, g  # free this chunk's [C, V] before the next one's matmul: one chunk alive at a time
         ce = ce_sum / n_valid  # all ignored: 0 / 0 = nan, like F.cross_entropy
         z = z_sum / n_valid.clamp(min=1)  # all ignored: 0, like lm_loss
         loss = ce + z_loss * z if z_loss else ce.clone()

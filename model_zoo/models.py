@@ -107,7 +107,7 @@ class _PreTrained(PreTrainedModel):
         (position t predicts labels[t + 1]). In training mode with labels and a fused loss_impl
         (model_zoo/loss.py), the loss comes from the hidden states and the logits are None;
         otherwise the logits [B, T, V] are computed and the loss (if labels) is lm_loss of them."""
-        impl = resolve_impl(self.config.loss_impl, hidden.device)
+        impl = resolve_impl(self.config.loss_impl, hidden.device, hidden.shape[0] * hidden.shape[1], hidden.shape[-1])
         if labels is None or not self.training or impl == "dense":
             logits = self._lm_logits(hidden)
             if labels is None:

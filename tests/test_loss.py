@@ -171,6 +171,10 @@ def test_models_equal_across_loss_impl(arch, opts):
 def test_auto_is_dense_on_cpu_and_liger_needs_cuda():
     assert resolve_impl("auto", torch.device("cpu")) == "dense"
     assert resolve_impl("chunked", torch.device("cuda")) == "chunked"
+    # few tokens (fewer than d_model): dense logits take less memory than the fused [V, D] buffers
+    assert resolve_impl("auto", torch.device("cuda"), tokens=456, d_model=4096) == "dense"
+    assert resolve_impl("auto", torch.device("cuda"), tokens=8192, d_model=4096) in ("chunked", "liger")
+    assert resolve_impl("chunked", torch.device("cuda"), tokens=8, d_model=4096) == "chunked"  # explicit wins
     h, w, y = problem()
     with pytest.raises(RuntimeError, match="loss_impl='liger' needs CUDA"):
         linear_cross_entropy(h, w, y, 0.0, "liger")

@@ -355,7 +355,10 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
             assert pred["saved"] == pytest.approx(saved, rel=0.01), (precision, chunk, saved, pred["saved"])
             head = plan.head_loss_bytes(model.config, B * T, a, "chunked")
             assert head["saved"] == a * B * T * 64 + a * 512 * 64
-            assert head["working"] == pytest.approx(m.peak - saved, rel=0.02), (precision, chunk, m.peak - saved)
+            # + up to 2 KiB: a chunk's per-row fp32 vectors (lse, row weights, gathered logits),
+            # tens of bytes per row, not modelled
+            assert head["working"] == pytest.approx(m.peak - saved, rel=0.02, abs=2048), \
+                (precision, chunk, m.peak - saved)
             assert pred["working"] >= head["working"]
             out.loss.backward()
     # the planner resolves auto as a CUDA model does; dense keeps the logits, fused does not
@@ -370,6 +373,13 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
     assert dense["saved"] - fused["saved"] == pytest.approx((2 + 4) * N * V - 2 * V * D)
     with pytest.raises(ValueError, match="choose one of auto, dense, chunked, liger"):
         plan.resolve_loss_impl("fused")
+    # an ED decoder of 114 tokens x 4 rows (< d_model): auto stays dense on CUDA too, as the model does
+    assert plan.resolve_loss_impl("auto", "cuda", 4 * 114, config.d_model) == "dense"
+    ed = model_zoo.make_config("ed", "11b")
+    Led = plan.Lengths(decoder=114, encoder=512)
+    layers_ed = range(len(plan.param_shapes(ed)))
+    assert plan.activation_bytes(ed, Led, 4, "bf16", "none", layers_ed) == \
+        plan.activation_bytes(ed, Led, 4, "bf16", "none", layers_ed, device="cpu")
 
 
 def test_loss_impl_in_plan_output_and_memory(capsys):

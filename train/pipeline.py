@@ -238,7 +238,8 @@ class EmbedFn:
 def _head_output(module: nn.Module, hidden: Tensor, weight: Tensor, loss_impl: str):
     """The last layer's output: logits [B, T, V], or (hidden [B, T, D], weight [V, D]) for
     PipelineLoss to fuse head and loss (training with a fused loss_impl, as model_zoo's models)."""
-    if module.training and resolve_impl(loss_impl, hidden.device) != "dense":
+    if module.training and resolve_impl(loss_impl, hidden.device, hidden.shape[0] * hidden.shape[1],
+                                        hidden.shape[-1]) != "dense":
         return hidden, weight
     return F.linear(hidden, weight)  # (B, T, V)
 
@@ -340,7 +341,8 @@ class PipelineLoss:
             if self.shift:
                 labels = shift_labels(labels)  # [B, T]: the last position predicts nothing
             return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                        self.z_loss, resolve_impl(self.loss_impl, hidden.device),
+                                        self.z_loss, resolve_impl(self.loss_impl, hidden.device,
+                                                                  hidden.shape[0] * hidden.shape[1], hidden.shape[-1]),
                                         self.chunk_size)[0]
         logits = outputs
         if self.shift:

@@ -523,14 +523,15 @@ def layer_selective_bytes(config, tokens: int, batch: int, a: float, *, cross_to
     return kept, shared
 
 
-def resolve_loss_impl(loss_impl: str, device: str = "cuda") -> str:
+def resolve_loss_impl(loss_impl: str, device: str = "cuda", tokens: Optional[int] = None,
+                      d_model: Optional[int] = None) -> str:
     """The loss implementation a model runs for `loss_impl` on `device`, as the model resolves it
     (model_zoo.loss.resolve_impl): auto = liger on CUDA when liger-kernel imports (here, where the
     planner runs: install the `gpu` extra here too, or set model.loss_impl), else chunked on
-    CUDA; dense on CPU."""
+    CUDA, or dense for fewer tokens per micro-batch than d_model; dense on CPU."""
     from model_zoo.loss import resolve_impl
 
-    return resolve_impl(loss_impl, device)
+    return resolve_impl(loss_impl, device, tokens, d_model)
 
 
 def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
@@ -553,11 +554,10 @@ def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
         + the largest of the loss's own transients, C = min(loss_chunk_size, N) rows per chunk,
           c = 4 + a bytes per logit (fp32 logits, then the softmax gradient cast to the dtype;
           fp32: c = 4, one tensor):
-          chunked: the previous chunk's logits are still referenced while the next ones are made
-            (Python names), 2 c C V with more than one chunk (c C V with one); while the chunk's
-            gradient is multiplied out, c C V + max(a C D, a V D) (a V D: bf16's g^T h product
-            before it is added to the fp32 accumulator; fp32 adds in place); at the final cast
-            of grad_weight to the dtype, a V D + c C_last V.
+          chunked: one chunk alive at a time (the loop frees each chunk's logits before the
+            next matmul); while the chunk's gradient is multiplied out, c C V + max(a C D, a V D)
+            (a V D: bf16's g^T h product before it is added to the fp32 accumulator; fp32 adds in
+            place); at the final cast of grad_weight to the dtype, a V D + c C_last V.
           liger (read from liger-kernel's fused_linear_cross_entropy_forward, accum_dtype fp32
             as model_zoo asks for it): chunks of C = min(N, next_pow2(ceil(N / ceil(V / D)))) rows,
             one chunk's logits in the dtype (its gradient written in place) + a C D, or the cast
@@ -578,8 +578,7 @@ def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
         C = min(int(c.loss_chunk_size), int(N))
         last = int(N) - (math.ceil(N / C) - 1) * C
         per = (4 + a) if low else 4.0
-        loss = max((2 if N > C else 1) * per * C * V,
-                   per * C * V + max(a * C * D, a * V * D if low else 0.0),
+        loss = max(per * C * V + max(a * C * D, a * V * D if low else 0.0),
                    (a * V * D + per * last * V) if low else 0.0)
     else:
         rows = math.ceil(N / math.ceil(V / D))
@@ -621,7 +620,8 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
     dense = attn_impl == "reference"
     layers = set(layers)
     saved = working = 0.0
-    head = head_loss_bytes(c, B * lengths.decoder, a, resolve_loss_impl(getattr(c, "loss_impl", "dense"), device))
+    head = head_loss_bytes(c, B * lengths.decoder, a, resolve_loss_impl(getattr(c, "loss_impl", "dense"), device,
+                                                                       B * lengths.decoder, c.d_model))
     if c.arch == "ed":
         Ti, To = lengths.encoder, lengths.decoder
         # pipeline layer index -> (kind, tokens)
@@ -754,7 +754,8 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     usable = g.memory_gib * GIB * (1 - headroom)
     policy = cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none"
     try:
-        loss_impl = resolve_loss_impl(model_config.loss_impl, "cuda")
+        loss_impl = resolve_loss_impl(model_config.loss_impl, "cuda", d.micro_batch_size * lengths.decoder,
+                                      model_config.d_model)
     except ValueError as e:
         raise PlanError(str(e)) from None
     if policy not in CHECKPOINT_POLICIES:
