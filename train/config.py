@@ -74,7 +74,9 @@ class ModelConfig:
     dense = full logits then cross-entropy (the reference); chunked = fused head + loss in
     chunks of ``model.overrides.loss_chunk_size`` rows, never the [tokens, vocab] fp32 logits;
     liger = liger-kernel's fused kernel (CUDA, ``pip install archscale[gpu]``); auto = liger on
-    CUDA if installed, else chunked on CUDA, dense on CPU. Eval always computes the logits."""
+    CUDA if installed, else chunked on CUDA (dense for micro-batches of fewer tokens than
+    d_model, whose logits are smaller than the fused buffers), dense on CPU. Eval always
+    computes the logits."""
 
 
 @dataclass
