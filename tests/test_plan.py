@@ -602,6 +602,27 @@ def test_mfu_from_bench_when_the_device_matches(tmp_path):
     assert p["time"]["mfu"] == plan.DEFAULT_MFU and "assumed" in p["time"]["mfu_source"]
 
 
+def test_mfu_from_a_bench_json_run(tmp_path):
+    """`python -m bench --json` output dropped under bench/: its archscale rows give the MFU (model
+    TFLOP/s over the datasheet peak), matched by arch; smoke (CPU) runs and other rows are ignored."""
+    def row(name, tflops, note=""):
+        return {"group": "archscale", "name": name, "shape": "", "ms": 1.0, "tflops": tflops, "note": note}
+
+    (tmp_path / "run.json").write_text(json.dumps({
+        "env": {"device": "NVIDIA H100 80GB HBM3", "smoke": False},
+        "rows": [{"group": "peak", "name": "matmul", "shape": "", "ms": 1.0, "tflops": 791.0},
+                 row("CD:FLM", 494.5), row("ED:MLM", 395.6), row("CD:FLM selective AC", 400.0, "compiled; selective AC")]}))
+    (tmp_path / "smoke.json").write_text(json.dumps({"env": {"device": "NVIDIA H100", "smoke": True},
+                                                     "rows": [row("ND:PLM", 900.0)]}))
+    ed = plan.measured_mfu("h100-80gb", "ed", "11b", bench_dir=tmp_path)
+    assert ed["mfu"] == pytest.approx(395.6 / 989.0) and ed["checkpoint_policy"] == "none"
+    cd = plan.measured_mfu("h100-80gb", "cd", "4.8b", bench_dir=tmp_path)
+    assert cd["mfu"] in (pytest.approx(0.5), pytest.approx(400.0 / 989.0))
+    nd = plan.measured_mfu("h100-80gb", "nd", "4.8b", bench_dir=tmp_path)  # no ND row: another arch's, not the smoke one
+    assert nd["mfu"] != pytest.approx(900.0 / 989.0)
+    assert plan.measured_mfu("a100-80gb", "cd", "4.8b", bench_dir=tmp_path) is None
+
+
 def test_json_round_trips(capsys):
     args = ["model.arch=nd", "model.size=small", "objective.name=plm", "parallel.zero_stage=1",
             "schedule.train_tokens=1e9", "--gpus", "4", "--gpu", "a100-40gb", "--json", "--mfu", "0.3"]

@@ -138,6 +138,8 @@ def _bench_entries(bench_dir: Path) -> list[dict]:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("env"), dict):
+            data = [_from_bench_row(r, data["env"]) for r in data["rows"]]  # `python -m bench --json`
         for e in data if isinstance(data, list) else [data]:
             if isinstance(e, dict) and _float(e.get("mfu")) and (e.get("gpu") or e.get("device")):
                 out.append({**e, "_source": os.path.relpath(path, bench_dir.parent)})
@@ -159,6 +161,24 @@ def _bench_entries(bench_dir: Path) -> list[dict]:
             if dev and _float(row.get("mfu")):
                 out.append({**row, "_source": "bench/RESULTS.md"})
     return out
+
+
+def _from_bench_row(row, env: dict) -> Optional[dict]:
+    """A `python -m bench --json` archscale row as a measurement: MFU = its model TFLOP/s over the
+    GPU's datasheet peak (the planner's unit; the bench's own "of peak" is over the measured matmul
+    peak), arch from its name (CD:FLM ...), checkpointing from its note. None for other rows, CPU
+    (smoke) runs and unknown devices."""
+    if not isinstance(row, dict) or row.get("group") != "archscale" or not _float(row.get("tflops")) \
+            or env.get("smoke"):
+        return None
+    gpu = normalise_device(str(env.get("device", "")))
+    if gpu is None:
+        return None
+    note = str(row.get("note", ""))
+    policy = next((p for p in ("selective", "full") if f"{p} AC" in note), "none")
+    return {"mfu": _float(row["tflops"]) / GPUS[gpu].peak_tflops, "device": env["device"],
+            "arch": str(row.get("name", "")).split(":")[0].lower(), "checkpoint_policy": policy,
+            "bench_row": row.get("name")}
 
 
 def measured_mfu(gpu: str, arch: str, size: str, bench_dir: Path = REPO / "bench") -> Optional[dict]:
