@@ -201,9 +201,10 @@ REAL_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 # The time-limited run: --time=2 and USR1 41 s before. Slurm signals at its first limit check (every
 # 30 s) that finds less than 41 + 30 s left, so 49-79 s after the start: late enough for the
 # trainer's start-up (20-30 s on 2 busy cores; a signal before its handlers are installed would end
-# it unsaved) and, with 80 s of steps at the tiny run's pace, always before the end of the run.
+# it unsaved) and, with 150 s of steps at the tiny run's pace (its first steps are slower than the
+# long run's: 80 s of them once ran in 65 s), always before the end of the run.
 LONG_RUN = dict(time="2", signal_seconds=41)
-LONG_RUN_SECONDS = 80
+LONG_RUN_SECONDS = 150
 
 
 def _corpus(path: pathlib.Path) -> None:
@@ -265,7 +266,7 @@ def real(slurm_cluster, tmp_path_factory):
 
     # 2. a run that the time limit cuts: as many steps as LONG_RUN_SECONDS take at the tiny run's pace
     step_s = _step_seconds(tiny) or 0.2
-    steps = min(max(math.ceil(LONG_RUN_SECONDS / step_s), 150), 4000)
+    steps = min(max(math.ceil(LONG_RUN_SECONDS / step_s), 150), 12000)
     overrides = [f"schedule.max_steps={steps}", "checkpoint.every_n_steps=100"]
     jobs["steps"], jobs["step_s"] = steps, step_s
     jobs["long"] = long = slurm.submit(str(cfg), overrides, run_dir=base / "long", env=REAL_ENV,
