@@ -171,7 +171,8 @@ def attention_cases(s: Shapes):
     prefix = torch.randint(t // 4, 3 * t // 4, (b,), generator=g)
     bidir = (torch.arange(t)[None, :] < prefix[:, None]).to(s.device)
     docs = torch.randint(1, 5, (b, t), generator=g).sort(dim=1).values.to(s.device)  # ~4 packed documents
-    table = torch.randn(257, h, device=s.device, dtype=torch.float32)
+    # a learned table, as in the model: its gradient (scattered from every score) is part of the cost
+    table = torch.randn(257, h, device=s.device, dtype=torch.float32, requires_grad=True)
     pos = torch.arange(t, device=s.device).expand(b, t)
     bias = PositionBias(table=table, positions=pos, offset=0, span=128)
     return [
@@ -185,12 +186,13 @@ def attention_cases(s: Shapes):
     ]
 
 
-def bench_attention(s: Shapes) -> list[Row]:
+def bench_attention(s: Shapes):
+    """Yields one Row per attention case; vs_anchor: TFLOP/s over the first case's (flash causal)."""
     from model_zoo.blocks import attend, prepare_mask
 
     b, h, t, d = s.attn
     impl = "flex" if s.device == "cuda" else "sdpa"
-    rows = []
+    base = None
     for name, spec, bias in attention_cases(s):
         q, k, v = (torch.randn(b, h, t, d, device=s.device, dtype=s.dtype, requires_grad=True) for _ in range(3))
         mask = prepare_mask(spec, impl, b, s.device, has_bias=bias is not None)
@@ -206,13 +208,11 @@ def bench_attention(s: Shapes) -> list[Row]:
         fwd = 4 * h * d * pairs
         work = fwd * (3.5 if s.device == "cuda" else 1.0)  # fwd + bwd (bwd ~2.5x fwd)
         kind = "fwd+bwd" if s.device == "cuda" else "fwd"
-        rows.append(Row("attention", name, f"B{b} H{h} S{t} D{d} {kind}", ms, tflops=work / ms / 1e9,
-                        peak_mem_gb=peak_mem(s.device),
-                        note="plain SDPA" if mask.plain else ("flex" if mask.block is not None else "dense mask")))
-    base = rows[0].tflops
-    for r in rows:
-        r.vs_anchor = r.tflops / base if base else None
-    return rows
+        tf = work / ms / 1e9
+        base = tf if base is None else base
+        yield Row("attention", name, f"B{b} H{h} S{t} D{d} {kind}", ms, tflops=tf, peak_mem_gb=peak_mem(s.device),
+                  vs_anchor=tf / base if base else None,
+                  note="plain SDPA" if mask.plain else ("flex" if mask.block is not None else "dense mask"))
 
 
 # ------------------------------------------------------------------------------------ models
@@ -278,30 +278,27 @@ def model_steps(s: Shapes, names: Optional[set]):
         yield (spec, *build_step(spec, s, dist))
 
 
-def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None) -> list[Row]:
-    """Every ModelSpec through the real step: DeepSpeed engine, optimizer step included."""
+def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None):
+    """Yields a Row per ModelSpec, through the real step: DeepSpeed engine, optimizer step included."""
     from train import engine as eng
 
-    rows = []
     for spec, engine, batch, tokens, flops, params in model_steps(s, names):
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)
         tf = flops / ms / 1e9
         shape = f"{spec.seq}" if spec.arch != "ed" else f"{spec.ed_in}/{spec.ed_out}"
-        rows.append(Row("archscale", spec.name, f"{params / 1e9:.2f}B {shape} mb{spec.micro}", ms, tflops=tf,
-                        tokens_per_s=tokens / ms * 1e3, peak_mem_gb=peak_mem(s.device),
-                        frac_peak=tf / peak if peak else None,
-                        note="; ".join(x for x in (spec.note, "compiled" if spec.compile else "",
-                                                   f"{spec.checkpointing} AC" if spec.checkpointing != "none" else "")
-                                       if x), anchor=spec.anchor))
+        row = Row("archscale", spec.name, f"{params / 1e9:.2f}B {shape} mb{spec.micro}", ms, tflops=tf,
+                  tokens_per_s=tokens / ms * 1e3, peak_mem_gb=peak_mem(s.device), frac_peak=tf / peak if peak else None,
+                  note="; ".join(x for x in (spec.note, "compiled" if spec.compile else "",
+                                             f"{spec.checkpointing} AC" if spec.checkpointing != "none" else "") if x),
+                  anchor=spec.anchor)
         del engine
-    return rows
+        yield row
 
 
-def bench_hf(s: Shapes, peak: Optional[float]) -> list[Row]:
-    """The anchors: HF Llama and HF T5, plain torch AdamW step."""
+def bench_hf(s: Shapes, peak: Optional[float]):
+    """Yields the anchors' rows: HF Llama and HF T5, plain torch AdamW step."""
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-    rows = []
     for name, make, micro, shape in (
             ("HF Llama", lambda: LlamaForCausalLM(LlamaConfig(**s.hf_llama, tie_word_embeddings=False)), s.micro,
              (s.seq, 0)),
@@ -326,10 +323,10 @@ def bench_hf(s: Shapes, peak: Optional[float]) -> list[Row]:
 
         ms = timeit(step, s.warmup, s.iters, s.device)
         n = sum(p.numel() for p in model.parameters())
-        rows.append(Row("hf", name, f"{n / 1e9:.2f}B mb{micro}", ms, tokens_per_s=tokens / ms * 1e3,
-                        peak_mem_gb=peak_mem(s.device), note="plain torch AdamW"))
+        row = Row("hf", name, f"{n / 1e9:.2f}B mb{micro}", ms, tokens_per_s=tokens / ms * 1e3,
+                  peak_mem_gb=peak_mem(s.device), note="plain torch AdamW")
         del model, opt
-    return rows
+        yield row
 
 
 def format_table(rows: list[Row]) -> str:
@@ -459,22 +456,38 @@ def main(argv=None) -> int:
 
         profile_models(s, names, a.profile)
         return 0
-    rows: list[Row] = [bench_matmul(s)]
+    env = environment(a.smoke)
+    rows: list[Row] = []
+
+    def keep(row: Row) -> None:
+        """Each row as it is measured: a line on stderr and the JSON rewritten, so that a run cut
+        by a time limit (a device call) still returns what it measured."""
+        rows.append(row)
+        print(f"[bench] {row.group} {row.name}: {row.ms:.2f} ms"
+              + (f", {row.tflops:.3g} TFLOP/s" if row.tflops else "")
+              + (f", {row.tokens_per_s:,.0f} tokens/s" if row.tokens_per_s else ""), file=sys.stderr, flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+    keep(bench_matmul(s))
     peak = rows[0].tflops
+    parts = []
     if "attention" in a.only:
-        rows += bench_attention(s)
+        parts.append(bench_attention(s))
     if "hf" in a.only:
-        rows += bench_hf(s, peak)
+        parts.append(bench_hf(s, peak))
     if "models" in a.only:
-        rows += bench_archscale(s, peak, names)
+        parts.append(bench_archscale(s, peak, names))
     if "data" in a.only:
         from .data import bench_data
 
-        for d in bench_data(a.smoke):
-            rows.append(Row("data", d["name"], d["shape"], d["ms_per_batch"], tokens_per_s=d["tokens_per_s"],
-                            note=d.get("note", "")))
+        parts.append(Row("data", d["name"], d["shape"], d["ms_per_batch"], tokens_per_s=d["tokens_per_s"],
+                         note=d.get("note", "")) for d in bench_data(a.smoke))
+    for part in parts:
+        for row in part:
+            keep(row)
     link_anchors(rows)
-    env = environment(a.smoke)
     print(f"# {env}")
     print(format_table(rows))
     print()

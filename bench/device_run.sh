@@ -4,11 +4,14 @@
 #   tests    the GPU-only tests (bf16 vs fp32 reference, compile, no host sync, fused loss)
 #   kernels  python -m bench --only attention hf: matmul peak, attention kernels, HF anchors
 #   cd       the CD:FLM rows (compiled, eager, selective checkpointing)
-#   nded     the ND:PLM and ED:MLM rows
+#   nded     the ND:PLM row and ED:MLM at CD's parameters (1024/1024)
+#   ed       ED:MLM at the reference 512/114 and at HF T5's shape
 #   profile  python -m bench --profile: top kernels and time shares of CD, ND and ED steps
-# Usage: bash bench/device_run.sh STEP [STEP ...]; e.g. call 1: tests kernels, call 2: cd,
-# call 3: nded, call 4: profile. Logs and bench_<step>.json land in $OUT (./device_out without
-# the device tool); join the JSONs here with `python -m bench --merge bench_*.json`.
+# Usage: bash bench/device_run.sh STEP [STEP ...]. One step per call (each compiles for minutes;
+# a call is cut at 10), calls back to back so the warm machine keeps its compile cache in /tmp:
+# tests, kernels, cd, nded, ed, profile. Logs and bench_<step>.json land in $OUT (./device_out
+# without the device tool; the JSON is rewritten after every row, so a cut call still returns
+# what it measured); join them here with `python -m bench --merge bench_*.json`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -18,10 +21,10 @@ if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "error: installing the carried wheels in .whl failed" >&2; exit 2; }
 fi
-python3 -c "import deepspeed, datasets" 2>/dev/null \
-  || { echo "error: deepspeed/datasets missing: run bash bench/device_wheels.sh here and carry .whl" >&2; exit 2; }
+python3 -c "import deepspeed" \
+  || { echo "error: deepspeed does not import: run bash bench/device_wheels.sh here and carry .whl" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && { echo "error: name the steps: tests kernels cd nded profile" >&2; exit 2; }
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && { echo "error: name the steps: tests kernels cd nded ed profile" >&2; exit 2; }
 rc=0
 for s in "${steps[@]}"; do
   case "$s" in
@@ -30,10 +33,12 @@ for s in "${steps[@]}"; do
     kernels) python3 -m bench --only attention hf --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" || rc=1 ;;
     cd)      python3 -m bench --only models --models "CD:FLM,CD:FLM eager,CD:FLM selective AC" \
                --json "$OUT/bench_cd.json" 2>&1 | tee "$OUT/bench_cd.log" || rc=1 ;;
-    nded)    python3 -m bench --only models --models "ND:PLM,ED:MLM,ED:MLM 512/114,ED:MLM T5 shape" \
+    nded)    python3 -m bench --only models --models "ND:PLM,ED:MLM" \
                --json "$OUT/bench_nded.json" 2>&1 | tee "$OUT/bench_nded.log" || rc=1 ;;
+    ed)      python3 -m bench --only models --models "ED:MLM 512/114,ED:MLM T5 shape" \
+               --json "$OUT/bench_ed.json" 2>&1 | tee "$OUT/bench_ed.log" || rc=1 ;;
     profile) python3 -m bench --profile "$OUT" --models "CD:FLM,ND:PLM,ED:MLM" 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
-    *) echo "error: unknown step '$s' (tests, kernels, cd, nded, profile)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$s' (tests, kernels, cd, nded, ed, profile)" >&2; exit 2 ;;
   esac
 done
 exit $rc

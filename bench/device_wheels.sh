@@ -14,7 +14,8 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
       --platform manylinux1_x86_64 --platform any)
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 [ -e .whl/deepspeed-"$(ver deepspeed)"-py3-none-any.whl ] || "$PY" -m pip wheel -q --no-deps -w .whl "deepspeed==$(ver deepspeed)"
-for pkg in hjson pydantic pydantic-core annotated-types typing-inspection datasets dill multiprocess; do
+# typing-extensions: pydantic 2.14 needs a newer one than the image may hold
+for pkg in hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions datasets dill multiprocess; do
   "$PY" -m pip download -q --no-deps "${plat[@]}" -d .whl "$pkg==$(ver "$pkg")"
 done
 "$PY" -m pip download -q --no-deps "${plat[@]}" -d .whl "liger-kernel==${LIGER_VERSION:-0.8.5}"

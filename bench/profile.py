@@ -76,8 +76,9 @@ def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> lis
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)
         (out / f"profile_{slug}.txt").write_text(events.table(sort_by=sort, row_limit=40) + "\n")
         shares: dict[str, float] = {}
-        if cuda:
-            kernels = [e for e in events if _self_time(e, True) > 0]
+        if cuda:  # device kernels only: CPU ops and annotation ranges also carry device time
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not getattr(e, "is_user_annotation", False)]
         else:  # CPU: leaf aten ops only (their self time), not the Python / module frames
             kernels = [e for e in events if e.key.startswith("aten::")]
         total = sum(_self_time(e, cuda) for e in kernels)

@@ -109,9 +109,13 @@ class RelativePositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- attention
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, training: bool = True) -> str:
+    """The kernel `impl` runs as. auto: compiled flex attention for training on CUDA (static
+    shapes, block-sparse masks); SDPA otherwise: on CPU, and for inference (no gradients, or a KV
+    cache), whose shapes change from batch to batch and step to step (generation, evaluation
+    batches of any length), where a statically compiled kernel would recompile for each."""
     if impl == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" and training else "sdpa"
     return impl
 
 
@@ -144,6 +148,9 @@ def _flex(q, k, v, **kw):
     if q.device.type != "cuda":
         return flex_attention(q, k, v, **kw)
     if _compiled_flex is None:
+        # one compiled kernel per mask / score_mod shape: stack kind x direction x mode; the
+        # default limit of 8 is tight for an ED model with mixed-direction layers
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, **kw)
 
@@ -320,7 +327,7 @@ class Stack(nn.Module):
         cfg = self.config
         b, tq, _ = hidden.shape
         tk = positions.shape[1]
-        impl = resolve_impl(cfg.attn_impl, hidden.device)
+        impl = resolve_impl(cfg.attn_impl, hidden.device, training=torch.is_grad_enabled() and cache is None)
         bias = self.rel_bias(positions, offset) if cfg.position == "t5_bias" else None
         rope = rope_cos_sin(positions[:, offset:], cfg.head_dim, cfg.rope_theta, hidden.dtype) \
             if cfg.position == "rope" else None

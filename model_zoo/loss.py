@@ -72,7 +72,19 @@ def shift_labels(labels: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
+    """liger-kernel's fused loss imports here (installed, and its triton works with this torch):
+    `auto` falls back to chunked otherwise instead of failing inside a training step."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
+    except Exception as e:  # a triton / torch mismatch surfaces as any kind of import error
+        import logging
+
+        logging.getLogger(__name__).warning("liger-kernel is installed but does not import (%s: %s); "
+                                            "loss_impl=auto uses the chunked loss", type(e).__name__, e)
+        return False
+    return True
 
 
 def resolve_impl(impl: str, device: torch.device, tokens: Optional[int] = None,

@@ -186,8 +186,9 @@ class MaskSpec:
         # on GPUs the mask is built by a compiled kernel (the eager build evaluates mask_mod on
         # every (b, h, q, k) at once: B x H x Tq x Tk booleans); shapes are static, tensor values
         # are inputs, so another batch of the same shapes reuses the compiled build
-        return create_block_mask(self.mask_mod(), batch_size, n_h, self.q_len, self.kv_len, device=device,
-                                 _compile=torch.device(device).type == "cuda")
+        with torch.no_grad():  # a mask needs no gradient (and grad mode would double the compiled builds)
+            return create_block_mask(self.mask_mod(), batch_size, n_h, self.q_len, self.kv_len, device=device,
+                                     _compile=torch.device(device).type == "cuda")
 
 
 # --------------------------------------------------------------------------------------------

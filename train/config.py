@@ -58,7 +58,8 @@ class ModelConfig:
     """Model-config keys that replace the named size's values, e.g. ``model.overrides.n_layers=4``.
     Checked by the model's own config class, not here."""
     attn_impl: Literal["auto", "flex", "sdpa", "reference"] = "auto"
-    """Attention kernel: auto = flash SDPA / flex attention on GPU, SDPA with a dense mask on CPU;
+    """Attention kernel: auto = flash SDPA / flex attention for training on GPU, SDPA (a dense mask
+    where needed) on CPU and for inference (evaluation, generation: shapes vary);
     flex, sdpa (plain causal or dense-mask SDPA), reference (plain math, the tested baseline)."""
     compile: bool = False
     """torch.compile every block (one graph per stack kind and mask direction, shapes static):
