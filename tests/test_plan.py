@@ -174,6 +174,15 @@ def test_block_activations_equal_autograd_saved_tensors(dtype):
         assert plan.layer_activation_bytes(model.config, T, B, a, cross_tokens=Ti if arch == "ed" else 0) == n, (arch, mlp)
 
 
+def _debug_inputs(arch: str, B: int, T: int = 32, Ti: int = 40) -> tuple[dict, "plan.Lengths"]:
+    """Random model inputs for a debug-size model and the row lengths the planner is given."""
+    if arch == "ed":
+        kw = dict(input_ids=torch.randint(2, 500, (B, Ti)), labels=torch.randint(2, 500, (B, T)))
+        return kw, plan.Lengths(decoder=T, encoder=Ti)
+    ids = torch.randint(2, 500, (B, T))
+    return dict(input_ids=ids, labels=ids), plan.Lengths(decoder=T)
+
+
 @pytest.mark.parametrize("arch", ["cd", "ed"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-4])
 def test_model_activations_close_to_autograd_saved_tensors(arch, z_loss):
@@ -182,13 +191,8 @@ def test_model_activations_close_to_autograd_saved_tensors(arch, z_loss):
     logsumexp keeps its fp32 input, a copy except for an fp32 ED model's own logits."""
     for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         model = model_zoo.build(arch, "debug", position="none", attn_impl="sdpa", z_loss=z_loss).to(dtype)
-        B, T, Ti = 2, 32, 40
-        if arch == "ed":
-            kw = dict(input_ids=torch.randint(2, 500, (B, Ti)), labels=torch.randint(2, 500, (B, T)))
-            lengths = plan.Lengths(decoder=T, encoder=Ti)
-        else:
-            ids = torch.randint(2, 500, (B, T))
-            kw, lengths = dict(input_ids=ids, labels=ids), plan.Lengths(decoder=T)
+        B = 2
+        kw, lengths = _debug_inputs(arch, B)
         n, out, seen = _saved_bytes(model, lambda: model(**kw))
         if out.logits.untyped_storage().data_ptr() not in seen:
             n += out.logits.untyped_storage().nbytes()  # kept by the output until the backward
@@ -308,13 +312,8 @@ def test_checkpointed_model_activations_close_to_what_stays_alive(arch, policy):
         torch.manual_seed(0)
         model = model_zoo.build(arch, "debug", position="none", attn_impl="sdpa").to(dtype)
         prepare_blocks(model, policy)
-        B, T, Ti = 2, 32, 40
-        if arch == "ed":
-            kw = dict(input_ids=torch.randint(2, 500, (B, Ti)), labels=torch.randint(2, 500, (B, T)))
-            lengths = plan.Lengths(decoder=T, encoder=Ti)
-        else:
-            ids = torch.randint(2, 500, (B, T))
-            kw, lengths = dict(input_ids=ids, labels=ids), plan.Lengths(decoder=T)
+        B = 2
+        kw, lengths = _debug_inputs(arch, B)
         with _Alive(model) as m:
             out = model(**kw)
         measured = m.bytes()
@@ -339,13 +338,8 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
             torch.manual_seed(0)
             model = model_zoo.build(arch, "debug", position="none", attn_impl="sdpa", loss_impl="chunked",
                                     loss_chunk_size=chunk, tie_embeddings=tied).to(dtype)
-            B, T, Ti = 2, 32, 40
-            if arch == "ed":
-                kw = dict(input_ids=torch.randint(2, 500, (B, Ti)), labels=torch.randint(2, 500, (B, T)))
-                lengths = plan.Lengths(decoder=T, encoder=Ti)
-            else:
-                ids = torch.randint(2, 500, (B, T))
-                kw, lengths = dict(input_ids=ids, labels=ids), plan.Lengths(decoder=T)
+            B = 2
+            kw, lengths = _debug_inputs(arch, B)
             with _Alive(model, peak=True) as m:
                 out = model(**kw)
             assert out.logits is None  # the fused path ran
@@ -353,6 +347,7 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
             layers = range(len(plan.param_shapes(model.config)))
             pred = plan.activation_bytes(model.config, lengths, B, precision, "none", layers, device="cpu")
             assert pred["saved"] == pytest.approx(saved, rel=0.01), (precision, chunk, saved, pred["saved"])
+            T = lengths.decoder
             head = plan.head_loss_bytes(model.config, B * T, a, "chunked")
             assert head["saved"] == a * B * T * 64 + a * 512 * 64
             # + up to 2 KiB: a chunk's per-row fp32 vectors (lse, row weights, gathered logits),
