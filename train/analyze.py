@@ -67,11 +67,9 @@ def per_layer(rows: list[dict]) -> dict[int, float]:
 
 
 def plot(results: dict[str, list[dict]], n: int, path: Path, title: str) -> None:
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in results.items():
         layers = per_layer(rows)
@@ -80,10 +78,7 @@ def plot(results: dict[str, list[dict]], n: int, path: Path, title: str) -> None
     ax.set(xlabel="layer", ylabel="mean effective rank over heads", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv=None) -> int:

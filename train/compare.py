@@ -61,11 +61,9 @@ def table(results: list) -> str:
 
 
 def plot(results: list, path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in results:
         label = f"{r['arch'].upper()}:{r['objective'].upper()}"
@@ -81,10 +79,7 @@ def plot(results: list, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -153,20 +153,18 @@ def _per_head(name: str, m: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def save_mask_pictures(batch: dict, out_dir: Path, row: int = 0) -> list[Path]:
     """One PNG per mask mode; pixel (q, k) white where query q may attend to key k."""
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
+    masks = row_masks(batch, row)
     paths = []
-    for name, m in row_masks(batch, row).items():
+    for name, m in masks.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         path = out_dir / f"mask-{slug}.png"
         plt.imsave(path, m.numpy().astype("float32"), cmap="gray", vmin=0, vmax=1)
         paths.append(path)
     # one overview figure with titles, for the README
-    masks = row_masks(batch, row)
     cols = min(4, len(masks))
     fig, axes = plt.subplots((len(masks) + cols - 1) // cols, cols, figsize=(4 * cols, 4 * ((len(masks) + cols - 1) // cols)),
                              squeeze=False)
@@ -177,11 +175,7 @@ def save_mask_pictures(batch: dict, out_dir: Path, row: int = 0) -> list[Path]:
         ax.set_ylabel("query")
     for ax in list(axes.flat)[len(masks):]:
         ax.axis("off")
-    fig.tight_layout()
-    overview = out_dir / "masks.png"
-    fig.savefig(overview, dpi=90)
-    plt.close(fig)
-    return paths + [overview]
+    return paths + [save(fig, out_dir / "masks.png", dpi=90)]
 
 
 # ------------------------------------------------------------------------------------ command

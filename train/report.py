@@ -286,11 +286,9 @@ def text_table(rows: list[dict]) -> str:
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """loss.png (held-out loss vs tokens seen / FLOPs) and, if any run was evaluated zero-shot,
     zero_shot.png (mean accuracy over datasets vs tokens seen / FLOPs)."""
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     specs = [("loss.png", "loss_curve", 2, "held-out loss (each run's own objective)")]
     if any(r["score_curve"] for r in rows):
@@ -312,11 +310,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save(fig, out / name, dpi=100))
     return written
 
 
