@@ -40,6 +40,7 @@ class Row:
     vs_anchor: Optional[float] = None
     note: str = ""
     anchor: str = ""  # archscale rows: the HF row whose tokens/s vs_anchor divides by
+    checkpointing: str = ""  # archscale rows: none | full | selective (read by archscale plan)
 
 
 @dataclass
@@ -290,7 +291,7 @@ def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = Non
                   tokens_per_s=tokens / ms * 1e3, peak_mem_gb=peak_mem(s.device), frac_peak=tf / peak if peak else None,
                   note="; ".join(x for x in (spec.note, "compiled" if spec.compile else "",
                                              f"{spec.checkpointing} AC" if spec.checkpointing != "none" else "") if x),
-                  anchor=spec.anchor)
+                  anchor=spec.anchor, checkpointing=spec.checkpointing)
         del engine
         yield row
 

@@ -600,13 +600,14 @@ def test_mfu_from_bench_when_the_device_matches(tmp_path):
 def test_mfu_from_a_bench_json_run(tmp_path):
     """`python -m bench --json` output dropped under bench/: its archscale rows give the MFU (model
     TFLOP/s over the datasheet peak), matched by arch; smoke (CPU) runs and other rows are ignored."""
-    def row(name, tflops, note=""):
-        return {"group": "archscale", "name": name, "shape": "", "ms": 1.0, "tflops": tflops, "note": note}
+    def row(name, tflops, checkpointing="none"):
+        return {"group": "archscale", "name": name, "shape": "", "ms": 1.0, "tflops": tflops,
+                "checkpointing": checkpointing}
 
     (tmp_path / "run.json").write_text(json.dumps({
         "env": {"device": "NVIDIA H100 80GB HBM3", "smoke": False},
         "rows": [{"group": "peak", "name": "matmul", "shape": "", "ms": 1.0, "tflops": 791.0},
-                 row("CD:FLM", 494.5), row("ED:MLM", 395.6), row("CD:FLM selective AC", 400.0, "compiled; selective AC")]}))
+                 row("CD:FLM", 494.5), row("ED:MLM", 395.6), row("CD:FLM selective AC", 400.0, "selective")]}))
     (tmp_path / "smoke.json").write_text(json.dumps({"env": {"device": "NVIDIA H100", "smoke": True},
                                                      "rows": [row("ND:PLM", 900.0)]}))
     ed = plan.measured_mfu("h100-80gb", "ed", "11b", bench_dir=tmp_path)

@@ -166,18 +166,16 @@ def _bench_entries(bench_dir: Path) -> list[dict]:
 def _from_bench_row(row, env: dict) -> Optional[dict]:
     """A `python -m bench --json` archscale row as a measurement: MFU = its model TFLOP/s over the
     GPU's datasheet peak (the planner's unit; the bench's own "of peak" is over the measured matmul
-    peak), arch from its name (CD:FLM ...), checkpointing from its note. None for other rows, CPU
-    (smoke) runs and unknown devices."""
+    peak), arch from its name (CD:FLM ...), its `checkpointing`. None for other rows, CPU (smoke)
+    runs and unknown devices."""
     if not isinstance(row, dict) or row.get("group") != "archscale" or not _float(row.get("tflops")) \
             or env.get("smoke"):
         return None
     gpu = normalise_device(str(env.get("device", "")))
     if gpu is None:
         return None
-    note = str(row.get("note", ""))
-    policy = next((p for p in ("selective", "full") if f"{p} AC" in note), "none")
     return {"mfu": _float(row["tflops"]) / GPUS[gpu].peak_tflops, "device": env["device"],
-            "arch": str(row.get("name", "")).split(":")[0].lower(), "checkpoint_policy": policy,
+            "arch": str(row.get("name", "")).split(":")[0].lower(), "checkpointing": row.get("checkpointing") or "none",
             "bench_row": row.get("name")}
 
 
