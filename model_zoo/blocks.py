@@ -140,6 +140,14 @@ def prepare_mask(spec: MaskSpec, impl: str, batch_size: int, device, has_bias: b
 _compiled_flex = None
 
 
+def allow_compiled_variants(n: int = 32) -> None:
+    """Let torch.compile keep `n` compiled variants per function (default 8): compiled flex and
+    compiled blocks get one per stack kind x mask direction x train/eval mode, which an ED model
+    with mixed-direction layers, or a model and its evaluation, exceed; past the limit torch
+    silently runs the function eagerly."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n)
+
+
 def _flex(q, k, v, **kw):
     """flex attention, compiled on CUDA (the eager version materialises the scores)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -148,9 +156,7 @@ def _flex(q, k, v, **kw):
     if q.device.type != "cuda":
         return flex_attention(q, k, v, **kw)
     if _compiled_flex is None:
-        # one compiled kernel per mask / score_mod shape: stack kind x direction x mode; the
-        # default limit of 8 is tight for an ED model with mixed-direction layers
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        allow_compiled_variants()
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, **kw)
 

@@ -264,7 +264,7 @@ def prepare_blocks(model, checkpointing: str = "none", compile: bool = False) ->
 
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    from model_zoo.blocks import Block
+    from model_zoo.blocks import Block, allow_compiled_variants
 
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"activation checkpointing {checkpointing!r} is not valid; choose one of "
@@ -274,9 +274,7 @@ def prepare_blocks(model, checkpointing: str = "none", compile: bool = False) ->
         policy = _selective_policy()
         context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
     if compile:
-        # one compiled body per stack kind x mask direction x train/eval mode; the default
-        # limit of 8 is tight for an ED model with mixed-direction layers
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        allow_compiled_variants()
     n = 0
     for block in (m for m in model.modules() if isinstance(m, Block)):
         fn = block.body
