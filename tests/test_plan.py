@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import model_zoo
-from train import plan
+from train import plan, registry
 from train.config import load_config
 
 
@@ -174,13 +174,13 @@ def test_block_activations_equal_autograd_saved_tensors(dtype):
         assert plan.layer_activation_bytes(model.config, T, B, a, cross_tokens=Ti if arch == "ed" else 0) == n, (arch, mlp)
 
 
-def _debug_inputs(arch: str, B: int, T: int = 32, Ti: int = 40) -> tuple[dict, "plan.Lengths"]:
+def _debug_inputs(arch: str, B: int, T: int = 32, Ti: int = 40) -> tuple[dict, "registry.Lengths"]:
     """Random model inputs for a debug-size model and the row lengths the planner is given."""
     if arch == "ed":
         kw = dict(input_ids=torch.randint(2, 500, (B, Ti)), labels=torch.randint(2, 500, (B, T)))
-        return kw, plan.Lengths(decoder=T, encoder=Ti)
+        return kw, registry.Lengths(decoder=T, encoder=Ti)
     ids = torch.randint(2, 500, (B, T))
-    return dict(input_ids=ids, labels=ids), plan.Lengths(decoder=T)
+    return dict(input_ids=ids, labels=ids), registry.Lengths(decoder=T)
 
 
 @pytest.mark.parametrize("arch", ["cd", "ed"])
@@ -358,7 +358,7 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
             out.loss.backward()
     # the planner resolves auto as a CUDA model does; dense keeps the logits, fused does not
     config = model_zoo.make_config("cd", "4.8b")
-    L, layers = plan.Lengths(decoder=626), range(len(plan.param_shapes(config)))
+    L, layers = registry.Lengths(decoder=626), range(len(plan.param_shapes(config)))
     fused = plan.activation_bytes(config, L, 8, "bf16", "none", layers)
     assert plan.resolve_loss_impl("auto", "cuda") in ("chunked", "liger")
     assert plan.resolve_loss_impl("auto", "cpu") == "dense"
@@ -371,7 +371,7 @@ def test_fused_loss_keeps_two_gradients_and_one_chunk(arch, tied):
     # an ED decoder of 114 tokens x 4 rows (< d_model): auto stays dense on CUDA too, as the model does
     assert plan.resolve_loss_impl("auto", "cuda", 4 * 114, config.d_model) == "dense"
     ed = model_zoo.make_config("ed", "11b")
-    Led = plan.Lengths(decoder=114, encoder=512)
+    Led = registry.Lengths(decoder=114, encoder=512)
     layers_ed = range(len(plan.param_shapes(ed)))
     assert plan.activation_bytes(ed, Led, 4, "bf16", "none", layers_ed) == \
         plan.activation_bytes(ed, Led, 4, "bf16", "none", layers_ed, device="cpu")
@@ -397,7 +397,7 @@ def test_loss_impl_in_plan_output_and_memory(capsys):
 
 def test_activation_checkpointing_keeps_block_inputs_only():
     config = model_zoo.make_config("cd", "4.8b", loss_impl="dense")  # the logits head (CUDA's auto fuses it)
-    L = plan.Lengths(decoder=626)
+    L = registry.Lengths(decoder=626)
     layers = range(len(plan.param_shapes(config)))
     full = plan.activation_bytes(config, L, 4, "bf16", False, layers)
     ckpt = plan.activation_bytes(config, L, 4, "bf16", True, layers)

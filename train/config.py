@@ -746,8 +746,12 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     bf16_supported: whether ``precision=auto`` may choose bf16 (a GPU that has it).
     Raises ConfigError naming the numbers and the fix.
     """
-    from train import ds_config  # light: json only at import
+    from train import ds_config, registry  # light: json and dataclasses only at import
 
+    try:  # the architecture and the objective fit each other (the registry says which do)
+        registry.get(cfg.model.arch).check_objective(cfg.objective.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     p = cfg.parallel
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be >= 1")

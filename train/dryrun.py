@@ -34,23 +34,6 @@ def _vocab(cfg: RunConfig) -> tuple[int | None, str]:
         return None, f"tokenizer {tok} not readable here ({e})"
 
 
-def flops_per_token(config, objective) -> float:
-    """Training FLOPs per token seen for one typical row of this objective (ND/ED PLM: the
-    expected split at the middle)."""
-    import model_zoo
-
-    arch = config.arch
-    if arch == "ed":
-        if objective.name == "plm":
-            n = objective.seq_length // max(1, objective.ed_plm_examples_per_row)
-            return model_zoo.train_flops(config, n // 2, target_len=n - n // 2) / n
-        i, t = objective.inputs_length, objective.targets_length
-        return model_zoo.train_flops(config, i, target_len=t) / (i + t)
-    t = objective.seq_length
-    prefix = {"flm": 0, "plm": t // 2}.get(objective.name, objective.inputs_length)
-    return model_zoo.train_flops(config, t, prefix_len=prefix) / t
-
-
 def describe(cfg: RunConfig, origins: dict, world_size: int | None = None) -> str:
     from .ds_config import build_ds_config
     from .loop import check
@@ -61,6 +44,7 @@ def describe(cfg: RunConfig, origins: dict, world_size: int | None = None) -> st
     vocab, vocab_note = _vocab(cfg)
     config = arch.make_config(cfg.model, registry.padded_vocab(vocab) if vocab else None)
     params = arch.num_params(config)
+    row_flops = arch.row_flops(config, cfg.objective)  # the one analytic figure plan uses too
     embed = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
     resume = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
     out = ["# resolved config (value  # origin)", format_config(cfg, origins), "",
@@ -76,8 +60,9 @@ def describe(cfg: RunConfig, origins: dict, world_size: int | None = None) -> st
            "", "# model",
            f"{cfg.model.arch.upper()} size {cfg.model.size}: {params:,} parameters ({params - embed:,} without "
            f"embeddings), vocab {config.vocab_size} ({vocab_note})",
-           f"training FLOPs per token: {flops_per_token(config, cfg.objective):.4g} "
-           f"(x {derived.tokens_per_step:,} tokens = {flops_per_token(config, cfg.objective) * derived.tokens_per_step:.4g} per step)",
+           f"training FLOPs per token: {row_flops / derived.tokens_per_sequence:.4g} "
+           f"({row_flops:.4g} per row of {derived.tokens_per_sequence} tokens, padding computed; x "
+           f"{derived.global_batch_size} rows = {row_flops * derived.global_batch_size:.4g} per step)",
            "", "# run directory",
            f"{Path(cfg.run_dir).resolve()}: "
            + (f"would RESUME from {resume}" if resume else "would start fresh (no complete checkpoint)"),

@@ -450,26 +450,6 @@ def buffer_bytes(zero_stage: int, precision: str, preset: dict, dp: int) -> floa
 
 
 # ---------------------------------------------------------------------------- activations
-@dataclass(frozen=True)
-class Lengths:
-    """Token lengths one batch row carries through the model."""
-
-    decoder: int             # decoder tokens per row (CD/ND: the whole row; ED: the decoder row)
-    encoder: int = 0         # ED: encoder tokens per row
-
-
-def row_lengths(arch: str, objective) -> Lengths:
-    """The row shape train/objectives produces (see ObjectiveConfig's docstring)."""
-    o = objective
-    if arch != "ed":
-        return Lengths(decoder=o.seq_length)
-    if o.name == "flm":
-        raise ValueError("objective flm has no encoder input, so it does not fit arch 'ed' (use plm or mlm)")
-    if o.name == "plm":
-        return Lengths(decoder=o.seq_length, encoder=o.seq_length)
-    return Lengths(decoder=o.targets_length, encoder=o.inputs_length)
-
-
 def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_tokens: int = 0,
                            dense_attention: bool = False) -> float:
     """Bytes one block saves for its backward pass, for `batch` rows of `tokens` tokens.
@@ -606,7 +586,7 @@ def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
             "norm": (4 + a) * N * D + 4 * N}
 
 
-def activation_bytes(config, lengths: Lengths, batch: int, precision: str, checkpointing,
+def activation_bytes(config, lengths: "registry.Lengths", batch: int, precision: str, checkpointing,
                      layers: Sequence[int], attn_impl: str = "auto", device: str = "cuda") -> dict:
     """Activation bytes of one micro-batch on the pipeline layers `layers` (all: no pipeline).
 
@@ -676,37 +656,6 @@ def activation_bytes(config, lengths: Lengths, batch: int, precision: str, check
     return {"saved": saved, "working": working}
 
 
-# --------------------------------------------------------------------------------- FLOPs
-def row_flops(config, arch: str, objective) -> float:
-    """Training FLOPs of one batch row as computed (model_zoo.train_flops; padding computed).
-
-    CD: causal over seq_length. ND: prefix = inputs_length for mlm / ul2 / prompted, uniform over
-    the row for plm (the mean over split points), none for flm. ED: encoder inputs_length /
-    decoder targets_length; ED plm: `ed_plm_examples_per_row` examples of seq_length // k tokens,
-    each split uniformly (mean over split points), plus the padding of both rows (on average half
-    of each) counted as one more example.
-    """
-    import model_zoo
-
-    o = objective
-    if arch != "ed":
-        T = o.seq_length
-        if arch == "cd" or o.name == "flm":
-            return model_zoo.train_flops(config, T)
-        if o.name == "plm":
-            return sum(model_zoo.train_flops(config, T, prefix_len=p) for p in range(1, T)) / (T - 1)
-        return model_zoo.train_flops(config, T, prefix_len=min(o.inputs_length, T - 1))
-    if o.name == "flm":
-        raise ValueError("objective flm does not fit arch 'ed'")
-    if o.name != "plm":
-        return model_zoo.train_flops(config, o.inputs_length, target_len=o.targets_length)
-    k, T = o.ed_plm_examples_per_row, o.seq_length
-    n = T // k
-    real = k * sum(model_zoo.train_flops(config, p, target_len=n - p) for p in range(1, n)) / (n - 1)
-    pad = T - k * n / 2  # tokens of padding in each of the two rows, on average
-    return real + model_zoo.train_flops(config, int(round(pad)), target_len=int(round(pad)))
-
-
 def pipeline_bubble(stages: int, micro_batches: int) -> float:
     """Idle fraction of a synchronous 1F1B / GPipe pipeline: (S - 1) / (M + S - 1)."""
     return (stages - 1) / (micro_batches + stages - 1)
@@ -759,7 +708,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     if d.zero_stage == 0:
         grad_accum = None  # ds_config.py drops it: DeepSpeed has no bf16 + fp32 accumulation without ZeRO
     sub_group = float((preset.get("zero_optimization") or {}).get("sub_group_size", 1e9))
-    lengths = row_lengths(cfg.model.arch, cfg.objective)
+    lengths = spec.row_lengths(cfg.objective)
     P_total = registry.get(cfg.model.arch).num_params(model_config)
     o = cfg.optim
 
@@ -816,7 +765,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     fits = worst["peak"] <= usable
 
     # ---- time
-    flops_row = row_flops(model_config, cfg.model.arch, cfg.objective)
+    flops_row = spec.row_flops(model_config, cfg.objective)
     flops_step = flops_row * d.global_batch_size
     bench = measured_mfu(g.name, cfg.model.arch, cfg.model.size, bench_dir) if mfu is None else None
     if mfu is not None:
@@ -885,7 +834,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     return plan
 
 
-def _comm_seconds(d, model_config, lengths: Lengths, stage_params: int, bw: float, grad_accum) -> dict:
+def _comm_seconds(d, model_config, lengths: "registry.Lengths", stage_params: int, bw: float, grad_accum) -> dict:
     """Bytes each GPU sends per optimizer step and their time at `bw` GB/s, not overlapped with
     compute (an upper bound: ZeRO-2/3 overlap much of it). Ring collectives over the N data-parallel
     ranks of this stage's P parameters, w bytes per element:
