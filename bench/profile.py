@@ -52,7 +52,7 @@ def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> lis
 
     from train import engine as eng
 
-    from .__main__ import model_steps
+    from .suite import model_steps
 
     cuda = s.device == "cuda"
     out = Path(out_dir)

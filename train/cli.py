@@ -66,7 +66,8 @@ def cmd_train(argv: list[str]) -> int:
             return 2
         return 0
     if a.overfit or a.determinism_check:
-        from . import debug
+        from .commands import debug
+        from .debug import NonFiniteError
 
         try:
             if a.overfit:
@@ -75,7 +76,7 @@ def cmd_train(argv: list[str]) -> int:
         except (ConfigError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except debug.NonFiniteError as e:
+        except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
     if a.local_procs is not None:

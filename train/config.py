@@ -33,9 +33,7 @@ import yaml
 from train.data.config import DataConfig
 from train.objectives.config import ObjectiveConfig
 
-
-class ConfigError(ValueError):
-    """A bad config. The message is one line that names the key, the value and the fix."""
+from .errors import ConfigError  # noqa: F401  (a leaf module: ds_presets and registry raise it too)
 
 
 # Origins of values, for the --dry-run printout.
@@ -746,7 +744,7 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     bf16_supported: whether ``precision=auto`` may choose bf16 (a GPU that has it).
     Raises ConfigError naming the numbers and the fix.
     """
-    from train import ds_config, registry  # light: json and dataclasses only at import
+    from train import ds_presets, registry  # light: json and dataclasses only at import
 
     try:  # the architecture and the objective fit each other (the registry says which do)
         registry.get(cfg.model.arch).check_objective(cfg.objective.name)
@@ -761,7 +759,7 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     if num_layers is not None and stages > num_layers:
         raise ConfigError(f"parallel.pipeline_stages={stages} is more than the model's {num_layers} layers: "
                           f"use at most {num_layers} stages")
-    par = ds_config.resolve_parallel(p, bf16_supported=bf16_supported)
+    par = ds_presets.resolve_parallel(p, bf16_supported=bf16_supported)
     if par.zero_stage >= 2 and stages > 1:
         raise ConfigError(f"ZeRO stage {par.zero_stage} with parallel.pipeline_stages={stages}: DeepSpeed's "
                           f"pipeline engine refuses ZeRO-2 and ZeRO-3; use parallel.zero_stage=1 (or 0)")

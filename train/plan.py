@@ -50,7 +50,10 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .registry import Lengths
 
 GIB = 2 ** 30
 DEFAULT_MFU = 0.40          # assumed model-FLOPs utilisation when bench/ has no measurement for the GPU
@@ -586,7 +589,7 @@ def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
             "norm": (4 + a) * N * D + 4 * N}
 
 
-def activation_bytes(config, lengths: "registry.Lengths", batch: int, precision: str, checkpointing,
+def activation_bytes(config, lengths: "Lengths", batch: int, precision: str, checkpointing,
                      layers: Sequence[int], attn_impl: str = "auto", device: str = "cuda") -> dict:
     """Activation bytes of one micro-batch on the pipeline layers `layers` (all: no pipeline).
 
@@ -834,7 +837,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     return plan
 
 
-def _comm_seconds(d, model_config, lengths: "registry.Lengths", stage_params: int, bw: float, grad_accum) -> dict:
+def _comm_seconds(d, model_config, lengths: "Lengths", stage_params: int, bw: float, grad_accum) -> dict:
     """Bytes each GPU sends per optimizer step and their time at `bw` GB/s, not overlapped with
     compute (an upper bound: ZeRO-2/3 overlap much of it). Ring collectives over the N data-parallel
     ranks of this stage's P parameters, w bytes per element:
