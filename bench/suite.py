@@ -1,19 +1,6 @@
-"""The benchmark's parts (`python -m bench`, bench/__main__.py has the command): shapes, the
-matmul peak, attention kernels, the archscale and HF model steps, the table and the targets.
-
-    python -m bench                       # GPU: the issue's shapes (CD ~1.3B at seq 2048, ...)
-    python -m bench --smoke               # CPU: tiny shapes, seconds; keeps the harness working in CI
-    python -m bench --only attention      # matmul | attention | models | hf | data
-    python -m bench --only models --models cd,nd   # some of the architecture rows (see MODELS)
-    python -m bench --json out.json
-    python -m bench --profile DIR         # profile each model's training step: top kernels, time shares
-
-Prints a table (tokens/s, model TFLOP/s, fraction of the measured peak, ratio to the HF anchor,
-peak memory) and writes JSON. Model FLOPs come from model_zoo.train_flops (one formula for all
-architectures, attention counted as each mask requires); an attention kernel's FLOPs are the
-work its mask requires (4 * B * H * hd * allowed pairs forward, 2.5x that for forward+backward).
-Record every GPU run in bench/RESULTS.md with its device, versions and date.
-"""
+"""The benchmark's parts: shapes, the matmul peak, the attention kernels alone, the archscale and
+Hugging Face model steps, the table and the targets. `python -m bench` (bench/__main__.py, whose
+docstring lists the command's uses) runs them; bench/profile.py profiles the same model steps."""
 from __future__ import annotations
 
 import json

@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_trainer import CELLS, ROOT, _env, _write_corpus, base_overrides
+from test_trainer import CELLS, ROOT, _write_corpus, base_overrides, launch_workers
 
 GOLDEN = ROOT / "tests" / "golden" / "runs.json"
 RECORD = os.environ.get("ARCHSCALE_GOLDEN_RECORD") == "1"
@@ -95,14 +94,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     base = base_overrides(work)
     out = {}
     multi = _multi(base, work)
-    spec = [{"overrides": ov} for ov in multi.values()]
-    (work / "spec.json").write_text(json.dumps(spec))
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "tests" / "workers" / "trainer_worker.py"), str(work / "spec.json")],
-                       cwd=work, env=_env(work), capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
-    print(f"golden 2-process launch: {time.perf_counter() - t:.1f}s")
+    launch_workers(work, [{"overrides": ov} for ov in multi.values()], timeout=900)
 
     env, threads = dict(os.environ), torch.get_num_threads()
     torch.set_num_threads(1)

@@ -221,15 +221,20 @@ def two_process_runs(work, base):
         {"overrides": pipe_overrides(base, runs["pipe-cd"])},
         {"overrides": pipe_overrides(base, runs["pipe-ed"], ed=True)},
     ]
+    launch_workers(work, spec)
+    return runs
+
+
+def launch_workers(work: Path, spec: list[dict], timeout: int = 600) -> None:
+    """Run `spec` (see tests/workers/trainer_worker.py) in one 2-process torchrun launch."""
     (work / "spec.json").write_text(json.dumps(spec))
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "tests" / "workers" / "trainer_worker.py"), str(work / "spec.json")],
-                       cwd=work, env=_env(work), capture_output=True, text=True, timeout=600)
+                       cwd=work, env=_env(work), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     print(f"2-process launch: {time.perf_counter() - t:.1f}s")
     print("\n".join(line for line in p.stdout.splitlines() if line.startswith("trainer_worker:")))
-    return runs
 
 
 def pipe_overrides(base: list[str], run_dir: Path, ed: bool = False) -> list[str]:
