@@ -76,6 +76,7 @@ def test_an_objective_that_does_not_fit_is_refused_by_derive():
     ["plan", "model.arch=ed"],
     ["train", "model.arch=ed", "objective.name=flm", "run_dir=/nonexistent/never-made"],
     ["submit", "--dry-run", "--run-dir", "/nonexistent/never-made", "model.arch=ed"],
+    ["compare", "--cells", "cd:flm", "ed:flm", "--out", "/nonexistent/never-made"],
 ])
 def test_every_entry_point_refuses_the_same_config_with_the_same_line(argv, capsys, tmp_path, monkeypatch):
     from train.cli import main
