@@ -138,7 +138,9 @@ def test_rank_classification_is_right_on_a_learnt_task(arch, bytes_tok, tmp_path
     recs = read_task_file(path)
     assert {r["dataset"] for r in recs} == {"kind"}
     model, loss = trained_model(arch, bytes_tok)
-    assert loss < 0.05
+    # a precondition only (the task is learnt); the behaviour is the margin and accuracy below. It
+    # was 0.05, which one CPU's numerics decided: CD reached 0.0546 after its steps on AMD EPYC (issue 20)
+    assert loss < 0.1
     preds = rank_classify(Scorer(model, batch_size=5), bytes_tok, recs)
     for p in preds:  # the margin is large, not a coin flip
         (s0, _), (s1, _) = p["scores"]
