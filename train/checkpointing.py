@@ -378,3 +378,28 @@ def find_resume_point(run_dir: str | Path, resume: str = "auto", *,
         if found is not None:
             return found
     raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint in this directory")
+
+
+def resolve_checkpoint(path: str | Path, step: Optional[int] = None, *, what: str = "") -> Path:
+    """The complete checkpoint directory `path` names: a run directory's newest (or its `step`), or
+    a checkpoint directory itself. The one step-directory lookup of export, eval, analyze, report
+    and init.from_checkpoint (`what` names the option in the message, e.g. "init.from_checkpoint").
+    Raises CheckpointError with a one-line message."""
+    path = Path(path)
+    name = f"{what}={path}" if what else str(path)
+    if (path / "checkpoints").is_dir():
+        if step is None:
+            found = newest_checkpoint(path / "checkpoints")
+            if found is None:
+                raise CheckpointError(f"{name} has no complete checkpoint: train it first, or point at a run "
+                                      f"directory that holds one or at a checkpoints/step-N directory")
+            return found
+        d = path / "checkpoints" / step_dir_name(step)
+        if not is_complete(d):
+            have = [s for s, _ in list_checkpoints(path / "checkpoints")]
+            raise CheckpointError(f"no complete checkpoint for step {step} in {path}; complete steps: {have}")
+        return d
+    if step is None and is_complete(path):
+        return path
+    raise CheckpointError(f"{name} is not a complete checkpoint (no {COMPLETE} marker) nor a run directory with "
+                          f"checkpoints/: point at one of those")

@@ -19,18 +19,8 @@ from . import checkpointing as ckpt
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
-    run_dir = Path(run_dir)
-    if step is None:
-        found = ckpt.find_resume_point(run_dir, "auto")
-        if found is None:
-            raise ckpt.CheckpointError(f"{run_dir} has no complete checkpoint: train it first, or pass the run "
-                                       f"directory that holds checkpoints/")
-        return Path(found)
-    d = run_dir / "checkpoints" / ckpt.step_dir_name(step)
-    if not ckpt.is_complete(d):
-        have = [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")]
-        raise ckpt.CheckpointError(f"no complete checkpoint for step {step} in {run_dir}; complete steps: {have}")
-    return d
+    """The checkpoint to export: checkpointing.resolve_checkpoint (a run's newest or its `step`)."""
+    return ckpt.resolve_checkpoint(run_dir, step)
 
 
 def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> dict:

@@ -170,10 +170,7 @@ def load_init_weights(model, path: str, family: str) -> tuple[Path, dict]:
     Returns the resolved checkpoint directory and what TrainerState.init records of it."""
     from .export import engine_weights
 
-    step_dir = ckpt.find_resume_point(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
-    if step_dir is None or not ckpt.is_complete(step_dir):
-        raise ckpt.CheckpointError(f"init.from_checkpoint={path} holds no complete checkpoint: point it at a "
-                                   f"run directory or a checkpoints/step-N directory")
+    step_dir = ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
     state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
     src_arch = (state.config or {}).get("model", {}).get("arch")
     if src_arch and registry.get(src_arch).family != family:

@@ -79,15 +79,7 @@ def _read_state(step_dir: Path) -> dict:
 
 def _resolve_checkpoint(path: str | Path) -> Path:
     """init.from_checkpoint as the trainer resolves it: a step directory, or a run's newest."""
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        found = ckpt.find_resume_point(p, "auto")
-        if found is None:
-            raise ckpt.CheckpointError(f"{p} (an init.from_checkpoint) has no complete checkpoint")
-        return Path(found)
-    if not ckpt.is_complete(p):
-        raise ckpt.CheckpointError(f"{p} (an init.from_checkpoint) is not a complete checkpoint")
-    return p
+    return ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
 
 
 def parent_phases(config: dict, state: Optional[dict] = None, seen: Optional[set] = None) -> list[dict]:
