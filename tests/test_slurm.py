@@ -393,13 +393,13 @@ def test_sweep_cells_and_yaml(tmp_path, capsys):
     (tmp_path / "base.yaml").write_text("{}\n")
     (tmp_path / "grid.yaml").write_text(
         "config: base.yaml\nconcurrency: 3\noverrides: [schedule.max_steps=100]\n"
-        "grid:\n  model.arch: [cd, nd, ed]\n  objective.name: [flm, plm]\n  model.size: [debug]\n  seed: [0, 1]\n"
+        "grid:\n  model.arch: [cd, nd, ed]\n  objective.name: [plm, mlm]\n  model.size: [debug]\n  seed: [0, 1]\n"
         "slurm: {gpus-per-node: 1, time: '04:00:00'}\n")
     sweep = slurm.Sweep.from_yaml(tmp_path / "grid.yaml")
     cells = sweep.cells()
     assert len(cells) == 12 and len({c["run_dir"] for c in cells}) == 12
-    assert cells[0]["name"] == "cd-flm-debug-seed0"
-    assert cells[0]["overrides"] == ["schedule.max_steps=100", "model.arch=cd", "objective.name=flm",
+    assert cells[0]["name"] == "cd-plm-debug-seed0"
+    assert cells[0]["overrides"] == ["schedule.max_steps=100", "model.arch=cd", "objective.name=plm",
                                      "model.size=debug", "seed=0"]
     assert sweep.dir == tmp_path / "runs" / "grid" and sweep.resources.gpus_per_node == 1
     sub = slurm.submit_sweep(sweep, dry_run=True)
@@ -408,8 +408,13 @@ def test_sweep_cells_and_yaml(tmp_path, capsys):
     from slurm.cli import main_sweep
     assert main_sweep([str(tmp_path / "grid.yaml"), "--dry-run", "--time", "30"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --time=30" in out and "# cell 11: ed-plm-debug-seed1: schedule.max_steps=100" in out
+    assert "#SBATCH --time=30" in out and "# cell 11: ed-mlm-debug-seed1: schedule.max_steps=100" in out
     assert not sweep.dir.exists()
+    # a cell whose objective does not fit its architecture: the registry's line, before anything is written
+    (tmp_path / "edflm.yaml").write_text("config: base.yaml\noverrides: [schedule.max_steps=100]\n"
+                                         "grid: {model.arch: [cd, ed], objective.name: [flm]}\n")
+    with pytest.raises(slurm.SlurmError, match="cell ed-flm: bad config: objective 'flm' does not fit arch 'ed'"):
+        slurm.submit_sweep(slurm.Sweep.from_yaml(tmp_path / "edflm.yaml"), dry_run=True)
     (tmp_path / "bad.yaml").write_text("config: base.yaml\ngrid: {seed: [0]}\nsbatch: {}\n")
     with pytest.raises(slurm.SlurmError, match="unknown key.*sbatch"):
         slurm.Sweep.from_yaml(tmp_path / "bad.yaml")
@@ -626,8 +631,9 @@ def test_submit_checks_the_config_first(tmp_path, monkeypatch, capsys):
     with pytest.raises(slurm.SlurmError, match="stage adapt: bad config: optim.lr=-1.0 must be > 0"):
         slurm.submit_chain(stages)
     assert not any((tmp_path / d).exists() for d in ("sweep", "a", "b"))
-    # the check stays light: no torch, no model code
-    code = ("import sys, slurm; slurm.submit(sys.argv[1], ['model.arch=ed'], run_dir=sys.argv[2], dry_run=True); "
+    # the check stays light: no torch, no model code (the registry's fit check included; ED:FLM is
+    # refused by it, tests/test_registry.py)
+    code = ("import sys, slurm; slurm.submit(sys.argv[1], ['model.arch=ed', 'objective.name=mlm'], run_dir=sys.argv[2], dry_run=True); "
             "bad = [m for m in ('torch', 'deepspeed', 'model_zoo', 'train.engine', 'train.loop') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, str(cfg), str(run_dir)], check=True, cwd=ROOT)
