@@ -79,10 +79,21 @@ def test_an_objective_that_does_not_fit_is_refused_by_derive():
     ["compare", "--cells", "cd:flm", "ed:flm", "--out", "/nonexistent/never-made"],
 ])
 def test_every_entry_point_refuses_the_same_config_with_the_same_line(argv, capsys, tmp_path, monkeypatch):
+    import os
+
     from train.cli import main
+    from train.engine import teardown_distributed
 
     monkeypatch.chdir(tmp_path)
-    rc = main(argv)
+    env = dict(os.environ)
+    try:
+        rc = main(argv)
+    finally:
+        # `train` sets up a world of one (a TCP store on MASTER_PORT, the rendezvous variables in
+        # os.environ) before its config check: a later test's subprocess must not inherit that port
+        teardown_distributed()
+        os.environ.clear()
+        os.environ.update(env)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert len(err) == 1 and BAD in err[0], err

@@ -46,6 +46,7 @@ def setup_distributed() -> Dist:
     if "RANK" not in env:  # a plain `python -m train ...`: a world of one
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -59,10 +60,6 @@ def setup_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        if env.get("WORLD_SIZE") == "1":
-            # picked here, just before the bind: picked before `import deepspeed` (seconds) the free
-            # port was once taken by another process in between (EADDRINUSE in a CI run)
-            env.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
