@@ -122,7 +122,7 @@ class ArchSpec:
 
     def check_objective(self, objective_name: str) -> None:
         """Raises ValueError (one line, with the fix) if the objective does not fit: the one check
-        that train, --dry-run, plan, submit and sweep share (through train.loop.check / plan)."""
+        that train, --dry-run, plan, submit and sweep share (through train.config.derive)."""
         if objective_name not in self.objectives:
             fits = [a for a, s in ARCHITECTURES.items() if objective_name in s.objectives]
             raise ValueError(f"objective {objective_name!r} does not fit arch {self.name!r} ({self.description}); "
@@ -179,13 +179,13 @@ class ArchSpec:
         return pipeline.build_pipeline_module(model, num_stages, **kwargs)
 
 
-_ALL = OBJECTIVES
 ARCHITECTURES = {
-    "cd": ArchSpec("cd", "decoder", decoder_batch_flops, "causal decoder", _ALL),
-    "nd": ArchSpec("nd", "decoder", decoder_batch_flops, "prefix (non-causal) decoder", _ALL,
+    "cd": ArchSpec("cd", "decoder", decoder_batch_flops, "causal decoder", OBJECTIVES),
+    "nd": ArchSpec("nd", "decoder", decoder_batch_flops, "prefix (non-causal) decoder", OBJECTIVES,
                    bidirectional_prefix=True),
     # flm has no encoder input
-    "ed": ArchSpec("ed", "encoder_decoder", ed_batch_flops, "encoder-decoder", _ALL[1:]),
+    "ed": ArchSpec("ed", "encoder_decoder", ed_batch_flops, "encoder-decoder",
+                   tuple(o for o in OBJECTIVES if o != "flm")),
 }
 
 
