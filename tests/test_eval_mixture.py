@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from train import registry
 from train.data.mixture import build_mixture, main as mixture_main, mixing_rates, read_tasks, task_caps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,5 +79,5 @@ def test_mtf_preset():
     assert registry.get("ed").make_config(cfg.model, 512).dropout == 0.1
     o = cfg.objective
     assert (o.name, o.inputs_length, o.targets_length, o.seq_length) == ("prompted", 1024, 256, 1280)
-    assert o.tokens_per_example("ed") == o.tokens_per_example("cd") == 1280  # the same budget per row
+    assert registry.get("ed").tokens_per_row(o) == registry.get("cd").tokens_per_row(o) == 1280  # the same budget per row
     assert (cfg.data.format, cfg.schedule.train_tokens) == ("multitask", 13_000_000_000)

@@ -185,6 +185,7 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
     """ED weights cannot start a CD run (and vice versa): one clear error before any training."""
     import model_zoo
     from train import checkpointing as ckpt
+    from train import registry
     from train.loop import load_init_weights
 
     _, runs = sweep
@@ -197,9 +198,9 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
     (fake / ckpt.COMPLETE).write_text("")
     with pytest.raises(ValueError, match=r"is a ED checkpoint \(encoder_decoder\); this run's architecture needs "
                                          r"a decoder checkpoint"):
-        load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), "decoder")
+        load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), registry.get("cd"))
     with pytest.raises(ValueError, match=r"is a CD checkpoint \(decoder\)"):
-        load_init_weights(model_zoo.build("ed", "debug"), str(src), "encoder_decoder")
+        load_init_weights(model_zoo.build("ed", "debug"), str(src), registry.get("ed"))
 
 
 def test_matched_reference_is_the_budget_most_runs_share():

@@ -46,9 +46,9 @@ def cell_overrides(cell: str, args) -> list[str]:
            "logging.every_n_steps=5", f"seed={args.seed}"]
     if objective in ("mlm", "ul2"):
         inputs, targets = mlm_lengths(args.seq_len)
+        # decoders read rows of inputs + targets (the encoder-decoder ignores seq_length here)
+        out[4] = f"objective.seq_length={inputs + targets}"
         out += [f"objective.inputs_length={inputs}", f"objective.targets_length={targets}"]
-        if arch != "ed":
-            out[4] = f"objective.seq_length={inputs + targets}"
     return out + list(args.set)
 
 

@@ -740,7 +740,7 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
 
     world_size: processes in the job. num_layers: blocks the pipeline splits (for ED: encoder +
     decoder), from the model's size; None skips that check. tokens_per_sequence: tokens per
-    example for the token budget; None = ``cfg.objective.tokens_per_example()``.
+    example for the token budget; None = the registry's ``tokens_per_row(cfg.objective)``.
     bf16_supported: whether ``precision=auto`` may choose bf16 (a GPU that has it).
     Raises ConfigError naming the numbers and the fix.
     """
@@ -791,10 +791,7 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
             f"global_batch_size and gradient_accumulation_steps (set the other to null)")
 
     if tokens_per_sequence is None:
-        fn = getattr(cfg.objective, "tokens_per_example", None)
-        if fn is None:
-            raise ConfigError("derive() needs tokens_per_sequence: the objective config has no tokens_per_example()")
-        tokens_per_sequence = int(fn(cfg.model.arch))
+        tokens_per_sequence = int(registry.get(cfg.model.arch).tokens_per_row(cfg.objective))
     tokens_per_step = glob * tokens_per_sequence
     s = cfg.schedule
     if s.max_steps is not None:

@@ -60,13 +60,10 @@ def load_for_eval(pretrained: str | Path, step: Optional[int] = None):
         return model_zoo.load(path), AutoTokenizer.from_pretrained(path), None
     step_dir = path if (path / ckpt.STATE_FILE).is_file() else checkpoint_dir(path, step)
     model, tok, cfg = load_model(step_dir)
-    obj = cfg.objective
+    from . import registry
+
     # the longest input the run trained on: decoder rows, or the encoder's inputs
-    if cfg.model.arch == "ed":
-        max_length = obj.seq_length if obj.name == "plm" else obj.inputs_length
-    else:
-        max_length = obj.seq_length
-    return model, tok, max_length
+    return model, tok, registry.get(cfg.model.arch).row_lengths(cfg.objective).model_input
 
 
 @register_model(NAME)

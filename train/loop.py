@@ -165,7 +165,7 @@ def _to_universal(step_dir: Path) -> str:
     return out.name
 
 
-def load_init_weights(model, path: str, family: str) -> tuple[Path, dict]:
+def load_init_weights(model, path: str, arch: "registry.ArchSpec") -> tuple[Path, dict]:
     """init.from_checkpoint: weights only, from a checkpoint or run directory of another run.
     Returns the resolved checkpoint directory and what TrainerState.init records of it."""
     from .export import engine_weights
@@ -173,9 +173,9 @@ def load_init_weights(model, path: str, family: str) -> tuple[Path, dict]:
     step_dir = ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
     state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
     src_arch = (state.config or {}).get("model", {}).get("arch")
-    if src_arch and registry.get(src_arch).family != family:
+    if src_arch and not arch.accepts_weights_of(registry.get(src_arch)):
         raise ValueError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
-                         f"({registry.get(src_arch).family}); this run's architecture needs a {family} checkpoint")
+                         f"({registry.get(src_arch).family}); this run's architecture needs a {arch.family} checkpoint")
     weights = engine_weights(Path(step_dir), model_config=model.config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_embeddings]
@@ -266,7 +266,7 @@ def _train(cfg: RunConfig, signals: "_Signals", *, max_steps_now: Optional[int],
     model = arch.build(cfg.model, vocab)
     init_info, init_dir = (dict(state.init) if state is not None else {}), None
     if state is None and cfg.init.from_checkpoint:
-        init_dir, init_info = load_init_weights(model, cfg.init.from_checkpoint, arch.family)
+        init_dir, init_info = load_init_weights(model, cfg.init.from_checkpoint, arch)
         if cfg.init.load_optimizer and (init_info["world_size"] != dist.world_size
                                         or (init_info["pipeline_stages"] > 1) != (derived.pipeline_stages > 1)):
             raise ConfigError(f"init.load_optimizer=true needs the parent's layout: it ran on "

@@ -91,17 +91,6 @@ class ObjectiveConfig:
     denoisers: list[DenoiserConfig] = field(default_factory=default_ul2_denoisers)
     """ul2: the mixture. Each entry: kind, mode, noise_density, mean_span_length, rate (dicts accepted)."""
 
-    def tokens_per_example(self, arch: str) -> int:
-        """Tokens a batch row carries for `arch`: the unit of the token budget (tokens seen).
-
-        Decoder rows: seq_length. ED: inputs_length + targets_length (reference: 512 + 114 = 626,
-        the decoder's 626); ED plm: seq_length (its examples of seq_length // k tokens, split
-        between encoder and decoder).
-        """
-        if arch != "ed" or self.name == "plm":
-            return self.seq_length
-        return self.inputs_length + self.targets_length
-
     def __post_init__(self) -> None:
         self.denoisers = [d if isinstance(d, DenoiserConfig) else _denoiser_from_dict(d, i)
                           for i, d in enumerate(self.denoisers)]

@@ -1,0 +1,47 @@
+"""The decoder family (CD, ND): one stack over rows of packed documents; ND attends its
+documents' prefixes bidirectionally (`bidirectional_prefix`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import ArchSpec, Lengths, segments, train_flops
+
+
+@dataclass(frozen=True)
+class DecoderSpec(ArchSpec):
+    bidirectional_prefix: bool = False  # a row's prefix is attended bidirectionally (ND)
+    family = "decoder"
+
+    def row_lengths(self, objective) -> Lengths:
+        self.check_objective(objective.name)
+        return Lengths(decoder=objective.seq_length)
+
+    def tokens_per_row(self, objective) -> int:
+        return objective.seq_length
+
+    def row_flops(self, config, objective) -> float:
+        """One row of seq_length T: causal (CD, and every FLM row); ND: prefix = inputs_length for
+        mlm / ul2 / prompted, uniform over the row for plm (the mean over split points)."""
+        self.check_objective(objective.name)
+        o, T = objective, objective.seq_length
+        if not self.bidirectional_prefix or o.name == "flm":
+            return train_flops(config, T)
+        if o.name == "plm":
+            return sum(train_flops(config, T, prefix_len=p) for p in range(1, T)) / (T - 1)
+        return train_flops(config, T, prefix_len=min(o.inputs_length, T - 1))
+
+    def batch_flops(self, config, batch: dict) -> float:
+        """Attention counted per example as its mask requires (model_zoo.train_flops summed over
+        the examples; padding counts as computed)."""
+        seg, bidir = batch["segment_ids"], batch.get("bidirectional")
+        total = 0.0
+        for b, runs in enumerate(segments(seg)):
+            start = 0
+            for _, n in runs:
+                p = int(bidir[b, start:start + n].sum()) if bidir is not None else 0
+                total += train_flops(config, n, prefix_len=p)
+                start += n
+        return total
+
+    def num_layers(self, config) -> int:
+        return config.n_layers

@@ -1,0 +1,55 @@
+"""The encoder-decoder family (ED): inputs in a bidirectional encoder, targets in a causal
+decoder with cross-attention; examples are matched across the two rows by segment id."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import ArchSpec, Lengths, segments, train_flops
+
+
+@dataclass(frozen=True)
+class EncoderDecoderSpec(ArchSpec):
+    family = "encoder_decoder"
+
+    def row_lengths(self, objective) -> Lengths:
+        self.check_objective(objective.name)
+        if objective.name == "plm":
+            return Lengths(decoder=objective.seq_length, encoder=objective.seq_length)
+        return Lengths(decoder=objective.targets_length, encoder=objective.inputs_length)
+
+    def tokens_per_row(self, objective) -> int:
+        """inputs_length + targets_length (reference: 512 + 114 = 626, the decoder's 626); plm:
+        seq_length (its examples of seq_length // k tokens, split between encoder and decoder)."""
+        if objective.name == "plm":
+            return objective.seq_length
+        return objective.inputs_length + objective.targets_length
+
+    def row_flops(self, config, objective) -> float:
+        """Encoder inputs_length / decoder targets_length; plm: `ed_plm_examples_per_row` examples
+        of seq_length // k tokens, each split uniformly (mean over split points), plus the padding
+        of both rows (on average half of each) counted as one more example, as computed."""
+        self.check_objective(objective.name)
+        o = objective
+        if o.name != "plm":
+            return train_flops(config, o.inputs_length, target_len=o.targets_length)
+        k, T = o.ed_plm_examples_per_row, o.seq_length
+        n = T // k
+        real = k * sum(train_flops(config, p, target_len=n - p) for p in range(1, n)) / (n - 1)
+        pad = T - k * n / 2  # tokens of padding in each of the two rows, on average
+        return real + train_flops(config, int(round(pad)), target_len=int(round(pad)))
+
+    def batch_flops(self, config, batch: dict) -> float:
+        total = 0.0
+        for enc_runs, dec_runs in zip(segments(batch["segment_ids"]), segments(batch["decoder_segment_ids"])):
+            enc, dec = {}, {}
+            for s, n in enc_runs:
+                enc[s] = enc.get(s, 0) + n
+            for s, n in dec_runs:
+                dec[s] = dec.get(s, 0) + n
+            for s in set(enc) | set(dec):
+                total += train_flops(config, enc.get(s, 0), target_len=dec.get(s, 0))
+        return total
+
+    def num_layers(self, config) -> int:
+        """Encoder + decoder blocks."""
+        return 2 * config.n_layers

@@ -1,0 +1,127 @@
+"""The registry entry: what the trainer asks of an architecture (train/registry/__init__.py).
+
+`ArchSpec` holds what every architecture shares (the name, the objectives that fit, the model
+build through model_zoo, parameter counts); a family subclass (decoder.py, encoder_decoder.py)
+answers what differs by overriding methods, so no caller branches on the architecture.
+model_zoo (and torch) are imported where used: train.config.derive checks an objective's fit
+through this package on a login node (`archscale submit`), which never imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def train_flops(config, *args, **kwargs) -> float:
+    """model_zoo.train_flops (imported on first use)."""
+    import model_zoo
+
+    return model_zoo.train_flops(config, *args, **kwargs)
+
+
+def segments(seg) -> list[list[tuple[int, int]]]:
+    """Per row of a [B, T] segment-id tensor: (segment id, length) of each contiguous run."""
+    out = []
+    for row in seg.tolist():
+        runs, prev, n = [], None, 0
+        for s in row:
+            if s == prev:
+                n += 1
+            else:
+                if prev is not None:
+                    runs.append((prev, n))
+                prev, n = s, 1
+        if prev is not None:
+            runs.append((prev, n))
+        out.append(runs)
+    return out
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths one batch row carries through the model."""
+
+    decoder: int             # decoder tokens per row (CD/ND: the whole row; ED: the decoder row)
+    encoder: int = 0         # ED: encoder tokens per row
+
+    @property
+    def model_input(self) -> int:
+        """The longest input the model reads: the encoder's when there is one, else the row."""
+        return self.encoder or self.decoder
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture. Subclasses (a family) override the methods marked 'family'."""
+
+    name: str
+    description: str
+    objectives: tuple[str, ...]  # the objectives that fit (train.objectives.OBJECTIVES)
+    family = "?"  # the family's name, for messages (a subclass sets it)
+
+    def check_objective(self, objective_name: str) -> None:
+        """Raises ValueError (one line, with the fix) if the objective does not fit: the one check
+        that train, --dry-run, plan, submit and sweep share (through train.config.derive)."""
+        if objective_name not in self.objectives:
+            from . import ARCHITECTURES
+
+            fits = [a for a, s in ARCHITECTURES.items() if objective_name in s.objectives]
+            raise ValueError(f"objective {objective_name!r} does not fit arch {self.name!r} ({self.description}); "
+                             f"use objective {' or '.join(repr(o) for o in self.objectives)} for {self.name}, "
+                             f"or arch {' / '.join(repr(a) for a in fits)} for {objective_name}")
+
+    def accepts_weights_of(self, other: "ArchSpec") -> bool:
+        """Whether a checkpoint of `other` can initialise this architecture (init.from_checkpoint:
+        the same family of weights, e.g. CD -> ND adaptation)."""
+        return type(other) is type(self)
+
+    # ------------------------------------------------------------------ family: rows and FLOPs
+    def row_lengths(self, objective) -> Lengths:
+        """family: the row shape train/objectives produces (ObjectiveConfig's docstring)."""
+        raise NotImplementedError
+
+    def tokens_per_row(self, objective) -> int:
+        """family: tokens a batch row carries, the unit of the token budget (tokens seen)."""
+        raise NotImplementedError
+
+    def row_flops(self, config, objective) -> float:
+        """family: expected training FLOPs of one batch row as computed (model_zoo.train_flops;
+        padding computed): the one analytic figure that --dry-run, plan and the reports use per
+        row. The loop counts each batch exactly (`batch_flops`, attention per packed document)."""
+        raise NotImplementedError
+
+    def batch_flops(self, config, batch: dict) -> float:
+        """family: exact training FLOPs of a packed batch (the batch contract), padding computed."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ the model
+    @staticmethod
+    def _options(model_cfg, vocab_size: int | None) -> dict:
+        options = {"attn_impl": model_cfg.attn_impl, "z_loss": model_cfg.z_loss, "loss_impl": model_cfg.loss_impl}
+        if vocab_size is not None:
+            options["vocab_size"] = vocab_size
+        return {**options, **model_cfg.overrides}  # explicit overrides win
+
+    def make_config(self, model_cfg, vocab_size: int | None = None):
+        """The model_zoo config for this run's `model` section (vocab from the tokenizer)."""
+        import model_zoo
+
+        return model_zoo.make_config(self.name, model_cfg.size, **self._options(model_cfg, vocab_size))
+
+    def build(self, model_cfg, vocab_size: int | None = None, device=None):
+        import model_zoo
+
+        return model_zoo.build(self.name, model_cfg.size, device=device, **self._options(model_cfg, vocab_size))
+
+    def num_params(self, config) -> int:
+        import model_zoo
+
+        return model_zoo.num_params(config)
+
+    def num_layers(self, config) -> int:
+        """family: blocks a pipeline splits."""
+        raise NotImplementedError
+
+    def pipeline_module(self, model, num_stages: int, **kwargs):
+        from .. import pipeline
+
+        return pipeline.build_pipeline_module(model, num_stages, **kwargs)
