@@ -8,6 +8,7 @@ from train.objectives import (IGNORE, DenoiserConfig, Example, ObjectiveConfig, 
                               nonnoise_span_to_unique_sentinel, pop_counts, random_spans_helper,
                               random_spans_noise_mask, span_corruption_lengths)
 from train.objectives import rng as orng
+from train.registry import get
 
 VOCAB = 5000
 SENTINELS = tuple(range(VOCAB - 1, VOCAB - 101, -1))  # <extra_id_0> = highest id, as in T5
@@ -50,7 +51,7 @@ def test_noise_mask_golden_small():
 
 
 def test_objective_golden_mlm_example():
-    obj = build_objective(ObjectiveConfig(name="mlm"), "ed", TI)
+    obj = build_objective(ObjectiveConfig(name="mlm"), get("ed"), TI)
     tokens = np.arange(100, 120)  # 20 tokens: round(3) = 3 noise tokens, round(1) = 1 span
     ex = obj.make(tokens, 0, 7)
     assert len(ex.inputs) == 20 - 3 + 1 + 1 and len(ex.targets) == 3 + 1 + 1
@@ -82,7 +83,7 @@ def test_span_statistics_over_many_examples():
 
 def test_merge_reconstructs_original_for_all_span_denoisers():
     cfg = ObjectiveConfig(name="ul2")
-    obj = build_objective(cfg, "nd", TI)
+    obj = build_objective(cfg, get("nd"), TI)
     rs = np.random.default_rng(5)
     for v, var in enumerate(obj.variants):
         for i in range(60):
@@ -110,7 +111,7 @@ def test_merge_detects_inconsistent_pairs():
 
 
 def test_plm_split_points_uniform_chi_square():
-    obj = build_objective(ObjectiveConfig(name="plm"), "nd", TI)
+    obj = build_objective(ObjectiveConfig(name="plm"), get("nd"), TI)
     n, draws = 11, 22000  # s in [1, 10]: 10 equally likely cells
     words = orng.mix(42, 0, np.arange(draws), 0)
     s, tgt = obj.lengths(np.full(draws, n), np.zeros(draws, int), words)
@@ -129,7 +130,7 @@ def test_ul2_denoiser_rates():
         DenoiserConfig("span", "[NLU]", 0.15, 3.0, 0.5),
         DenoiserConfig("prefix", "[S2S]", rate=0.25),
         {"kind": "span", "mode": "[NLG]", "noise_density": 0.5, "mean_span_length": 8.0, "rate": 0.25}])
-    obj = build_objective(cfg, "ed", TI)
+    obj = build_objective(cfg, get("ed"), TI)
     v = obj.choose_variant(orng.mix(3, np.arange(40000)))
     freq = np.bincount(v, minlength=3) / len(v)
     assert np.allclose(freq, [0.5, 0.25, 0.25], atol=0.01), freq
@@ -161,7 +162,7 @@ def _pack(examples, shape):
 @pytest.mark.parametrize("arch", ["cd", "nd"])
 def test_decoder_layout_loss_mask_and_no_leak(name, arch):
     cfg = ObjectiveConfig(name=name, seq_length=120, inputs_length=98, targets_length=22)
-    obj = build_objective(cfg, arch, TI)
+    obj = build_objective(cfg, get(arch), TI)
     rs = np.random.default_rng(0)
     examples = _pieces(obj, rs, 20)
     rows = _pack(examples, obj.shape)
@@ -200,7 +201,7 @@ def test_cd_and_nd_differ_only_in_bidirectional(name):
     cfg = ObjectiveConfig(name=name, seq_length=120, inputs_length=98, targets_length=22)
     batches = []
     for arch in ("cd", "nd"):
-        obj = build_objective(cfg, arch, TI)
+        obj = build_objective(cfg, get(arch), TI)
         batches.append(collate(_pack(_pieces(obj, np.random.default_rng(3), 12), obj.shape), obj.shape, TI))
     cd, nd = batches
     for k in cd:
@@ -212,7 +213,7 @@ def test_cd_and_nd_differ_only_in_bidirectional(name):
 @pytest.mark.parametrize("name", ["plm", "mlm", "ul2"])
 def test_encoder_decoder_layout_and_no_leak(name):
     cfg = ObjectiveConfig(name=name, seq_length=120, inputs_length=98, targets_length=22)
-    obj = build_objective(cfg, "ed", TI)
+    obj = build_objective(cfg, get("ed"), TI)
     rs = np.random.default_rng(1)
     examples = _pieces(obj, rs, 16)
     rows = _pack(examples, obj.shape)
@@ -241,7 +242,7 @@ def test_encoder_decoder_layout_and_no_leak(name):
 
 
 def test_ed_plm_packs_two_examples_per_row():
-    obj = build_objective(ObjectiveConfig(name="plm", seq_length=626), "ed", TI)
+    obj = build_objective(ObjectiveConfig(name="plm", seq_length=626), get("ed"), TI)
     assert obj.max_piece[0] == 313 and obj.shape.encoder_length == obj.shape.decoder_length == 626
     words = orng.mix(1, np.arange(5000))
     inp, tgt = obj.lengths(np.full(5000, 313), np.zeros(5000, int), words)
@@ -252,7 +253,7 @@ def test_ed_plm_packs_two_examples_per_row():
 def test_every_piece_up_to_max_fits_an_empty_row():
     for arch in ("cd", "ed"):
         for name in ("plm", "mlm", "ul2"):
-            obj = build_objective(ObjectiveConfig(name=name), arch, TI)
+            obj = build_objective(ObjectiveConfig(name=name), get(arch), TI)
             for v, p in enumerate(obj.max_piece):
                 n = np.arange(2, p + 1)
                 inp, tgt = obj.lengths(n, np.full(len(n), v), orng.mix(v, n))
@@ -264,11 +265,11 @@ def test_every_piece_up_to_max_fits_an_empty_row():
 
 
 def test_prompted_truncation():
-    obj = build_objective(ObjectiveConfig(name="prompted", seq_length=10, targets_length=4), "nd", TI)
+    obj = build_objective(ObjectiveConfig(name="prompted", seq_length=10, targets_length=4), get("nd"), TI)
     ex = make_prompted(obj, np.arange(100, 112), np.arange(200, 206))
     assert ex.targets.tolist() == [200, 201, 202, 203]  # targets keep their start
     assert ex.inputs.tolist() == [106, 107, 108, 109, 110, 111]  # inputs keep their end
-    obj = build_objective(ObjectiveConfig(name="prompted", inputs_length=3, targets_length=2), "ed", TI)
+    obj = build_objective(ObjectiveConfig(name="prompted", inputs_length=3, targets_length=2), get("ed"), TI)
     ex = make_prompted(obj, np.arange(100, 105), np.arange(200, 201))
     assert ex.inputs.tolist() == [102, 103, 104] and ex.targets.tolist() == [200]
 
@@ -278,14 +279,14 @@ def test_prompted_truncation():
     (dict(name="mlm", targets_length=120), "ed", r"set objective.targets_length=114"),
     (dict(name="mlm", seq_length=1024), "nd", r"set objective.seq_length=626"),
     (dict(name="flm"), "ed", r"does not fit arch 'ed'"),
-    (dict(name="flm"), "xd", r"choose one of \('cd', 'nd', 'ed'\)"),
+    (dict(name="flm"), "xd", r"unknown architecture 'xd'; choose one of cd, nd, ed"),  # the registry's lookup
     (dict(name="mlm", inputs_length=2, targets_length=1, seq_length=3), "ed", r"too short"),
     (dict(name="plm", seq_length=3, ed_plm_examples_per_row=2), "ed", r"too short"),
     (dict(name="ul2", seq_length=3), "nd", r"too short"),
 ])
 def test_bad_objective_configs_fail_at_build(kwargs, arch, match):
     with pytest.raises(ValueError, match=match):
-        build_objective(ObjectiveConfig(**kwargs), arch, TI)
+        build_objective(ObjectiveConfig(**kwargs), get(arch), TI)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -307,19 +308,19 @@ def test_bad_config_values(kwargs, match):
 def test_too_few_sentinels_and_missing_mode_token():
     few = TokenInfo(VOCAB, 0, 1, SENTINELS[:10], MODES)
     with pytest.raises(ValueError, match=r"need up to 28 sentinels .* set data.num_sentinels >= 28"):
-        build_objective(ObjectiveConfig(name="mlm"), "ed", few)
+        build_objective(ObjectiveConfig(name="mlm"), get("ed"), few)
     none = TokenInfo(VOCAB, 0, 1, (), MODES)
     with pytest.raises(ValueError, match=r"needs sentinel tokens"):
-        build_objective(ObjectiveConfig(name="mlm"), "nd", none)
+        build_objective(ObjectiveConfig(name="mlm"), get("nd"), none)
     no_modes = TokenInfo(VOCAB, 0, 1, SENTINELS, ())
     with pytest.raises(ValueError, match=r"mode token '\[NLU\]' is not in the tokenizer"):
-        build_objective(ObjectiveConfig(name="ul2"), "nd", no_modes)
+        build_objective(ObjectiveConfig(name="ul2"), get("nd"), no_modes)
 
 
 def test_collate_rejects_overfull_rows_and_empty_encoder_inputs():
-    obj = build_objective(ObjectiveConfig(name="flm", seq_length=4), "cd", TI)
+    obj = build_objective(ObjectiveConfig(name="flm", seq_length=4), get("cd"), TI)
     with pytest.raises(ValueError, match="exceed the row length 4"):
         collate([[Example(np.zeros(0, np.int64), np.arange(5))]], obj.shape, TI)
-    obj = build_objective(ObjectiveConfig(name="plm", seq_length=8, ed_plm_examples_per_row=1), "ed", TI)
+    obj = build_objective(ObjectiveConfig(name="plm", seq_length=8, ed_plm_examples_per_row=1), get("ed"), TI)
     with pytest.raises(ValueError, match="non-empty inputs"):
         collate([[Example(np.zeros(0, np.int64), np.arange(5))]], obj.shape, TI)

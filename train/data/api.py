@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import registry
 from ..objectives import ObjectiveConfig, TokenInfo, build_objective
 from .config import DataConfig
 from .corpus import embedded_files, expand_files, load_corpus
@@ -93,7 +94,7 @@ def build_stream(prepared: PreparedData, objective: ObjectiveConfig, arch: str, 
     if (objective.name == "prompted") != prepared.prompted:
         raise ValueError(f"objective {objective.name!r} does not match the prepared data "
                          f"({'prompted multitask' if prepared.prompted else 'documents'})")
-    obj = build_objective(objective, arch, prepared.tokens)
+    obj = build_objective(objective, registry.get(arch), prepared.tokens)
     train = split == "train"
     stream = DataStream(sp.store, sp.doc_ids, obj, prepared.tokens, global_batch_size=global_batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=data.shuffle and train,

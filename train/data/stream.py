@@ -162,7 +162,7 @@ class DataStream:
 
     def _pack(self):
         G = self.G
-        fit = (_BestFit1D if self.objective.shape.family == "decoder" else _BestFit2D)(G, self.cap, self.min_need)
+        fit = _BEST_FIT[self.objective.shape.packed_dims](G, self.cap, self.min_need)
         rows: list[list[Piece]] = [[] for _ in range(G)]
         placed = 0
         waiting_now = self._pieces_at(self.waiting)
@@ -293,14 +293,14 @@ class DataStream:
 
     def _min_footprint(self) -> np.ndarray:
         """The smallest room any example can need (a 2-token piece): rows with less are full."""
-        if self.target_store is not None:
-            return np.array([2, 0] if self.objective.shape.family == "decoder" else [1, 1])
         obj = self.objective
-        n = np.full(len(obj.variants), obj.min_piece)
-        inp, tgt = obj.lengths(n, np.arange(len(obj.variants)), np.zeros(len(n), np.uint64))
-        if obj.shape.family == "decoder":
-            return np.array([int((inp + tgt).min()), 0])
-        return np.array([int(inp.min()), int(tgt.min())])
+        if self.target_store is not None:  # a prompted record of one input and one target token
+            inp, tgt = np.ones(1, np.int64), np.ones(1, np.int64)
+        else:
+            n = np.full(len(obj.variants), obj.min_piece)
+            inp, tgt = obj.lengths(n, np.arange(len(obj.variants)), np.zeros(len(n), np.uint64))
+        a, b = obj.shape.footprint(inp, tgt)
+        return np.array([int(np.min(a)), int(np.min(b))])
 
     def _fingerprint(self) -> str:
         desc = json.dumps([self.store.fingerprint, self.store.num_docs, int(len(self.doc_ids)),
@@ -390,3 +390,6 @@ class _Pieces:
     def piece(self, j: int) -> Piece:
         return Piece(self.pos[j], self.k[j], self.doc[j], self.start[j], self.n[j], self.variant[j], self.word[j],
                      self.n_in[j], self.n_tgt[j], _SKIP_NAMES[self.skip[j]], (self.need_a[j], self.need_b[j]))
+
+
+_BEST_FIT = {1: _BestFit1D, 2: _BestFit2D}  # by RowShape.packed_dims: one length per row, or two (ED)

@@ -1,7 +1,7 @@
 """Pretraining objectives as pure transforms (no deepspeed, no torch.distributed).
 
     from train.objectives import ObjectiveConfig, build_objective, collate
-    obj = build_objective(ObjectiveConfig(name="mlm"), arch="nd", tokens=token_info)
+    obj = build_objective(ObjectiveConfig(name="mlm"), arch=registry.get("nd"), tokens=token_info)
     ex = obj.make(piece_tokens, variant=0, word=w)        # Example(inputs, targets)
     batch = collate([[ex, ...], ...], obj.shape, token_info)
 
@@ -11,7 +11,7 @@
 # `archscale submit` loads on a login node without torch.
 from importlib import import_module
 
-_WHERE = {"ARCHS": "config", "COUNT_KEYS": "batch", "DenoiserConfig": "config", "Example": "core", "IGNORE": "batch", "MIN_PIECE": "core", "OBJECTIVES": "config", "Objective": "core", "ObjectiveConfig": "config", "RowShape": "core", "TokenInfo": "core", "build_objective": "core", "collate": "batch", "collate_decoder": "batch", "collate_encoder_decoder": "batch", "default_ul2_denoisers": "config", "make_prompted": "core", "merge_by_sentinels": "span_corruption", "noise_span_to_unique_sentinel": "span_corruption", "nonnoise_span_to_unique_sentinel": "span_corruption", "pop_counts": "batch", "prompted_lengths": "core", "random_spans_helper": "span_corruption", "random_spans_noise_mask": "span_corruption", "row_shape": "core", "span_corrupt": "span_corruption", "span_corruption_lengths": "span_corruption"}
+_WHERE = {"COUNT_KEYS": "batch", "DecoderLayout": "core", "DecoderRows": "core", "DenoiserConfig": "config", "EncoderDecoderLayout": "core", "EncoderDecoderRows": "core", "Example": "core", "IGNORE": "batch", "MIN_PIECE": "core", "OBJECTIVES": "config", "Objective": "core", "ObjectiveConfig": "config", "RowShape": "core", "TokenInfo": "core", "build_objective": "core", "collate": "batch", "collate_decoder": "batch", "collate_encoder_decoder": "batch", "default_ul2_denoisers": "config", "make_prompted": "core", "merge_by_sentinels": "span_corruption", "noise_span_to_unique_sentinel": "span_corruption", "nonnoise_span_to_unique_sentinel": "span_corruption", "pop_counts": "batch", "prompted_lengths": "core", "random_spans_helper": "span_corruption", "random_spans_noise_mask": "span_corruption", "span_corrupt": "span_corruption", "span_corruption_lengths": "span_corruption"}
 __all__ = sorted(_WHERE)
 
 

@@ -18,10 +18,12 @@ num_target_tokens (labels != -100), num_documents (packed examples, i.e. segment
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from .core import Example, RowShape, TokenInfo
+from .core import DecoderRows, EncoderDecoderRows, Example, RowShape, TokenInfo
 
 IGNORE = -100
 COUNT_KEYS = ("num_tokens", "num_target_tokens", "num_documents")
@@ -29,8 +31,21 @@ COUNT_KEYS = ("num_tokens", "num_target_tokens", "num_documents")
 
 def collate(rows: list[list[Example]], shape: RowShape, tokens: TokenInfo) -> dict[str, torch.Tensor]:
     """Lay out packed rows (a list per row of its Examples) into the batch contract of `shape`."""
-    if shape.family == "decoder":
-        return collate_decoder(rows, shape.length, shape.bidirectional, tokens.pad_id)
+    return _collate(shape, rows, tokens)
+
+
+@functools.singledispatch
+def _collate(shape: RowShape, rows, tokens: TokenInfo) -> dict[str, torch.Tensor]:
+    raise TypeError(f"no batch layout for row shape {type(shape).__name__}; register one with _collate.register")
+
+
+@_collate.register
+def _(shape: DecoderRows, rows, tokens: TokenInfo) -> dict[str, torch.Tensor]:
+    return collate_decoder(rows, shape.length, shape.bidirectional, tokens.pad_id)
+
+
+@_collate.register
+def _(shape: EncoderDecoderRows, rows, tokens: TokenInfo) -> dict[str, torch.Tensor]:
     return collate_encoder_decoder(rows, shape.encoder_length, shape.decoder_length, tokens.pad_id)
 
 

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 OBJECTIVES = ("flm", "plm", "mlm", "ul2", "prompted")
-ARCHS = ("cd", "nd", "ed")
 DENOISER_KINDS = ("span", "prefix")
 
 

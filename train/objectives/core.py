@@ -14,7 +14,9 @@ the packer plans rows from lengths alone and only the rank that owns a row build
 | mlm       | T5 corrupted x + EOS                   | sentinels + dropped spans + EOS|
 | ul2 R/X   | [mode] + corrupted x + EOS             | sentinels + spans + EOS        |
 | ul2 S     | [S2S] + x[:s], s uniform in [1, n-1]   | x[s:] + EOS                    |
-How an Example becomes rows for each architecture is `batch.py`.
+How an Example becomes rows is `batch.py`: a row shape per family of architectures (decoder rows,
+encoder-decoder rows), chosen by the architecture's layout (`DecoderLayout`, `EncoderDecoderLayout`),
+which train/registry names for each architecture; nothing here knows an architecture's name.
 Lengths are computed and checked at build time: a configuration that cannot fit fails there,
 with the fix in the message, never mid-run.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rng
-from .config import ARCHS, DenoiserConfig, ObjectiveConfig
+from .config import DenoiserConfig, ObjectiveConfig
 from .span_corruption import random_spans_helper, span_corrupt, span_corrupt_many, span_corruption_lengths
 
 MIN_PIECE = 2  # one token to condition on and one to predict; shorter pieces are skipped and counted
@@ -49,37 +51,155 @@ class TokenInfo:
                          f"add it to data.mode_tokens or change the denoiser's mode")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RowShape:
-    """The fixed shape of a packed row and the attention layout of its inputs."""
+    """The fixed shape of a packed row and the attention layout of its inputs. A family's
+    subclass (DecoderRows, EncoderDecoderRows) answers what differs between the layouts."""
 
     family: str  # "decoder" (cd, nd) | "encoder_decoder" (ed)
     bidirectional: bool  # decoder: inputs (prefix) attend bidirectionally (nd); False for cd
     length: int  # decoder rows: tokens per row
     encoder_length: int = 0  # encoder_decoder: encoder tokens per row
     decoder_length: int = 0  # encoder_decoder: decoder tokens per row
+    packed_dims = 1  # lengths a row is packed by (the packer's best fit in 1 or 2 dimensions)
+
+    def __repr__(self) -> str:  # one text for every family: it is part of a data stream's fingerprint
+        return (f"RowShape(family={self.family!r}, bidirectional={self.bidirectional!r}, length={self.length!r}, "
+                f"encoder_length={self.encoder_length!r}, decoder_length={self.decoder_length!r})")
 
     @property
     def capacity(self) -> tuple[int, int]:
         """Room of an empty row, in the units of `footprint`."""
-        if self.family == "decoder":
-            return (self.length, 0)
+        raise NotImplementedError
+
+    def footprint(self, inputs_length, targets_length):
+        """Room examples of these lengths take, in the units of `capacity`."""
+        raise NotImplementedError
+
+    def fitting_footprint(self, variant, n):
+        """The room pieces of n tokens may take at worst over their random draws."""
+        raise NotImplementedError
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
+        """(max inputs, max targets) of a prompted example; see `prompted_lengths`."""
+        raise NotImplementedError
+
+    def prompted_room(self, targets, max_inputs: int):
+        """Inputs a prompted example keeps next to `targets` target tokens."""
+        raise NotImplementedError
+
+
+class DecoderRows(RowShape):
+    """Rows of `length` tokens, each example laid out as inputs ++ targets."""
+
+    def __init__(self, length: int, bidirectional: bool = False):
+        super().__init__("decoder", bidirectional, length)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (self.length, 0)
+
+    def footprint(self, inputs_length, targets_length):
+        """inputs + targets, 0."""
+        return inputs_length + targets_length, np.zeros_like(np.asarray(targets_length))
+
+    def fitting_footprint(self, variant, n):
+        """inputs + targets is deterministic (a PLM split only moves the border)."""
+        return variant.total_length(n), np.zeros_like(n)
+
+    def text(self) -> str:
+        return f"seq_length={self.length}"
+
+    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
+        return self.length - 1, min(targets_length, self.length - 1)
+
+    def prompted_room(self, targets, max_inputs: int):
+        return self.length - targets
+
+
+class EncoderDecoderRows(RowShape):
+    """An encoder row of `encoder_length` tokens (inputs) and a decoder row of `decoder_length`
+    (targets), examples matched across the two by segment id."""
+
+    packed_dims = 2
+
+    def __init__(self, encoder_length: int, decoder_length: int):
+        super().__init__("encoder_decoder", True, 0, encoder_length, decoder_length)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
         return (self.encoder_length, self.decoder_length)
 
     def footprint(self, inputs_length, targets_length):
-        """Room an example takes: decoder (inputs + targets, 0); encoder-decoder (inputs, targets)."""
-        if self.family == "decoder":
-            return inputs_length + targets_length, np.zeros_like(np.asarray(targets_length))
+        """inputs, targets."""
         return inputs_length, targets_length
 
+    def fitting_footprint(self, variant, n):
+        """Each side at its worst over the random split."""
+        return self.footprint(*variant.worst_lengths(n))
 
-def row_shape(arch: str, length: int, encoder_length: int = 0, decoder_length: int = 0) -> RowShape:
-    """RowShape for an architecture name: cd / nd share the decoder layout, ed is encoder-decoder."""
-    if arch not in ARCHS:
-        raise ValueError(f"architecture {arch!r} is not valid; choose one of {ARCHS}")
-    if arch == "ed":
-        return RowShape("encoder_decoder", True, 0, encoder_length, decoder_length)
-    return RowShape("decoder", arch == "nd", length)
+    def text(self) -> str:
+        return f"encoder {self.encoder_length} / decoder {self.decoder_length} tokens"
+
+    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
+        return self.encoder_length, self.decoder_length
+
+    def prompted_room(self, targets, max_inputs: int):
+        return max_inputs
+
+
+class DecoderLayout:
+    """How objectives lay out examples for a decoder (cd: bidirectional=False, nd: True)."""
+
+    def __init__(self, bidirectional: bool):
+        self.bidirectional = bidirectional
+
+    def rows(self, cfg: ObjectiveConfig) -> RowShape:
+        return DecoderRows(cfg.seq_length, self.bidirectional)
+
+    def check_full_lm(self, arch: str) -> None:
+        """flm fits every decoder."""
+
+    def plm(self, cfg: ObjectiveConfig, var, arch: str) -> tuple[RowShape, int]:
+        """(row shape, longest piece) of prefix LM: the longest piece that always fits a row."""
+        shape = self.rows(cfg)
+        return shape, _max_fitting_piece(var, shape, "plm")
+
+    def mlm_rows(self, cfg: ObjectiveConfig, arch: str) -> RowShape:
+        total = cfg.inputs_length + cfg.targets_length
+        if cfg.seq_length != total:
+            raise ValueError(
+                f"objective.seq_length={cfg.seq_length} must equal inputs_length + targets_length = "
+                f"{cfg.inputs_length} + {cfg.targets_length} = {total} for mlm on a decoder ({arch}); "
+                f"set objective.seq_length={total} (or change inputs_length)")
+        return self.rows(cfg)
+
+
+class EncoderDecoderLayout:
+    """How objectives lay out examples for an encoder-decoder: inputs to the encoder, targets to
+    the decoder; rows of inputs_length / targets_length (plm: seq_length each)."""
+
+    def rows(self, cfg: ObjectiveConfig) -> RowShape:
+        return EncoderDecoderRows(cfg.inputs_length, cfg.targets_length)
+
+    def check_full_lm(self, arch: str) -> None:
+        raise ValueError(f"objective 'flm' has no encoder input, so it does not fit arch {arch!r}; "
+                         f"use objective 'plm' or 'mlm' for {arch}, or arch 'cd' / 'nd' for flm")
+
+    def plm(self, cfg: ObjectiveConfig, var, arch: str) -> tuple[RowShape, int]:
+        """`ed_plm_examples_per_row` pieces of seq_length // k tokens per row, so k always fit."""
+        k = cfg.ed_plm_examples_per_row
+        piece = cfg.seq_length // k
+        if piece < MIN_PIECE:
+            raise ValueError(f"objective.seq_length={cfg.seq_length} // ed_plm_examples_per_row={k} "
+                             f"= {piece} tokens per example is too short; lower ed_plm_examples_per_row")
+        return EncoderDecoderRows(cfg.seq_length, cfg.seq_length), piece
+
+    def mlm_rows(self, cfg: ObjectiveConfig, arch: str) -> RowShape:
+        return self.rows(cfg)
 
 
 @dataclass(frozen=True)
@@ -268,10 +388,7 @@ def _max_fitting_piece(variant, shape: RowShape, what: str, cap: int | None = No
     cap_a, cap_b = shape.capacity
     bound = 4 * (cap_a + cap_b) + 16
     n = np.arange(MIN_PIECE, bound + 1)
-    if shape.family == "decoder":  # inputs + targets is deterministic (a PLM split only moves the border)
-        a, b = variant.total_length(n), np.zeros_like(n)
-    else:  # each side at its worst over the random split
-        a, b = shape.footprint(*variant.worst_lengths(n))
+    a, b = shape.fitting_footprint(variant, n)
     fits = (a <= cap_a) & (b <= cap_b)
     if not fits[0]:
         raise ValueError(f"{what}: rows of {shape_text(shape)} are too short for even a {MIN_PIECE}-token "
@@ -282,38 +399,25 @@ def _max_fitting_piece(variant, shape: RowShape, what: str, cap: int | None = No
 
 
 def shape_text(shape: RowShape) -> str:
-    if shape.family == "decoder":
-        return f"seq_length={shape.length}"
-    return f"encoder {shape.encoder_length} / decoder {shape.decoder_length} tokens"
+    return shape.text()
 
 
-def build_objective(cfg: ObjectiveConfig, arch: str, tokens: TokenInfo) -> Objective:
-    """The objective of `cfg` for architecture `arch` (cd | nd | ed), with all lengths checked."""
+def build_objective(cfg: ObjectiveConfig, arch, tokens: TokenInfo) -> Objective:
+    """The objective of `cfg` for architecture `arch`, with all lengths checked. `arch` is a
+    train.registry entry (anything with `.name` and `.layout`, a DecoderLayout or
+    EncoderDecoderLayout): its layout decides the row shape."""
     cfg.validate()
-    if arch not in ARCHS:
-        raise ValueError(f"architecture {arch!r} is not valid; choose one of {ARCHS}")
-    ed = arch == "ed"
-    name = cfg.name
+    layout, name, where = arch.layout, cfg.name, arch.name
     if name == "flm":
-        if ed:
-            raise ValueError("objective 'flm' has no encoder input, so it does not fit arch 'ed'; "
-                             "use objective 'plm' or 'mlm' for ed, or arch 'cd' / 'nd' for flm")
-        shape = row_shape(arch, cfg.seq_length)
+        layout.check_full_lm(where)
+        shape = layout.rows(cfg)
         var = FullLM()
         return Objective(name, shape, [var], [1.0], [_max_fitting_piece(var, shape, "flm")], tokens)
 
     if name == "plm":
         var = PrefixLM()
-        if ed:
-            k = cfg.ed_plm_examples_per_row
-            piece = cfg.seq_length // k
-            if piece < MIN_PIECE:
-                raise ValueError(f"objective.seq_length={cfg.seq_length} // ed_plm_examples_per_row={k} "
-                                 f"= {piece} tokens per example is too short; lower ed_plm_examples_per_row")
-            shape = row_shape(arch, 0, cfg.seq_length, cfg.seq_length)
-            return Objective(name, shape, [var], [1.0], [piece], tokens)
-        shape = row_shape(arch, cfg.seq_length)
-        return Objective(name, shape, [var], [1.0], [_max_fitting_piece(var, shape, "plm")], tokens)
+        shape, piece = layout.plm(cfg, var, where)
+        return Objective(name, shape, [var], [1.0], [piece], tokens)
 
     if name == "mlm":
         _need_sentinels(tokens, "mlm")
@@ -325,16 +429,7 @@ def build_objective(cfg: ObjectiveConfig, arch: str, tokens: TokenInfo) -> Objec
                 f"at noise_density={cfg.noise_density}, mean_noise_span_length={cfg.mean_noise_span_length}: "
                 f"T5's random_spans_helper gives {tokens_length} raw tokens -> targets of {targets_length}; "
                 f"set objective.targets_length={targets_length}")
-        if ed:
-            shape = row_shape(arch, 0, cfg.inputs_length, cfg.targets_length)
-        else:
-            total = cfg.inputs_length + cfg.targets_length
-            if cfg.seq_length != total:
-                raise ValueError(
-                    f"objective.seq_length={cfg.seq_length} must equal inputs_length + targets_length = "
-                    f"{cfg.inputs_length} + {cfg.targets_length} = {total} for mlm on a decoder ({arch}); "
-                    f"set objective.seq_length={total} (or change inputs_length)")
-            shape = row_shape(arch, cfg.seq_length)
+        shape = layout.mlm_rows(cfg, where)
         var = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length, tokens.sentinel_ids, tokens.eos_id)
         # The same raw pieces for every architecture (the controlled comparison): T5's tokens_length.
         piece = _max_fitting_piece(var, shape, "mlm", cap=tokens_length)
@@ -342,10 +437,7 @@ def build_objective(cfg: ObjectiveConfig, arch: str, tokens: TokenInfo) -> Objec
         return Objective(name, shape, [var], [1.0], [piece], tokens)
 
     if name == "ul2":
-        if ed:
-            shape = row_shape(arch, 0, cfg.inputs_length, cfg.targets_length)
-        else:
-            shape = row_shape(arch, cfg.seq_length)
+        shape = layout.rows(cfg)
         variants, pieces = [], []
         for i, d in enumerate(cfg.denoisers):
             var = _denoiser_variant(d, i, tokens)
@@ -357,21 +449,11 @@ def build_objective(cfg: ObjectiveConfig, arch: str, tokens: TokenInfo) -> Objec
         return Objective(name, shape, variants, [d.rate for d in cfg.denoisers], pieces, tokens)
 
     if name == "prompted":
-        if ed:
-            shape = row_shape(arch, 0, cfg.inputs_length, cfg.targets_length)
-        else:
-            shape = row_shape(arch, cfg.seq_length)
+        shape = layout.rows(cfg)
         obj = Objective(name, shape, [PrefixLM(name="prompted")], [1.0], [0], tokens)
-        obj.prompted_max = _prompted_limits(shape, cfg.targets_length)
+        obj.prompted_max = shape.prompted_limits(cfg.targets_length)
         return obj
     raise AssertionError(name)  # validate() rejects other names
-
-
-def _prompted_limits(shape: RowShape, targets_length: int) -> tuple[int, int]:
-    """(max inputs, max targets) of a prompted example; see `prompted_lengths`."""
-    if shape.family == "decoder":
-        return shape.length - 1, min(targets_length, shape.length - 1)
-    return shape.encoder_length, shape.decoder_length
 
 
 def prompted_lengths(objective: Objective, inputs_length, targets_length):
@@ -383,7 +465,7 @@ def prompted_lengths(objective: Objective, inputs_length, targets_length):
     """
     max_in, max_tgt = objective.prompted_max
     tgt = np.minimum(np.asarray(targets_length, np.int64), max_tgt)
-    room = objective.shape.length - tgt if objective.shape.family == "decoder" else max_in
+    room = objective.shape.prompted_room(tgt, max_in)
     return np.minimum(np.asarray(inputs_length, np.int64), room), tgt
 
 

@@ -12,6 +12,13 @@ class DecoderSpec(ArchSpec):
     bidirectional_prefix: bool = False  # a row's prefix is attended bidirectionally (ND)
     family = "decoder"
 
+    @property
+    def layout(self):
+        """How train/objectives lays out this architecture's rows."""
+        from ..objectives.core import DecoderLayout
+
+        return DecoderLayout(self.bidirectional_prefix)
+
     def row_lengths(self, objective) -> Lengths:
         self.check_objective(objective.name)
         return Lengths(decoder=objective.seq_length)

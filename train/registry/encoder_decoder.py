@@ -11,6 +11,13 @@ from .spec import ArchSpec, Lengths, segments, train_flops
 class EncoderDecoderSpec(ArchSpec):
     family = "encoder_decoder"
 
+    @property
+    def layout(self):
+        """How train/objectives lays out this architecture's rows."""
+        from ..objectives.core import EncoderDecoderLayout
+
+        return EncoderDecoderLayout()
+
     def row_lengths(self, objective) -> Lengths:
         self.check_objective(objective.name)
         if objective.name == "plm":

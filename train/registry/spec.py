@@ -75,6 +75,12 @@ class ArchSpec:
         return type(other) is type(self)
 
     # ------------------------------------------------------------------ family: rows and FLOPs
+    @property
+    def layout(self):
+        """family: how train/objectives lays out rows (objectives.core's DecoderLayout or
+        EncoderDecoderLayout): build_objective(cfg, spec, tokens) asks it."""
+        raise NotImplementedError
+
     def row_lengths(self, objective) -> Lengths:
         """family: the row shape train/objectives produces (ObjectiveConfig's docstring)."""
         raise NotImplementedError
