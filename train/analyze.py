@@ -40,23 +40,11 @@ def text_rows(cfg, tok, rows: int, seq_len: int) -> torch.Tensor:
 
 
 def measure(model, ids: torch.Tensor, prefix: int) -> dict[str, list[dict]]:
-    """{mask name: attention_spectra rows} on the same token rows."""
-    from model_zoo.analysis import attention_spectra
+    """{mask name: attention_spectra rows} on the same token rows (the registry entry says which
+    masks its architecture compares)."""
+    from . import registry
 
-    if model.config.arch == "ed":
-        half = ids.shape[1] // 2
-        rows = attention_spectra(model, {"input_ids": ids[:, :half], "decoder_input_ids": ids[:, half:]})
-        return {"bidirectional (encoder)": [r for r in rows if r["stack"] == "encoder"],
-                "causal (decoder)": [r for r in rows if r["stack"] == "decoder"]}
-    was = model.config.prefix_attention
-    try:
-        model.config.prefix_attention = False
-        causal = attention_spectra(model, {"input_ids": ids})
-        model.config.prefix_attention = True
-        bidir = attention_spectra(model, {"input_ids": ids, "prefix_lengths": torch.full((ids.shape[0],), prefix)})
-    finally:
-        model.config.prefix_attention = was
-    return {"causal (CD mask)": causal, f"prefix {prefix} bidirectional (ND mask)": bidir}
+    return registry.get(model.config.arch).attention_views(model, ids, prefix)
 
 
 def per_layer(rows: list[dict]) -> dict[int, float]:
@@ -102,7 +90,9 @@ def main(argv=None) -> int:
         return 2
     prefix = a.prefix if a.prefix is not None else a.seq_len // 2
     results = measure(model.float(), ids, prefix)
-    n = ids.shape[1] // 2 if model.config.arch == "ed" else ids.shape[1]
+    from . import registry
+
+    n = registry.get(model.config.arch).attention_full_rank(ids)
     print(f"{cfg.model.arch.upper()} {step_dir}: {a.rows} held-out rows of {a.seq_len} tokens; effective rank "
           f"(exp of the entropy of the normalised singular values) of each attention matrix, mean over heads")
     layers = {name: per_layer(rows) for name, rows in results.items()}

@@ -19,6 +19,26 @@ class DecoderSpec(ArchSpec):
 
         return DecoderLayout(self.bidirectional_prefix)
 
+    def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
+        """archscale analyze: the same weights with the causal mask (CD) and with the first
+        `prefix` tokens bidirectional (ND): only the mask differs."""
+        import torch
+        from model_zoo.analysis import attention_spectra
+
+        was = model.config.prefix_attention
+        try:
+            model.config.prefix_attention = False
+            causal = attention_spectra(model, {"input_ids": ids})
+            model.config.prefix_attention = True
+            bidir = attention_spectra(model, {"input_ids": ids, "prefix_lengths": torch.full((ids.shape[0],), prefix)})
+        finally:
+            model.config.prefix_attention = was
+        return {"causal (CD mask)": causal, f"prefix {prefix} bidirectional (ND mask)": bidir}
+
+    def attention_full_rank(self, ids) -> int:
+        """The rank a full attention matrix over `ids` rows can have."""
+        return ids.shape[1]
+
     def row_lengths(self, objective) -> Lengths:
         self.check_objective(objective.name)
         return Lengths(decoder=objective.seq_length)

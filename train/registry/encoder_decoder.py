@@ -18,6 +18,20 @@ class EncoderDecoderSpec(ArchSpec):
 
         return EncoderDecoderLayout()
 
+    def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
+        """archscale analyze: the first half of each row to the encoder (bidirectional), the
+        second to the decoder (causal); `prefix` is not used."""
+        from model_zoo.analysis import attention_spectra
+
+        half = ids.shape[1] // 2
+        rows = attention_spectra(model, {"input_ids": ids[:, :half], "decoder_input_ids": ids[:, half:]})
+        return {"bidirectional (encoder)": [r for r in rows if r["stack"] == "encoder"],
+                "causal (decoder)": [r for r in rows if r["stack"] == "decoder"]}
+
+    def attention_full_rank(self, ids) -> int:
+        """Each stack sees half of a row."""
+        return ids.shape[1] // 2
+
     def row_lengths(self, objective) -> Lengths:
         self.check_objective(objective.name)
         if objective.name == "plm":

@@ -74,6 +74,16 @@ class ArchSpec:
         the same family of weights, e.g. CD -> ND adaptation)."""
         return type(other) is type(self)
 
+    # ------------------------------------------------------------------ family: analysis
+    def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
+        """family: {mask name: model_zoo.analysis.attention_spectra rows} that `archscale analyze`
+        compares on the same token rows [B, T]."""
+        raise NotImplementedError
+
+    def attention_full_rank(self, ids) -> int:
+        """family: the largest rank an attention matrix of `attention_views` can have."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ family: rows and FLOPs
     @property
     def layout(self):
