@@ -39,10 +39,15 @@ SMOKE_CASES = [
 ]
 
 
+def _lengths(kw: dict, arch: str):
+    from train.objectives import ObjectiveConfig
+    from train.registry import get
+
+    return get(arch).row_lengths(ObjectiveConfig(**kw))
+
+
 def _shape(kw: dict, arch: str, G: int) -> str:
-    if arch == "ed" and kw["name"] != "plm":
-        return f"{kw['inputs_length']}/{kw['targets_length']} x{G}"
-    return f"{kw['seq_length']} x{G}"
+    return f"{_lengths(kw, arch).text()} x{G}"
 
 
 def _smoke_corpus(root: str) -> dict:
@@ -87,12 +92,14 @@ def bench_data(smoke: bool = False, batches: int | None = None, repeats: int = 3
                     prepared_by[key] = prepare(data, ocfg)
                 stream = build_stream(prepared_by[key], ocfg, arch, global_batch_size=G, seed=data.seed, data=data)
                 next(stream)  # epoch permutation, first expansion
+                lengths = _lengths(okw, arch)
+                row_slots = lengths.encoder + lengths.decoder  # token positions of one row (ED: both)
                 best, slots, all_slots, all_real = float("inf"), 0, 0, 0
                 for _ in range(repeats):
                     t0, s, r = time.perf_counter(), 0, 0
                     for _ in range(batches):
                         b = next(stream)
-                        s += b["input_ids"].numel() + (b["labels"].numel() if arch == "ed" else 0)
+                        s += b["input_ids"].shape[0] * row_slots
                         r += int(b["num_tokens"])
                     dt = time.perf_counter() - t0
                     all_slots, all_real = all_slots + s, all_real + r

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from train.registry import Lengths
+
 
 @dataclass
 class Row:
@@ -37,9 +39,7 @@ class ModelSpec:
     objective: str
     model: dict  # model_zoo overrides
     micro: int
-    seq: int = 0  # CD / ND row length
-    ed_in: int = 0  # ED encoder / decoder lengths
-    ed_out: int = 0
+    rows: Lengths = Lengths(0)  # tokens per row (ED: the decoder's, and the encoder's)
     compile: bool = True  # model.compile (torch.compile of every block)
     checkpointing: str = "none"  # none | full | selective
     anchor: str = ""  # the HF row its tokens/s is compared with
@@ -76,16 +76,16 @@ def gpu_shapes() -> Shapes:
               position="t5_bias", tie_embeddings=False)
     t5 = dict(ed, n_layers=24, d_ff=5120, tie_embeddings=True)
     models = [
-        ModelSpec("CD:FLM", "cd", "flm", dec, 4, seq=2048, anchor="HF Llama"),
-        ModelSpec("CD:FLM eager", "cd", "flm", dec, 4, seq=2048, compile=False, anchor="HF Llama",
+        ModelSpec("CD:FLM", "cd", "flm", dec, 4, rows=Lengths(2048), anchor="HF Llama"),
+        ModelSpec("CD:FLM eager", "cd", "flm", dec, 4, rows=Lengths(2048), compile=False, anchor="HF Llama",
                   note="no torch.compile"),
-        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 4, seq=2048, checkpointing="selective",
+        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 4, rows=Lengths(2048), checkpointing="selective",
                   anchor="HF Llama"),
-        ModelSpec("ND:PLM", "nd", "plm", dec, 4, seq=2048, anchor="HF Llama", note="random prefix per row"),
-        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, ed_in=1024, ed_out=1024, anchor="HF T5", note="params as CD"),
-        ModelSpec("ED:MLM 512/114", "ed", "mlm", ed, 8, ed_in=512, ed_out=114, anchor="HF T5",
+        ModelSpec("ND:PLM", "nd", "plm", dec, 4, rows=Lengths(2048), anchor="HF Llama", note="random prefix per row"),
+        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, rows=Lengths(decoder=1024, encoder=1024), anchor="HF T5", note="params as CD"),
+        ModelSpec("ED:MLM 512/114", "ed", "mlm", ed, 8, rows=Lengths(decoder=114, encoder=512), anchor="HF T5",
                   note="reference lengths"),
-        ModelSpec("ED:MLM T5 shape", "ed", "mlm", t5, 2, ed_in=1024, ed_out=1024, anchor="HF T5",
+        ModelSpec("ED:MLM T5 shape", "ed", "mlm", t5, 2, rows=Lengths(decoder=1024, encoder=1024), anchor="HF T5",
                   note="HF T5's config"),
     ]
     return Shapes("cuda", torch.bfloat16, 8192, (8, 16, 2048, 128), models, 2048, 1024, 1024, 4, 2,
@@ -99,11 +99,11 @@ def smoke_shapes() -> Shapes:
     dec = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128, vocab_size=512, position="rope", mlp="swiglu")
     ed = dict(d_model=64, n_layers=1, n_heads=4, head_dim=16, d_ff=128, vocab_size=512)
     models = [  # compile off: CPU compilation takes long; tests/test_fastpaths.py covers it
-        ModelSpec("CD:FLM", "cd", "flm", dec, 2, seq=64, compile=False, anchor="HF Llama"),
-        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 2, seq=64, compile=False, checkpointing="selective",
+        ModelSpec("CD:FLM", "cd", "flm", dec, 2, rows=Lengths(64), compile=False, anchor="HF Llama"),
+        ModelSpec("CD:FLM selective AC", "cd", "flm", dec, 2, rows=Lengths(64), compile=False, checkpointing="selective",
                   anchor="HF Llama"),
-        ModelSpec("ND:PLM", "nd", "plm", dec, 2, seq=64, compile=False, anchor="HF Llama"),
-        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, ed_in=48, ed_out=16, compile=False, anchor="HF T5"),
+        ModelSpec("ND:PLM", "nd", "plm", dec, 2, rows=Lengths(64), compile=False, anchor="HF Llama"),
+        ModelSpec("ED:MLM", "ed", "mlm", ed, 2, rows=Lengths(decoder=16, encoder=48), compile=False, anchor="HF T5"),
     ]
     return Shapes("cpu", torch.float32, 256, (2, 4, 64, 16), models, 64, 48, 16, 2, 2,
                   hf_llama=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -203,21 +203,11 @@ def bench_attention(s: Shapes):
 
 # ------------------------------------------------------------------------------------ models
 def synthetic_batch(spec: ModelSpec, rows: int) -> dict:
-    """Full rows as the objectives lay them out (one example per row; ND: a random prefix)."""
-    g = torch.Generator().manual_seed(0)
-    vocab = spec.model["vocab_size"]
-    if spec.arch == "ed":
-        x = torch.randint(2, vocab, (rows, spec.ed_in), generator=g)
-        y = torch.randint(2, vocab, (rows, spec.ed_out), generator=g)
-        return dict(input_ids=x, segment_ids=torch.ones_like(x), position_ids=torch.arange(spec.ed_in).expand(rows, -1),
-                    decoder_input_ids=y, labels=y, decoder_segment_ids=torch.ones_like(y),
-                    decoder_position_ids=torch.arange(spec.ed_out).expand(rows, -1))
-    ids = torch.randint(2, vocab, (rows, spec.seq), generator=g)
-    prefix = torch.randint(1, spec.seq, (rows,), generator=g)
-    bidir = torch.arange(spec.seq)[None, :] < prefix[:, None]
-    labels = ids.masked_fill(bidir, -100) if spec.arch == "nd" else ids.clone()
-    return dict(input_ids=ids, labels=labels, segment_ids=torch.ones_like(ids),
-                position_ids=torch.arange(spec.seq).expand(rows, -1), bidirectional=bidir & (spec.arch == "nd"))
+    """Full rows of random tokens in the architecture's batch layout (one example per row; ND: a
+    random prefix; registry's random_batch)."""
+    from train.registry import get
+
+    return get(spec.arch).random_batch(rows, spec.rows, spec.model["vocab_size"], torch.Generator().manual_seed(0))
 
 
 def build_step(spec: ModelSpec, s: Shapes, dist):
@@ -271,8 +261,7 @@ def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = Non
     for spec, engine, batch, tokens, flops, params in model_steps(s, names):
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)
         tf = flops / ms / 1e9
-        shape = f"{spec.seq}" if spec.arch != "ed" else f"{spec.ed_in}/{spec.ed_out}"
-        row = Row("archscale", spec.name, f"{params / 1e9:.2f}B {shape} mb{spec.micro}", ms, tflops=tf,
+        row = Row("archscale", spec.name, f"{params / 1e9:.2f}B {spec.rows.text()} mb{spec.micro}", ms, tflops=tf,
                   tokens_per_s=tokens / ms * 1e3, peak_mem_gb=peak_mem(s.device), frac_peak=tf / peak if peak else None,
                   note="; ".join(x for x in (spec.note, "compiled" if spec.compile else "",
                                              f"{spec.checkpointing} AC" if spec.checkpointing != "none" else "") if x),

@@ -57,6 +57,18 @@ class DecoderSpec(ArchSpec):
             return sum(train_flops(config, T, prefix_len=p) for p in range(1, T)) / (T - 1)
         return train_flops(config, T, prefix_len=min(o.inputs_length, T - 1))
 
+    def random_batch(self, rows: int, lengths: Lengths, vocab_size: int, generator) -> dict:
+        """ND: a random bidirectional prefix per row, no loss on it; CD: every token a target."""
+        import torch
+
+        T = lengths.decoder
+        ids = torch.randint(2, vocab_size, (rows, T), generator=generator)
+        prefix = torch.randint(1, T, (rows,), generator=generator)
+        bidir = (torch.arange(T)[None, :] < prefix[:, None]) & self.bidirectional_prefix
+        labels = ids.masked_fill(bidir, -100)
+        return dict(input_ids=ids, labels=labels, segment_ids=torch.ones_like(ids),
+                    position_ids=torch.arange(T).expand(rows, -1), bidirectional=bidir)
+
     def batch_flops(self, config, batch: dict) -> float:
         """Attention counted per example as its mask requires (model_zoo.train_flops summed over
         the examples; padding counts as computed)."""

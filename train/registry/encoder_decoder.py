@@ -59,6 +59,16 @@ class EncoderDecoderSpec(ArchSpec):
         pad = T - k * n / 2  # tokens of padding in each of the two rows, on average
         return real + train_flops(config, int(round(pad)), target_len=int(round(pad)))
 
+    def random_batch(self, rows: int, lengths: Lengths, vocab_size: int, generator) -> dict:
+        import torch
+
+        Ti, To = lengths.encoder, lengths.decoder
+        x = torch.randint(2, vocab_size, (rows, Ti), generator=generator)
+        y = torch.randint(2, vocab_size, (rows, To), generator=generator)
+        return dict(input_ids=x, segment_ids=torch.ones_like(x), position_ids=torch.arange(Ti).expand(rows, -1),
+                    decoder_input_ids=y, labels=y, decoder_segment_ids=torch.ones_like(y),
+                    decoder_position_ids=torch.arange(To).expand(rows, -1))
+
     def batch_flops(self, config, batch: dict) -> float:
         total = 0.0
         for enc_runs, dec_runs in zip(segments(batch["segment_ids"]), segments(batch["decoder_segment_ids"])):

@@ -43,6 +43,10 @@ class Lengths:
     decoder: int             # decoder tokens per row (CD/ND: the whole row; ED: the decoder row)
     encoder: int = 0         # ED: encoder tokens per row
 
+    def text(self) -> str:
+        """'T', or 'encoder/decoder' tokens."""
+        return f"{self.encoder}/{self.decoder}" if self.encoder else f"{self.decoder}"
+
     @property
     def model_input(self) -> int:
         """The longest input the model reads: the encoder's when there is one, else the row."""
@@ -103,6 +107,11 @@ class ArchSpec:
         """family: expected training FLOPs of one batch row as computed (model_zoo.train_flops;
         padding computed): the one analytic figure that --dry-run, plan and the reports use per
         row. The loop counts each batch exactly (`batch_flops`, attention per packed document)."""
+        raise NotImplementedError
+
+    def random_batch(self, rows: int, lengths: Lengths, vocab_size: int, generator) -> dict:
+        """family: `rows` full rows of random tokens in the batch contract (one example per row),
+        for benchmarks and tests."""
         raise NotImplementedError
 
     def batch_flops(self, config, batch: dict) -> float:
