@@ -62,7 +62,8 @@ def describe(cfg: RunConfig, origins: dict, world_size: int | None = None) -> st
            f"embeddings), vocab {config.vocab_size} ({vocab_note})",
            f"training FLOPs per token: {row_flops / derived.tokens_per_sequence:.4g} "
            f"({row_flops:.4g} per row of {derived.tokens_per_sequence} tokens, padding computed; x "
-           f"{derived.global_batch_size} rows = {row_flops * derived.global_batch_size:.4g} per step)",
+           f"{derived.global_batch_size} rows = "
+           f"{arch.step_flops(config, cfg.objective, derived.global_batch_size):.4g} per step)",
            "", "# run directory",
            f"{Path(cfg.run_dir).resolve()}: "
            + (f"would RESUME from {resume}" if resume else "would start fresh (no complete checkpoint)"),

@@ -109,6 +109,12 @@ class ArchSpec:
         row. The loop counts each batch exactly (`batch_flops`, attention per packed document)."""
         raise NotImplementedError
 
+    def step_flops(self, config, objective, global_batch_size: int) -> float:
+        """Planned training FLOPs of one optimizer step: `row_flops` x the global batch's rows. The
+        one per-step figure --dry-run, plan, the loop's metrics (planned_flops_per_step) and
+        compare report (tests/test_flops.py holds them equal for every case that runs)."""
+        return self.row_flops(config, objective) * global_batch_size
+
     def random_batch(self, rows: int, lengths: Lengths, vocab_size: int, generator) -> dict:
         """family: `rows` full rows of random tokens in the batch contract (one example per row),
         for benchmarks and tests."""
