@@ -11,7 +11,7 @@ Layout (DESIGN.md):
         latest                  "step-00001200": the newest complete checkpoint, replaced atomically
 
 A save writes everything into ``step-N.tmp``, writes ``COMPLETE`` last, renames the directory to
-``step-N`` and then replaces ``latest`` (write ``latest.tmp`` + ``os.replace``). A kill at any
+``step-N`` and then replaces ``latest`` (train/atomic.py: a temporary file + ``os.replace``). A kill at any
 point leaves either the previous checkpoint as ``latest`` or the new one; readers skip anything
 without ``COMPLETE`` and every ``*.tmp``.
 
@@ -41,6 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from .atomic import atomic_write_text  # noqa: F401  (re-exported: checkpointing.atomic_write_text)
+from .atomic import fsync_dir as _fsync_dir
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -114,31 +117,6 @@ class RunLayout:
         atomic_write_text(self.config_yaml, config_yaml)
         if ds_config is not None:
             atomic_write_text(self.ds_config_json, json.dumps(ds_config, indent=2) + "\n")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from train.atomic import atomic_write_text
 from train.config import Derived, OptimConfig, RunConfig, ScheduleConfig
 from train.ds_presets import (PRESET_DIR, ResolvedParallel, choose_preset, list_presets, load_preset,  # noqa: F401
                               resolve_parallel)  # re-exported: callers import them from here
@@ -96,9 +97,7 @@ def write_ds_config(ds: dict, path: str | Path) -> None:
     """Write the DeepSpeed config as indented JSON (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ds, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(ds, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path, atomic_write_text
 T0_CAP = 500_000  # examples per dataset (T0, following T5's examples-proportional mixing)
 
 
@@ -94,17 +94,15 @@ def build_mixture(files: list[str | Path], out: str | Path, *, cap: int = T0_CAP
     order = rng.permutation(len(chosen))  # file order mixed too (the stream shuffles again per epoch)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for i in order:
             rec = chosen[i]
             fh.write(json.dumps({k: v for k, v in rec.items() if not (k == "answer_choices" and not v)
                                  and not (k == "label" and v < 0)}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     stats = {"files": [str(f) for f in files], "cap": cap, "rounds": rounds, "seed": seed, "records": len(chosen),
              "tasks": {t: {"dataset": tasks[t][0]["dataset"], "records": sizes[t], "cap": caps[t],
                            "per_round": min(sizes[t], caps[t]), "rate": rates[t]} for t in tasks}}
-    Path(f"{out}.stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    atomic_write_text(f"{out}.stats.json", json.dumps(stats, indent=1) + "\n")
     return stats
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..atomic import atomic_path
+
 FIELDS = ("input", "target", "answer_choices", "label", "task")
 
 
@@ -91,9 +93,8 @@ def load_multitask(files: list[str], cache_dir: str):
                                   "answer_choices": datasets.List(datasets.Value("string")),
                                   "label": datasets.Value("int32"), "task": datasets.Value("string")})
     ds = datasets.Dataset.from_dict({k: [r[k] for r in recs] for k in FIELDS}, features=features)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    ds.save_to_disk(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a directory: complete or absent, whoever reads the cache
+        ds.save_to_disk(str(tmp))
     return datasets.load_from_disk(path)
 
 

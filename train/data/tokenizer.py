@@ -16,6 +16,7 @@ import json
 import logging
 import os
 
+from ..atomic import atomic_path
 from ..objectives import TokenInfo
 from .config import BUILTIN_TOKENIZERS, DataConfig
 
@@ -79,9 +80,8 @@ def builtin_bpe_path(cfg: DataConfig) -> str:
             else:
                 os.environ["RAYON_NUM_THREADS"] = prev
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        tok.save(tmp)
-        os.replace(tmp, path)  # atomic: concurrent ranks never read half a file
+        with atomic_path(path) as tmp:  # concurrent ranks never read half a file
+            tok.save(str(tmp))
         log.info("trained built-in BPE (vocab %d) on %d files -> %s", cfg.bpe_vocab_size, len(texts), path)
     return path
 
