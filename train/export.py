@@ -49,6 +49,17 @@ def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> di
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def load_weights(model, step_dir: Path, tag: str = "engine") -> tuple[list[str], list[str]]:
+    """Load a checkpoint's fp32 weights (engine_weights) into `model`, key for key; returns the
+    keys that did not fit, (missing, unexpected), for the caller's error (a tied lm_head.weight,
+    not stored, is not missing). The one weight loader of `load_model` and init.from_checkpoint
+    (train.loop.load_init_weights)."""
+    weights = engine_weights(Path(step_dir), tag, model_config=model.config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    return missing, list(unexpected)
+
+
 def load_model(step_dir: Path):
     """(model with the checkpoint's fp32 weights, tokenizer, run config) of a checkpoint."""
     from . import registry
@@ -60,9 +71,7 @@ def load_model(step_dir: Path):
     tok, tokens = load_tokenizer(cfg.data)
     arch = registry.get(cfg.model.arch)
     model = arch.build(cfg.model, registry.padded_vocab(tokens.vocab_size))
-    weights = engine_weights(step_dir, model_config=model.config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    missing, unexpected = load_weights(model, step_dir)
     if missing or unexpected:
         raise ckpt.CheckpointError(f"{step_dir}: weights do not match the model its config describes (missing "
                                    f"{missing[:3]}, unexpected {unexpected[:3]})")
