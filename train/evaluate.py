@@ -236,23 +236,45 @@ def aggregate(predictions: list[dict]) -> dict:
 
 
 # ============================================================================ held-out loss
+def heldout_batches(prepared, cfg, *, global_batch_size: int, micro_batch_size: int, max_batches: int,
+                    rank: int = 0, world_size: int = 1, data=None) -> tuple[list[dict], int]:
+    """What the held-out loss scores: this rank's rows of the eval split's first `max_batches`
+    global batches of `global_batch_size` rows (packed as the trainer packs them, with the run's
+    objective, architecture and data seed, which draws PLM splits / MLM noise), counts removed,
+    in micro-batches of `micro_batch_size` rows; and the number of global batches. The trainer
+    (train/callbacks.py) and `heldout_loss` both score these with `engine.eval_loss` (a pipeline
+    run with `engine.pipeline_eval`)."""
+    from .data import build_stream
+    from .engine import split_micro
+    from .objectives import pop_counts
+
+    data = data or cfg.data
+    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=global_batch_size,
+                          rank=rank, world_size=world_size, seed=data.seed, split="eval", data=data)
+    micro, n = [], 0
+    for batch in stream:
+        if n >= max_batches:
+            break
+        pop_counts(batch)
+        micro.extend(split_micro(batch, micro_batch_size))
+        n += 1
+    return micro, n
+
+
 def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 8, micro_batch_size: int = 8,
                  corpus: Sequence[str] = ()) -> dict:
     """Mean cross-entropy per target token (and perplexity) on the run's eval split, with its own
     objective and architecture, or on the files `corpus` (text / JSON Lines / Parquet / Arrow,
     read with the run's tokenizer; all of their documents are the eval split).
 
-    The eval stream is packed into global batches of `global_batch_size` rows, as the trainer
-    packs it, and the first `max_batches` of them are scored `micro_batch_size` rows at a time:
-    with the run's numbers this is exactly the trainer's held-out loss (the packing plan does not
-    depend on the number of processes).
+    The batches are `heldout_batches` and the score is the trainer's (`engine.eval_loss`: the
+    model's own cross-entropy, as in training): with the run's numbers this is the trainer's
+    held-out loss (the packing plan does not depend on the number of processes).
 
     Returns {"loss", "perplexity", "tokens", "batches", "corpus"}; loss None when nothing was scored.
     """
-    import torch
-
-    from .data import build_stream, prepare
-    from .objectives import pop_counts
+    from .data import prepare
+    from .engine import eval_loss
 
     data = cfg.data
     if corpus:
@@ -261,30 +283,13 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 
     if prepared.eval is None:  # e.g. multitask finetuning on train files only
         return {"loss": None, "perplexity": None, "tokens": 0, "batches": 0,
                 "corpus": "none: the run's data has no eval split (no eval files, eval_fraction 0); pass --corpus"}
-    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=global_batch_size,
-                          split="eval", seed=data.seed, data=data)  # the seed draws PLM splits / MLM noise
-    device = next(model.parameters()).device
+    batches, n = heldout_batches(prepared, cfg, global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size, max_batches=max_batches, data=data)
     model.eval()
-    total, count, n = 0.0, 0, 0
-    with torch.no_grad():
-        for batch in stream:
-            if n >= max_batches:
-                break
-            pop_counts(batch)
-            for s in range(0, len(batch["input_ids"]), micro_batch_size):
-                micro = {k: v[s:s + micro_batch_size].to(device) for k, v in batch.items()}
-                logits = model(**micro).logits.float()  # (B, T, V)
-                labels = micro["labels"]
-                if "decoder_input_ids" not in micro:  # decoder layout: logits[t] predicts labels[t+1]
-                    logits, labels = logits[:, :-1], labels[:, 1:]
-                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 labels.reshape(-1), ignore_index=-100,
-                                                                 reduction="sum"))
-                count += int((labels != -100).sum())
-            n += 1
+    total, count = eval_loss(model, batches, next(model.parameters()).device)
     loss = total / count if count else None
     return {"loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
-            "tokens": count, "batches": n, "corpus": list(corpus) if corpus else "run eval split"}
+            "tokens": int(count), "batches": n, "corpus": list(corpus) if corpus else "run eval split"}
 
 
 # ============================================================================ checkpoints of a run
