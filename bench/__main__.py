@@ -27,8 +27,7 @@ from .suite import (Row, bench_archscale, bench_attention, bench_hf, bench_matmu
                     format_table, format_targets, gpu_shapes, link_anchors, load_rows, smoke_shapes, targets)
 
 
-def main(argv=None) -> int:
-    parts = ["matmul", "attention", "hf", "models", "data"]
+def _parser(parts: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (what CI runs)")
     p.add_argument("--only", nargs="*", default=parts, choices=parts,
@@ -40,23 +39,37 @@ def main(argv=None) -> int:
                    help="print one table and the targets from the JSON files of several runs (same device)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile each model's training step instead: top kernels and time shares, into DIR")
-    a = p.parse_args(argv)
+    return p
+
+
+def _write_json(path: str, env, rows: list[Row]) -> None:
+    with open(path, "w") as f:
+        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+def _merge(files: list[str], json_path) -> int:
+    """--merge: one table and the targets from the JSON files of several runs of one device."""
+    rows, envs = load_rows(files)
+    devices = {e.get("device") for e in envs}
+    if len(devices) > 1:
+        print(f"error: the files come from different devices {sorted(map(str, devices))}: ratios across devices "
+              "mean nothing; merge runs of one device", file=sys.stderr)
+        return 2
+    link_anchors(rows)
+    print(f"# {envs[0]}")
+    print(format_table(rows))
+    print()
+    print(format_targets(targets(rows)))
+    if json_path:
+        _write_json(json_path, envs[0], rows)
+    return 0
+
+
+def main(argv=None) -> int:
+    parts = ["matmul", "attention", "hf", "models", "data"]
+    a = _parser(parts).parse_args(argv)
     if a.merge:
-        rows, envs = load_rows(a.merge)
-        devices = {e.get("device") for e in envs}
-        if len(devices) > 1:
-            print(f"error: the files come from different devices {sorted(map(str, devices))}: ratios across devices "
-                  "mean nothing; merge runs of one device", file=sys.stderr)
-            return 2
-        link_anchors(rows)
-        print(f"# {envs[0]}")
-        print(format_table(rows))
-        print()
-        print(format_targets(targets(rows)))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"env": envs[0], "rows": [asdict(r) for r in rows]}, f, indent=1)
-        return 0
+        return _merge(a.merge, a.json)
     if not a.smoke and not torch.cuda.is_available():
         print("error: no GPU here; run with --smoke for the CPU smoke mode", file=sys.stderr)
         return 2
@@ -86,8 +99,7 @@ def main(argv=None) -> int:
               + (f", {row.tflops:.3g} TFLOP/s" if row.tflops else "")
               + (f", {row.tokens_per_s:,.0f} tokens/s" if row.tokens_per_s else ""), file=sys.stderr, flush=True)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            _write_json(a.json, env, rows)
 
     keep(bench_matmul(s))
     peak = rows[0].tflops
@@ -115,8 +127,7 @@ def main(argv=None) -> int:
     else:
         print(format_targets(targets(rows)))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        _write_json(a.json, env, rows)
     return 0
 
 

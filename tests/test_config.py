@@ -359,12 +359,12 @@ def test_adafactor_relative_step_needs_constant_schedule():
 
 def _field_docstrings() -> dict[tuple[str, str], str]:
     """(class, field) -> the string literal right after the field, in every module that defines a
-    section (train/config.py, train/objectives/config.py, train/data/config.py)."""
+    section (train/config/sections.py, train/objectives/config.py, train/data/config.py)."""
     import ast
 
     out = {}
     nodes = []
-    for path in ("train/config.py", "train/objectives/config.py", "train/data/config.py"):
+    for path in ("train/config/sections.py", "train/objectives/config.py", "train/data/config.py"):
         nodes += ast.parse((ROOT / path).read_text()).body
     for node in nodes:
         if isinstance(node, ast.ClassDef):
@@ -415,7 +415,7 @@ def test_swapping_in_the_objectives_and_data_sections(tmp_path):
     from train.data.config import DataConfig
     from train.objectives.config import ObjectiveConfig
 
-    # (in train/config.py the swap is the annotation of the field; here the class is made with
+    # (in train/config/sections.py the swap is the annotation of the field; here the class is made with
     # real type objects because this module's string annotations cannot see local imports)
     Swapped = dataclasses.make_dataclass("Swapped", [
         ("objective", ObjectiveConfig, field(default_factory=ObjectiveConfig)),
