@@ -11,13 +11,16 @@ from train.data.config import DataConfig
 from train.objectives.config import ObjectiveConfig
 
 from ..errors import ConfigError
+from ..registry import ARCHITECTURES
+
+ArchName = Literal[tuple(ARCHITECTURES)]  # the registry's entries: "cd", "nd", "ed"
 
 
 @dataclass
 class ModelConfig:
     """Which architecture and size; handed to the model registry's ``build``."""
 
-    arch: Literal["cd", "nd", "ed"] = "cd"
+    arch: ArchName = "cd"
     """cd = causal decoder, nd = prefix (non-causal) decoder, ed = encoder-decoder (SCIENCE.md)."""
     size: str = "debug"
     """A named size from model_zoo (``debug`` for tests/CI, the reference sizes, ...)."""
