@@ -67,38 +67,42 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     if a.overfit or a.determinism_check:
         from .commands import debug
-        from .debug import NonFiniteError
 
-        try:
-            if a.overfit:
-                return debug.main_overfit(path, overrides, a.overfit_steps, a.overfit_threshold)
-            return debug.main_determinism(path, overrides, a.steps)
-        except (ConfigError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except NonFiniteError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
+        if a.overfit:
+            rc, value = _guard(lambda: debug.main_overfit(path, overrides, a.overfit_steps, a.overfit_threshold))
+        else:
+            rc, value = _guard(lambda: debug.main_determinism(path, overrides, a.steps))
+        return rc or value
     if a.local_procs is not None:
         return _local_procs(a.local_procs, a.args, cfg)
     from .loop import train
 
-    from .debug import NonFiniteError
-
-    try:
-        result = train(cfg)  # checks the config and checkpoint.resume before any work
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    rc, result = _guard(lambda: train(cfg))  # train checks the config and checkpoint.resume before any work
+    if rc:
+        return rc
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved, resume with the same command")
         return 0
     print(json.dumps({"run_dir": result.run_dir, "step": result.step, "tokens_seen": result.tokens_seen,
                       "eval_loss": result.eval_loss}))
     return 0
+
+
+def _guard(fn) -> tuple[int, object]:
+    """(0, fn()); or, when fn raises, its error printed as one line and the exit code: 2 for a bad
+    config or checkpoint, 3 for a non-finite loss (the trainer's NonFiniteError)."""
+    from .checkpointing import CheckpointError
+    from .config import ConfigError
+    from .debug import NonFiniteError
+
+    try:
+        return 0, fn()
+    except (ConfigError, CheckpointError) as e:
+        err, rc = e, 2
+    except NonFiniteError as e:
+        err, rc = e, 3
+    print(f"error: {err}", file=sys.stderr)
+    return rc, None
 
 
 def _local_procs(n: int, args: list[str], cfg) -> int:
