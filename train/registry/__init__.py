@@ -17,10 +17,12 @@ from .spec import ArchSpec, Lengths
 __all__ = ["ARCHITECTURES", "ArchSpec", "DecoderSpec", "EncoderDecoderSpec", "Lengths", "get", "padded_vocab"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "cd": DecoderSpec("cd", "causal decoder", OBJECTIVES),
-    "nd": DecoderSpec("nd", "prefix (non-causal) decoder", OBJECTIVES, bidirectional_prefix=True),
+    "cd": DecoderSpec("cd", "causal decoder", OBJECTIVES, reference_size="4.8b"),
+    "nd": DecoderSpec("nd", "prefix (non-causal) decoder", OBJECTIVES, reference_size="4.8b",
+                      bidirectional_prefix=True),
     # flm has no encoder input
-    "ed": EncoderDecoderSpec("ed", "encoder-decoder", tuple(o for o in OBJECTIVES if o != "flm")),
+    "ed": EncoderDecoderSpec("ed", "encoder-decoder", tuple(o for o in OBJECTIVES if o != "flm"),
+                             reference_size="11b"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .layers import decoder_layout
 from .spec import ArchSpec, Lengths, segments, train_flops
 
 
@@ -84,3 +85,14 @@ class DecoderSpec(ArchSpec):
 
     def num_layers(self, config) -> int:
         return config.n_layers
+
+    def pipeline_layers_layout(self, config):
+        """One stack; ND carries its prefix flags."""
+        return decoder_layout(config, self.bidirectional_prefix)
+
+    def describe_blocks(self, config) -> str:
+        return f"{self.num_layers(config)} layers"
+
+    def pipeline_carry_tokens(self, lengths: Lengths) -> int:
+        """The residual stream of the row."""
+        return lengths.decoder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .layers import encoder_decoder_layout
 from .spec import ArchSpec, Lengths, segments, train_flops
 
 
@@ -84,3 +85,18 @@ class EncoderDecoderSpec(ArchSpec):
     def num_layers(self, config) -> int:
         """Encoder + decoder blocks."""
         return 2 * config.n_layers
+
+    def pipeline_layers_layout(self, config):
+        """The encoder stack, then the decoder stack reading the encoder output."""
+        return encoder_decoder_layout(config)
+
+    def describe_blocks(self, config) -> str:
+        return f"{config.n_layers} encoder + {config.n_layers} decoder layers"
+
+    def pipeline_carry_tokens(self, lengths: Lengths) -> int:
+        """The residual stream and the encoder output, each bounded by the longer row."""
+        return 2 * max(lengths.encoder, lengths.decoder)
+
+    def unfit_reason(self, objective_name: str) -> str:
+        """The objectives ED leaves out are those without an encoder input (flm)."""
+        return f"objective {objective_name} has no encoder input for {self.name.upper()}"

@@ -60,6 +60,7 @@ class ArchSpec:
     name: str
     description: str
     objectives: tuple[str, ...]  # the objectives that fit (train.objectives.OBJECTIVES)
+    reference_size: str = ""  # model_zoo size of the reference experiment (shared/SCIENCE.md; plan --reference)
     family = "?"  # the family's name, for messages (a subclass sets it)
 
     def check_objective(self, objective_name: str) -> None:
@@ -156,3 +157,25 @@ class ArchSpec:
         from .. import pipeline
 
         return pipeline.build_pipeline_module(model, num_stages, **kwargs)
+
+    # ------------------------------------------------------------------- family: the pipeline
+    def pipeline_layers_layout(self, config):
+        """family: the pipeline layers of a model_zoo config in order (registry.layers.PipelineLayout:
+        each layer's kind, row side, carries, model_zoo key prefixes, tied or not; the last stage's
+        label shift; the batch keys): train.pipeline builds its LayerSpecs from it, train.plan
+        counts parameters and activations over it."""
+        raise NotImplementedError
+
+    def describe_blocks(self, config) -> str:
+        """family: the blocks a pipeline splits, in words (check_pipeline's message)."""
+        raise NotImplementedError
+
+    def pipeline_carry_tokens(self, lengths: Lengths) -> int:
+        """family: tokens of d_model-wide activations per batch row that cross a pipeline stage
+        boundary, at most (the planner's bound on DeepSpeed's pipeline buffers)."""
+        raise NotImplementedError
+
+    def unfit_reason(self, objective_name: str) -> str:
+        """Why an objective that is not in `objectives` does not fit, in a few words (plan's
+        reference experiment lists it)."""
+        return f"objective {objective_name} does not fit {self.name.upper()}"
