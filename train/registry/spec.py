@@ -153,11 +153,6 @@ class ArchSpec:
         """family: blocks a pipeline splits."""
         raise NotImplementedError
 
-    def pipeline_module(self, model, num_stages: int, **kwargs):
-        from .. import pipeline
-
-        return pipeline.build_pipeline_module(model, num_stages, **kwargs)
-
     # ------------------------------------------------------------------- family: the pipeline
     def pipeline_layers_layout(self, config):
         """family: the pipeline layers of a model_zoo config in order (registry.layers.PipelineLayout:
