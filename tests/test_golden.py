@@ -34,6 +34,9 @@ GOLDEN = ROOT / "tests" / "golden" / "runs.json"
 RECORD = os.environ.get("ARCHSCALE_GOLDEN_RECORD") == "1"
 STEPS = 30
 VOLATILE = {"tokens_per_s", "mfu"}  # wall-clock fields of metrics.jsonl
+# Added to metrics.jsonl after the recording, on purpose (pinned by tests/test_flops.py):
+# the registry's planned FLOPs per step, the figure --dry-run, plan and compare print.
+ADDED = {"planned_flops_per_step"}
 TOL = 1e-3  # relative, on another machine only (different rounding compounds over 30 steps)
 
 SINGLE = {"cd-flm": CELLS["cd"], "nd-plm": CELLS["nd"], "ed-mlm": CELLS["ed"]}
@@ -71,7 +74,7 @@ def _summary(run_dir: Path) -> dict:
     """metrics.jsonl without wall-clock fields, and a fingerprint of every final fp32 tensor."""
     from train.export import checkpoint_dir, engine_weights, load_model
 
-    rows = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+    rows = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE | ADDED}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_dir = checkpoint_dir(run_dir)
     model, _, _ = load_model(step_dir)  # the model config names a pipeline checkpoint's layers

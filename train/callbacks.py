@@ -141,6 +141,7 @@ class MetricsCallback(Callback):
             rec = {"step": t.step, "loss": t.loss, "ce_loss": t.step_losses["ce_loss"],
                    "z_loss": t.step_losses["z_loss"], "lr": t.engine.get_lr()[0], "tokens_seen": t.tokens_seen,
                    "target_tokens": t.target_tokens, "flops": t.flops,
+                   "planned_flops_per_step": t.result.planned_flops_per_step,
                    "tokens_per_s": (t.tokens_seen - self.tok_log) / dt, "grad_norm": eng.grad_norm(t.engine)}
             if self.peak:
                 rec["mfu"] = (t.flops - self.flops_log) / dt / (self.peak * t.dist.world_size)

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from . import registry
+from .objectives.config import OBJECTIVES
 
 DEFAULT_CELLS = ["cd:flm", "nd:plm", "ed:mlm"]
+CELL_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "prompted")  # pretraining: prompted needs multitask data
 
 
 def mlm_lengths(total: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
@@ -53,9 +55,10 @@ def cell_overrides(cell: str, args) -> list[str]:
 
 
 def table(results: list) -> str:
-    head = ["arch", "objective", "params", "tokens seen", "target tokens", "FLOPs", "held-out loss", "tokens/s"]
+    head = ["arch", "objective", "params", "tokens seen", "target tokens", "FLOPs", "planned FLOPs/step",
+            "held-out loss", "tokens/s"]
     rows = [[r["arch"].upper(), r["objective"].upper(), f"{r['params'] / 1e6:.2f}M", f"{r['tokens_seen']:,}",
-             f"{r['target_tokens']:,}", f"{r['flops']:.3g}",
+             f"{r['target_tokens']:,}", f"{r['flops']:.3g}", f"{r['planned_flops_per_step']:.4g}",
              "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}", f"{r['tokens_per_s']:,.0f}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -102,9 +105,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for cell in args.cells:
         arch, sep, objective = cell.partition(":")
-        if not sep or arch not in registry.ARCHITECTURES or objective not in ("flm", "plm", "mlm", "ul2"):
+        if not sep or arch not in registry.ARCHITECTURES or objective not in CELL_OBJECTIVES:
             print(f"error: cell {cell!r} is not ARCH:OBJECTIVE with ARCH in {', '.join(registry.ARCHITECTURES)} "
-                  f"and OBJECTIVE in flm, plm, mlm, ul2", file=sys.stderr)
+                  f"and OBJECTIVE in {', '.join(CELL_OBJECTIVES)}", file=sys.stderr)
             return 2
         try:  # the registry's fit check: the same line as train, --dry-run and plan print
             registry.get(arch).check_objective(objective)
@@ -113,15 +116,18 @@ def main(argv=None) -> int:
             return 2
 
     from .config import ConfigError, load_config
-    from .loop import train
+    from .loop import check, train
 
-    results = []
-    for cell in args.cells:
+    configs = {}
+    for cell in args.cells:  # every cell's config is checked before any cell trains
         try:
-            cfg = load_config(None, cell_overrides(cell, args))
+            configs[cell] = load_config(None, cell_overrides(cell, args))
+            check(configs[cell], 1)  # compare trains each cell in this process: a world of one
         except (ConfigError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: cell {cell!r}: {e}", file=sys.stderr)
             return 2
+    results = []
+    for cell, cfg in configs.items():
         done = Path(cfg.run_dir) / "result.json"
         if done.exists() and (Path(cfg.run_dir) / "FINISHED").exists():
             results.append(json.loads(done.read_text()))

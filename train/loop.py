@@ -49,6 +49,7 @@ class RunResult:
     eval_loss: Optional[float]
     tokens_per_s: float
     stopped_by: Optional[str] = None  # the signal's name when a signal stopped the run
+    planned_flops_per_step: float = 0.0  # registry.step_flops: what --dry-run, plan and compare print
     losses: list = field(default_factory=list)  # (step, train loss)
     eval_losses: list = field(default_factory=list)  # (step, tokens seen, flops, held-out loss)
 
@@ -217,7 +218,8 @@ def _start(cfg: RunConfig, *, max_steps_now: Optional[int], fixed_batch: bool) -
         stream = RepeatFirst(stream)
     result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
                        step=0, max_steps=derived.max_steps, tokens_seen=0, target_tokens=0, flops=0.0,
-                       eval_loss=None, tokens_per_s=0.0)
+                       eval_loss=None, tokens_per_s=0.0,
+                       planned_flops_per_step=arch.step_flops(model.config, cfg.objective, derived.global_batch_size))
     t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
                 engine=engine, stream=stream, piped=piped, dp_rank=dp_rank, dp_size=dp_size, counts_here=counts_here,
                 config_yaml=config_yaml, init_info=init_info, resumed=state is not None, result=result)

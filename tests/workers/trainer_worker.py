@@ -5,6 +5,7 @@ Run under `torchrun --standalone --nproc_per_node=N tests/workers/trainer_worker
 
     [{"overrides": ["run_dir=...", "parallel.zero_stage=1", ...],   # as `archscale train a.b=c ...`
       "max_steps_now": 3,                                           # optional: stop after 3 steps
+      "result": true,                                               # optional: write RUN_DIR/result.json
       "copy_to": "/path"},                                          # optional: then copy run_dir there
      ...]
 
@@ -53,7 +54,10 @@ def main(spec_path: str) -> None:
     for run in spec:
         t = time.perf_counter()
         cfg = load_config(None, run["overrides"])
-        train(cfg, max_steps_now=run.get("max_steps_now"))
+        result = train(cfg, max_steps_now=run.get("max_steps_now"))
+        if run.get("result") and dist.is_rank0:  # what `archscale compare` keeps of a run
+            with open(os.path.join(cfg.run_dir, "result.json"), "w") as f:
+                json.dump(vars(result), f)
         if dist.is_rank0:
             print(f"trainer_worker: {cfg.run_dir} zero {cfg.parallel.zero_stage}: {time.perf_counter() - t:.1f}s",
                   flush=True)
