@@ -66,10 +66,6 @@ class LogLikelihood:
         return self.sum / max(self.tokens, 1)
 
 
-def is_encoder_decoder(model) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False)) or hasattr(model, "encoder")
-
-
 class Scorer:
     """Log-likelihoods of continuations given contexts (token ids) for a CD, ND or ED model.
 
@@ -86,7 +82,9 @@ class Scorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.encoder_decoder = is_encoder_decoder(model)
+        from . import registry
+
+        self.arch = registry.get(model.config.arch)  # how its architecture lays out a scored request
         self.device = next(model.parameters()).device
 
     def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[LogLikelihood]:
@@ -102,12 +100,13 @@ class Scorer:
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
                 batch = [reqs[i] for i in idx]
-                scores = self._ed(batch) if self.encoder_decoder else self._decoder(batch)
+                scores = self.arch.score_continuations(self, batch)
                 for i, sc in zip(idx, scores):
                     out[i] = sc
         return out  # type: ignore[return-value]
 
-    def _truncate(self, ctx: list[int], room: Optional[int]) -> list[int]:
+    def truncate(self, ctx: list[int], room: Optional[int]) -> list[int]:
+        """`ctx` cut to its last `room` tokens (None = no limit)."""
         if room is None or len(ctx) <= room:
             return ctx
         if room < 1:
@@ -115,47 +114,8 @@ class Scorer:
                              f"raise max_length or score a shorter continuation")
         return ctx[len(ctx) - room:]  # keep the end of the prompt (the question)
 
-    def _decoder(self, batch) -> list[LogLikelihood]:
-        import torch
-
-        rows, prefix = [], []
-        for ctx, tgt in batch:
-            # the last continuation token is predicted, never read: rows of len(ctx) + len(tgt) - 1
-            ctx = self._truncate(ctx, None if self.max_length is None else self.max_length - len(tgt) + 1)
-            rows.append(ctx + tgt[:-1])
-            prefix.append(len(ctx))
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r)
-            mask[b, :len(r)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            prefix_lengths=torch.tensor(prefix, device=self.device)).logits  # (B, T, V)
-        # (n, V) per request: position t predicts token t+1 (softmax over these rows only: memory)
-        return [self._score(logits[b, p - 1:p - 1 + len(tgt)], tgt)
-                for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
-
-    def _ed(self, batch) -> list[LogLikelihood]:
-        import torch
-
-        ctxs = [self._truncate(ctx, self.max_length) for ctx, _ in batch]
-        tgts = [tgt for _, tgt in batch]
-        B, Ti, To = len(batch), max(map(len, ctxs)), max(map(len, tgts))
-        start = self.model.config.decoder_start_token_id
-        enc = torch.full((B, Ti), self.pad_id, dtype=torch.long)
-        enc_mask = torch.zeros((B, Ti), dtype=torch.long)
-        dec = torch.full((B, To), self.pad_id, dtype=torch.long)
-        for b, (c, t) in enumerate(zip(ctxs, tgts)):
-            enc[b, :len(c)] = torch.tensor(c)
-            enc_mask[b, :len(c)] = 1
-            dec[b, :len(t)] = torch.tensor([start] + t[:-1])
-        logits = self.model(input_ids=enc.to(self.device), attention_mask=enc_mask.to(self.device),
-                            decoder_input_ids=dec.to(self.device)).logits  # (B, To, V), aligned with labels
-        return [self._score(logits[b, :len(t)], t) for b, t in enumerate(tgts)]
-
     @staticmethod
-    def _score(logits, tgt: list[int]) -> LogLikelihood:
+    def score(logits, tgt: list[int]) -> LogLikelihood:
         """logits (n, V): row j predicts tgt[j]."""
         import torch
 

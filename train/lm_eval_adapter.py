@@ -143,7 +143,7 @@ class ArchscaleLM(LM):
                 gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                                           do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
                                           pad_token_id=self.tokenizer.pad_token_id)
-            new = gen[0] if self.scorer.encoder_decoder else gen[0, len(ctx):]
+            new = self.scorer.arch.generated_tokens(gen, len(ctx))
             text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:

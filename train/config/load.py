@@ -92,11 +92,11 @@ def config_to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    from ..atomic import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, config_to_yaml(cfg))
 
 
 def format_config(cfg: Any, origins: Optional[dict[str, str]] = None) -> str:

@@ -20,6 +20,35 @@ class DecoderSpec(ArchSpec):
 
         return DecoderLayout(self.bidirectional_prefix)
 
+    def score_continuations(self, scorer, batch) -> list:
+        """One row per (context, continuation): context ++ continuation[:-1] (the last token is
+        predicted, never read), right-padded; the context is the row's prefix (bidirectional for
+        ND, through prefix_lengths; CD's model ignores it)."""
+        import torch
+
+        rows, prefix = [], []
+        for ctx, tgt in batch:
+            # the last continuation token is predicted, never read: rows of len(ctx) + len(tgt) - 1
+            ctx = scorer.truncate(ctx, None if scorer.max_length is None else scorer.max_length - len(tgt) + 1)
+            rows.append(ctx + tgt[:-1])
+            prefix.append(len(ctx))
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), scorer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = 1
+        dev = scorer.device
+        logits = scorer.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                              prefix_lengths=torch.tensor(prefix, device=dev)).logits  # (B, T, V)
+        # (n, V) per request: position t predicts token t+1 (softmax over these rows only: memory)
+        return [scorer.score(logits[b, p - 1:p - 1 + len(tgt)], tgt)
+                for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
+
+    def generated_tokens(self, generated, context_length: int):
+        """The new tokens of `model.generate`'s first row: a decoder returns the context too."""
+        return generated[0, context_length:]
+
     def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
         """archscale analyze: the same weights with the causal mask (CD) and with the first
         `prefix` tokens bidirectional (ND): only the mask differs."""

@@ -19,6 +19,31 @@ class EncoderDecoderSpec(ArchSpec):
 
         return EncoderDecoderLayout()
 
+    def score_continuations(self, scorer, batch) -> list:
+        """The context to the encoder (its end kept at max_length), the continuation to the decoder
+        after the decoder start token; logits aligned with the continuation."""
+        import torch
+
+        ctxs = [scorer.truncate(ctx, scorer.max_length) for ctx, _ in batch]
+        tgts = [tgt for _, tgt in batch]
+        B, Ti, To = len(batch), max(map(len, ctxs)), max(map(len, tgts))
+        start = scorer.model.config.decoder_start_token_id
+        enc = torch.full((B, Ti), scorer.pad_id, dtype=torch.long)
+        enc_mask = torch.zeros((B, Ti), dtype=torch.long)
+        dec = torch.full((B, To), scorer.pad_id, dtype=torch.long)
+        for b, (c, t) in enumerate(zip(ctxs, tgts)):
+            enc[b, :len(c)] = torch.tensor(c)
+            enc_mask[b, :len(c)] = 1
+            dec[b, :len(t)] = torch.tensor([start] + t[:-1])
+        dev = scorer.device
+        logits = scorer.model(input_ids=enc.to(dev), attention_mask=enc_mask.to(dev),
+                              decoder_input_ids=dec.to(dev)).logits  # (B, To, V), aligned with labels
+        return [scorer.score(logits[b, :len(t)], t) for b, t in enumerate(tgts)]
+
+    def generated_tokens(self, generated, context_length: int):
+        """The new tokens of `model.generate`'s first row: the decoder's output is all new."""
+        return generated[0]
+
     def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
         """archscale analyze: the first half of each row to the encoder (bidirectional), the
         second to the decoder (causal); `prefix` is not used."""

@@ -79,6 +79,17 @@ class ArchSpec:
         the same family of weights, e.g. CD -> ND adaptation)."""
         return type(other) is type(self)
 
+    # ---------------------------------------------------------------- family: evaluation
+    def score_continuations(self, scorer, batch) -> list:
+        """family: evaluate.LogLikelihood of each (context ids, continuation ids) in `batch`, laid
+        out as this architecture reads a prompt (`scorer`: an evaluate.Scorer, for its model,
+        device, pad id, max_length, truncate and score)."""
+        raise NotImplementedError
+
+    def generated_tokens(self, generated, context_length: int):
+        """family: the new tokens of `model.generate(...)`'s first row."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ family: analysis
     def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
         """family: {mask name: model_zoo.analysis.attention_spectra rows} that `archscale analyze`
