@@ -50,7 +50,7 @@ def _self_time(evt, cuda: bool) -> float:
 def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    from train import engine as eng
+    from train.engine import runtime as eng
 
     from .suite import model_steps
 

@@ -212,12 +212,12 @@ def synthetic_batch(spec: ModelSpec, rows: int) -> dict:
 
 def build_step(spec: ModelSpec, s: Shapes, dist):
     """(engine, batch, tokens, flops, params) for one spec: the trainer's own engine set-up
-    (train.engine.initialize over a DeepSpeed config from the run config, ZeRO-1), its block
+    (train.engine.runtime.initialize over a DeepSpeed config from the run config, ZeRO-1), its block
     preparation (compile / checkpointing) and a synthetic batch of `spec.micro` rows."""
     import model_zoo
-    from train import engine as eng
+    from train.engine import runtime as eng
     from train.config import derive, load_config
-    from train.ds_config import build_ds_config
+    from train.engine.ds_config import build_ds_config
     from train.registry import get
 
     cfg = load_config(None, [f"model.arch={spec.arch}", f"objective.name={spec.objective}", "schedule.max_steps=100",
@@ -244,7 +244,7 @@ def release(s: Shapes) -> None:
 def model_steps(s: Shapes, names: Optional[set]):
     """(spec, engine, batch, tokens, flops, params) for each selected ModelSpec in turn, the
     previous engine released before the next is built."""
-    from train import engine as eng
+    from train.engine import runtime as eng
 
     dist = eng.setup_distributed()
     for spec in s.models:
@@ -256,7 +256,7 @@ def model_steps(s: Shapes, names: Optional[set]):
 
 def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None):
     """Yields a Row per ModelSpec, through the real step: DeepSpeed engine, optimizer step included."""
-    from train import engine as eng
+    from train.engine import runtime as eng
 
     for spec, engine, batch, tokens, flops, params in model_steps(s, names):
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)

@@ -228,7 +228,7 @@ class Block(nn.Module):
     `forward(x, ctx, layer_idx)` picks this layer's mask from the stack's context and runs
     `body`, which takes only what one layer needs (no layer index), so that a compiled body
     serves every layer of a stack with one graph. `runner`, when set from outside (training:
-    train.engine.prepare_blocks), is `body` wrapped in activation checkpointing and/or
+    train.engine.runtime.prepare_blocks), is `body` wrapped in activation checkpointing and/or
     torch.compile; generation with a KV cache and attention recording always run `body` eagerly.
     """
 

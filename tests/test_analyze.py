@@ -4,7 +4,7 @@ import json
 import pytest
 
 from test_export import tiny_run  # noqa: E402  (tests/ is on sys.path under pytest)
-from train.analyze import main
+from train.commands.analyze import main
 
 
 @pytest.mark.slow

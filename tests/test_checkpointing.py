@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpointing import (COMPLETE, LATEST, STATE_FILE, CheckpointError, RunLayout, TrainerState,
+from train.trainer.checkpointing import (COMPLETE, LATEST, STATE_FILE, CheckpointError, RunLayout, TrainerState,
                                  capture_rng_state, find_resume_point, list_checkpoints, parse_step,
                                  prune_checkpoints, read_latest, restore_rng_state, save_checkpoint, step_dir_name)
 from train.config import load_config, to_dict

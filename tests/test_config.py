@@ -241,10 +241,10 @@ def test_machinery_is_generic_over_dataclass_trees(tmp_path):
 
 
 def test_config_loading_imports_neither_torch_nor_deepspeed():
-    code = ("import sys, train.config, train.ds_config, train.checkpointing as c\n"
+    code = ("import sys, train.config, train.engine.ds_config, train.trainer.checkpointing as c\n"
             "cfg = train.config.load_config(overrides=['parallel.zero_stage=3', 'schedule.max_steps=5'])\n"
             "d = train.config.derive(cfg, 4, num_layers=2)\n"
-            "train.ds_config.build_ds_config(cfg, d)\n"
+            "train.engine.ds_config.build_ds_config(cfg, d)\n"
             "c.find_resume_point('/nonexistent', 'auto')\n"
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'numpy') if m in sys.modules]\n"
             "assert not heavy, heavy\n")

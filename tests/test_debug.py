@@ -43,7 +43,7 @@ def inproc():
     os.environ["DS_ACCELERATOR"] = "cpu"
     yield
     torch.set_num_threads(threads)
-    from train.engine import teardown_distributed
+    from train.engine.runtime import teardown_distributed
 
     teardown_distributed()
     os.environ.clear()
@@ -52,7 +52,7 @@ def inproc():
 
 def run_inproc(overrides: list[str], **kw):
     from train.config import load_config
-    from train.loop import train
+    from train.trainer.loop import train
 
     return train(load_config(None, overrides), **kw)
 
@@ -81,7 +81,7 @@ def reference(work, base):
         return losses(run_dir)
     finally:
         torch.set_num_threads(threads)
-        from train.engine import teardown_distributed
+        from train.engine.runtime import teardown_distributed
 
         teardown_distributed()
         os.environ.clear()
@@ -114,7 +114,7 @@ def test_local_procs_follows_one_process(layout, work, base, reference):
 
 def test_nonfinite_loss_names_step_and_module_and_saves_the_batch(work, base, inproc, monkeypatch, capsys):
     from train.cli import main
-    from train.inspection import main as inspect_main
+    from train.commands.inspection import main as inspect_main
 
     run_dir = work / "nan"
     monkeypatch.setenv("ARCHSCALE_TEST_NAN_AT_STEP", "3:model.layers.1.mlp.up_proj")
@@ -135,7 +135,7 @@ def test_nonfinite_loss_names_step_and_module_and_saves_the_batch(work, base, in
 def test_first_nonfinite_module_is_none_on_a_healthy_model():
     from train import registry
     from train.config import load_config
-    from train.debug import first_nonfinite_module
+    from train.trainer.debug import first_nonfinite_module
 
     cfg = load_config(None, ["model.size=debug", "model.arch=cd"])
     model = registry.get("cd").build(cfg.model, 512)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from train.config import ConfigError, derive, load_config
-from train.ds_config import (PRESET_DIR, build_ds_config, build_lr_scheduler, build_optimizer, choose_preset,
+from train.engine.ds_config import (PRESET_DIR, build_ds_config, build_lr_scheduler, build_optimizer, choose_preset,
                              list_presets, load_preset, lr_multiplier, param_groups)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ def test_client_optimizers_and_scheduler():
 DS_SCRIPT = r'''
 import json, sys, torch, deepspeed
 from train.config import load_config, derive
-from train.ds_config import build_ds_config, build_optimizer, build_lr_scheduler, write_ds_config
+from train.engine.ds_config import build_ds_config, build_optimizer, build_lr_scheduler, write_ds_config
 
 # One process needs no shared-memory allreduce; DeepSpeed would compile that C++ op first (~45-120 s on CPU).
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

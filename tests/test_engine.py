@@ -1,8 +1,8 @@
-"""Pieces of train/engine.py that need no process group."""
+"""Pieces of train/engine/runtime.py that need no process group."""
 import torch
 
 import model_zoo
-from train.engine import split_micro
+from train.engine.runtime import split_micro
 
 
 def test_split_micro_keeps_row_order():
@@ -15,7 +15,7 @@ def test_split_micro_keeps_row_order():
 
 def test_trivial_segments_are_dropped_and_change_nothing():
     from model_zoo.blocks import Stack
-    from train.engine import drop_trivial_segments
+    from train.engine.runtime import drop_trivial_segments
 
     torch.manual_seed(0)
     model = model_zoo.build("cd", "debug", position="rope")

@@ -8,7 +8,7 @@ import torch
 
 import model_zoo
 from train.data import DataConfig, load_tokenizer
-from train.evaluate import Scorer, aggregate, rank_classify, read_task_file, select_checkpoints
+from train.eval.evaluate import Scorer, aggregate, rank_classify, read_task_file, select_checkpoints
 from train.objectives.batch import collate_decoder, collate_encoder_decoder, pop_counts
 from train.objectives.core import Example
 
@@ -191,7 +191,7 @@ def test_eval_command_reports_a_bad_task_file(tmp_path, capsys):
 # ----------------------------------------------------------------------------- checkpoint choice
 def fake_run(tmp_path, steps, max_steps=8):
     """A run directory with complete (empty-engine) checkpoints at `steps`."""
-    from train import checkpointing as ckpt
+    from train.trainer import checkpointing as ckpt
     from train.config import config_to_yaml, load_config
 
     run = tmp_path / "run"

@@ -1,6 +1,6 @@
 """The lm-eval adapter: a local task (YAML + JSON Lines in this test's directory, no download) run
 end to end through `lm_eval.simple_evaluate` on an archscale model, and the three request types
-checked against train.evaluate's scoring. Skipped only when lm-eval is not installed."""
+checked against train.eval.evaluate's scoring. Skipped only when lm-eval is not installed."""
 import json
 
 import pytest
@@ -45,7 +45,7 @@ def exported(bytes_tok, tmp_path_factory):
 def test_local_task_end_to_end(exported, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    import train.lm_eval_adapter  # noqa: F401  (registers "archscale")
+    import train.eval.lm_eval_adapter  # noqa: F401  (registers "archscale")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = tmp_path / "kind.jsonl"
@@ -63,8 +63,8 @@ def test_local_task_end_to_end(exported, tmp_path, monkeypatch):
 def test_request_types(exported):
     from lm_eval.api.instance import Instance
 
-    from train.evaluate import Scorer
-    from train.lm_eval_adapter import ArchscaleLM
+    from train.eval.evaluate import Scorer
+    from train.eval.lm_eval_adapter import ArchscaleLM
 
     lm = ArchscaleLM(pretrained=str(exported), batch_size=3)
     tok = lm.tokenizer
@@ -92,7 +92,7 @@ def test_request_types(exported):
 
 def test_adapter_loads_a_run_checkpoint(tmp_path, monkeypatch):
     """`pretrained` may be a run directory: its newest complete checkpoint, and the run's length."""
-    from train.lm_eval_adapter import load_for_eval
+    from train.eval.lm_eval_adapter import load_for_eval
 
     calls = {}
 
@@ -102,7 +102,7 @@ def test_adapter_loads_a_run_checkpoint(tmp_path, monkeypatch):
 
         return torch.nn.Linear(1, 1), None, load_config(None, ["model.arch=ed", "objective.name=mlm"])
 
-    monkeypatch.setattr("train.export.load_model", fake_load_model)
-    monkeypatch.setattr("train.export.checkpoint_dir", lambda path, step: tmp_path / "checkpoints" / f"step-{step}")
+    monkeypatch.setattr("train.trainer.weights.load_model", fake_load_model)
+    monkeypatch.setattr("train.trainer.weights.checkpoint_dir", lambda path, step: tmp_path / "checkpoints" / f"step-{step}")
     _, _, max_length = load_for_eval(tmp_path, step=3)
     assert calls["step_dir"].name == "step-3" and max_length == 512  # ED: the encoder's input length

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import model_zoo
-from train.export import checkpoint_dir, engine_weights, main as export_main
+from train.trainer.weights import checkpoint_dir, engine_weights
+from train.commands.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

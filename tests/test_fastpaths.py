@@ -1,4 +1,4 @@
-"""The training fast paths of train.engine.prepare_blocks, on CPU: activation checkpointing
+"""The training fast paths of train.engine.runtime.prepare_blocks, on CPU: activation checkpointing
 (full and selective) and torch.compile of the blocks, each equal to the plain eager model, the
 state-dict keys unchanged, selective checkpointing keeping less than none and more than full,
 one compiled graph per stack kind and mask direction (not one per layer), and the trainer
@@ -14,7 +14,7 @@ import torch
 
 import model_zoo
 from test_trainer import _write_corpus, base_overrides, losses
-from train.engine import prepare_blocks
+from train.engine.runtime import prepare_blocks
 
 
 def _batch(arch: str, b: int = 2, t: int = 24):
@@ -162,7 +162,7 @@ def test_trainer_with_compiled_blocks_and_selective_checkpointing_follows_the_ea
                            "parallel.checkpoint_policy=selective"])
     finally:
         torch.set_num_threads(threads)
-        from train.engine import teardown_distributed
+        from train.engine.runtime import teardown_distributed
 
         teardown_distributed()
         os.environ.clear()
@@ -184,10 +184,10 @@ def test_compile_with_zero3_is_refused_before_any_work():
 
 @pytest.mark.parametrize("arch", ["nd", "ed"])
 def test_pipeline_layers_take_selective_checkpointing(arch):
-    """The pipeline's BlockLayers are Blocks: prepare_blocks reaches them (train.engine does so
+    """The pipeline's BlockLayers are Blocks: prepare_blocks reaches them (train.engine.runtime does so
     on every stage), and the chain with selective checkpointing equals the model."""
     from test_pipeline import VARIANTS, model_and_batch, reference
-    from train.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
+    from train.engine.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
 
     model, batch = model_and_batch(arch, **VARIANTS[1])  # RoPE, mixed-direction layers
     ref, ref_grads = reference(model, batch)

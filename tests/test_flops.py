@@ -56,7 +56,7 @@ def _cell_overrides(cell: str, out: Path, work: Path) -> list[str]:
     """The overrides compare gives `cell` (its lengths per objective), as in compare itself."""
     import argparse
 
-    from train.compare import cell_overrides
+    from train.commands.compare import cell_overrides
 
     args = argparse.Namespace(out=str(out), accumulation=1, lr=3e-3, seed=0, set=_data(work), **COMPARE)
     return cell_overrides(cell, args)
@@ -66,8 +66,8 @@ def _cell_overrides(cell: str, out: Path, work: Path) -> list[str]:
 def runs(tmp_path_factory):
     """{(cell, layout): run directory}: compare in this process (ZeRO 0, world 1), then one
     2-process launch with every cell under ZeRO 2 and under 2 pipeline stages."""
-    from train.compare import main as compare_main
-    from train.engine import teardown_distributed
+    from train.commands.compare import main as compare_main
+    from train.engine.runtime import teardown_distributed
 
     work = tmp_path_factory.mktemp("flops")
     _write_corpus(work / "corpus")
@@ -100,9 +100,9 @@ CASES = [(c, lay) for lay in LAYOUTS for c in CELLS]
 
 @pytest.mark.parametrize("cell,layout", CASES, ids=[f"{c}-{lay}" for c, lay in CASES])
 def test_dry_run_plan_loop_and_compare_report_one_flops_per_step(cell, layout, runs, capsys):
-    from train.compare import table
-    from train.dryrun import describe
-    from train.plan import plan_config
+    from train.commands.compare import table
+    from train.commands.dryrun import describe
+    from train.commands.plan import plan_config
 
     run_dir = runs[(cell, layout)]
     cfg = _config(run_dir)
@@ -161,7 +161,7 @@ def _entry_points(tmp: Path, overrides: list[str], cell: str) -> dict[str, list[
 @pytest.mark.parametrize("overrides,cell,line", BAD_CONFIGS, ids=["ed-flm", "zero2-pipeline", "compile-zero3"])
 def test_every_entry_point_refuses_a_bad_config_with_one_line(overrides, cell, line, tmp_path, monkeypatch, capsys):
     from train.cli import main
-    from train.engine import teardown_distributed
+    from train.engine.runtime import teardown_distributed
 
     monkeypatch.chdir(tmp_path)
     env = dict(os.environ)

@@ -72,7 +72,7 @@ def _machine() -> dict:
 
 def _summary(run_dir: Path) -> dict:
     """metrics.jsonl without wall-clock fields, and a fingerprint of every final fp32 tensor."""
-    from train.export import checkpoint_dir, engine_weights, load_model
+    from train.trainer.weights import checkpoint_dir, engine_weights, load_model
 
     rows = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE | ADDED}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +113,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
             out[name] = _summary(work / name)
     finally:
         torch.set_num_threads(threads)
-        from train.engine import teardown_distributed
+        from train.engine.runtime import teardown_distributed
 
         teardown_distributed()
         os.environ.clear()

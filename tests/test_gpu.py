@@ -127,7 +127,7 @@ def test_flex_block_masks_do_not_recompile_per_batch():
 
 @pytest.mark.parametrize("case", ["nd-mixed_layers", "ed-t5bias"])
 def test_compiled_blocks_with_selective_checkpointing_match_eager_bf16(case):
-    from train.engine import prepare_blocks
+    from train.engine.runtime import prepare_blocks
 
     arch, over = CASES[case]
     _, eager = _models(arch, over)

@@ -4,7 +4,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from train.inspection import PREFIX, TARGET, INPUT, PAD, render_batch, row_masks, save_mask_pictures, token_roles
+from train.commands.inspection import PREFIX, TARGET, INPUT, PAD, render_batch, row_masks, save_mask_pictures, token_roles
 
 
 class CharTok:

@@ -225,7 +225,7 @@ def test_shift_labels_and_lm_head():
 def test_pipeline_last_stage_fuses_the_same_way(arch):
     """LocalPipeline in training mode with loss_impl=chunked: its head hands (hidden, weight) to
     the pipeline loss; loss and gradients equal the unpipelined dense model."""
-    from train.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
+    from train.engine.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
 
     torch.manual_seed(0)
     model = model_zoo.build(arch, "debug", z_loss=1e-3)

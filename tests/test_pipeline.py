@@ -1,4 +1,4 @@
-"""train/pipeline.py: the pipeline layers equal the model_zoo model; real 2-stage DeepSpeed runs
+"""train/engine/pipeline/: the pipeline layers equal the model_zoo model; real 2-stage DeepSpeed runs
 follow the unpipelined loss curve for CD, ND and ED; weight mapping both ways; clear errors.
 
 The single-process tests run the layer chain without DeepSpeed's engine (`LocalPipeline`), and
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import model_zoo
-from train.pipeline import (Carry, LocalPipeline, PipelineConfigError, batch_to_pipeline, check_pipeline,
+from train.engine.pipeline import (Carry, LocalPipeline, PipelineConfigError, batch_to_pipeline, check_pipeline,
                             initialize_pipeline_engine, input_fields, layer_names, model_to_pipeline_state_dicts,
                             pipeline_layers, pipeline_loss, pipeline_to_model_state_dict)
 

@@ -1,4 +1,4 @@
-"""The capacity planner (train/plan.py): counts, memory, arithmetic, refusals, JSON.
+"""The capacity planner (train/commands/plan/): counts, memory, arithmetic, refusals, JSON.
 
 Every planner number here is compared with something computed independently: models built on
 the meta device, DeepSpeed's own ZeRO estimators, the tensors autograd really saves, the state
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import model_zoo
-from train import plan, registry
+from train.commands import plan
+from train import registry
 from train.config import load_config
 
 
@@ -258,13 +259,13 @@ SELECTIVE_CASES = [("cd", "geglu", "none", "sdpa"), ("cd", "swiglu", "rope", "sd
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_checkpointed_block_keeps_what_the_formula_says(policy, dtype):
-    """A block run as the trainer runs it (train.engine.prepare_blocks: non-reentrant
+    """A block run as the trainer runs it (train.engine.runtime.prepare_blocks: non-reentrant
     torch.utils.checkpoint, with the selective policy's cache of matmul and attention-kernel
     outputs) leaves alive exactly the formula's bytes: full = its input; selective = its input +
     layer_selective_bytes. Measured with _Alive: every storage created during the forward that
     the autograd graph (or the checkpoint's cache) still holds; the block's input is made inside
     the measurement and dropped by the test, so only the checkpoint can keep it."""
-    from train.engine import prepare_blocks
+    from train.engine.runtime import prepare_blocks
 
     a = 2 if dtype == torch.bfloat16 else 4
     B, T, Ti = 2, 32, 48
@@ -306,7 +307,7 @@ def test_checkpointed_model_activations_close_to_what_stays_alive(arch, policy):
     smallest total (full checkpointing, bf16) is the furthest off. Seen (debug shapes, B 2, T 32):
     CD selective +0.46% fp32 / +0.75% bf16, full +0.90% / +1.27%, none +0.34% / +0.55%; ED within
     -0.34% .. -0.05%."""
-    from train.engine import prepare_blocks
+    from train.engine.runtime import prepare_blocks
 
     for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         torch.manual_seed(0)

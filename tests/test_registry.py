@@ -22,8 +22,8 @@ def test_every_objective_fits_a_decoder_and_ed_refuses_only_flm():
 
 @pytest.mark.parametrize("arch,objective", FIT)
 def test_dry_run_and_plan_report_the_registry_row_flops(arch, objective, capsys):
-    from train.dryrun import describe
-    from train.plan import plan_config
+    from train.commands.dryrun import describe
+    from train.commands.plan import plan_config
 
     cfg = load_config(None, [f"model.arch={arch}", "model.size=base", f"objective.name={objective}",
                              "data.tokenizer=builtin-bytes", "schedule.max_steps=10"])
@@ -82,7 +82,7 @@ def test_every_entry_point_refuses_the_same_config_with_the_same_line(argv, caps
     import os
 
     from train.cli import main
-    from train.engine import teardown_distributed
+    from train.engine.runtime import teardown_distributed
 
     monkeypatch.chdir(tmp_path)
     env = dict(os.environ)

@@ -43,10 +43,10 @@ def _task_file(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Runs the sweep once for every test of this module; yields (work dir, {name: run dir})."""
-    from train.compare import mlm_lengths
+    from train.commands.compare import mlm_lengths
     from train.config import load_config
     from train.data.mixture import build_mixture
-    from train.loop import train
+    from train.trainer.loop import train
 
     env, threads = dict(os.environ), torch.get_num_threads()
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -86,7 +86,7 @@ def sweep(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
         if not had_group and torch.distributed.is_initialized():
-            from train.engine import teardown_distributed
+            from train.engine.runtime import teardown_distributed
 
             teardown_distributed()  # DeepSpeed's cached groups too: later modules run train() again
         os.environ.clear()
@@ -101,7 +101,7 @@ def _state(run: Path, step: int) -> dict:
 def test_adaptation_starts_from_the_parent_weights(sweep, child, parent):
     """NC-A (CD:FLM -> ND:MLM) and LM-A (MLM -> FLM): the adapted run's step-0 weights are the
     parent's final weights, key for key and bit for bit."""
-    from train.export import engine_weights
+    from train.trainer.weights import engine_weights
 
     _, runs = sweep
     start = engine_weights(runs[child] / "checkpoints" / "step-00000000")
@@ -114,7 +114,7 @@ def test_adaptation_starts_from_the_parent_weights(sweep, child, parent):
 
 def test_eval_then_report(sweep, tmp_path, capsys):
     from train.cli import main
-    from train.report import report
+    from train.commands.report import report
 
     w, runs = sweep
     tasks = _task_file(tmp_path / "kind.jsonl")
@@ -184,9 +184,9 @@ def test_eval_then_report(sweep, tmp_path, capsys):
 def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
     """ED weights cannot start a CD run (and vice versa): one clear error before any training."""
     import model_zoo
-    from train import checkpointing as ckpt
+    from train.trainer import checkpointing as ckpt
     from train import registry
-    from train.loop import load_init_weights
+    from train.trainer.loop import load_init_weights
 
     _, runs = sweep
     src = runs["cd-flm"] / "checkpoints" / f"step-{STEPS:08d}"
@@ -204,7 +204,7 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
 
 
 def test_matched_reference_is_the_budget_most_runs_share():
-    from train.report import matched_reference
+    from train.commands.report import matched_reference
 
     assert matched_reference([101, 100, 202, 251]) == 100  # two from-scratch runs vs two adapted ones
     assert matched_reference([100, 300, 300]) == 300
@@ -215,8 +215,8 @@ def test_matched_reference_is_the_budget_most_runs_share():
 def test_parent_chain_prefers_the_recorded_checkpoint(tmp_path):
     """A run directory in init.from_checkpoint means its newest checkpoint *now*; a checkpoint the
     trainer recorded in trainer_state.json (`init.checkpoint`) wins over it. Chains are followed."""
-    from train import checkpointing as ckpt
-    from train.report import parent_phases
+    from train.trainer import checkpointing as ckpt
+    from train.commands.report import parent_phases
 
     def step(run, n, tokens, config, init=None):
         d = tmp_path / run / "checkpoints" / ckpt.step_dir_name(n)

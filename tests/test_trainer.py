@@ -1,4 +1,4 @@
-"""The real trainer (train/loop.py on DeepSpeed, CPU): single-process runs of CD, ND and ED with
+"""The real trainer (train/trainer/loop.py on DeepSpeed, CPU): single-process runs of CD, ND and ED with
 their accounting; 2-process ZeRO-1/2/3 against the 1-process loss curve; SIGKILL at a random
 step and during a save, then a bitwise-identical finish; a 2-process checkpoint resumed on 1
 process; bad configurations refused by the CLI before any work.
@@ -94,7 +94,7 @@ def inproc():
     yield
     torch.set_num_threads(threads)
     if not had_group and torch.distributed.is_initialized():
-        from train.engine import teardown_distributed
+        from train.engine.runtime import teardown_distributed
 
         teardown_distributed()
     os.environ.clear()
@@ -103,7 +103,7 @@ def inproc():
 
 def run_inproc(overrides: list[str], **kw):
     from train.config import load_config
-    from train.loop import train
+    from train.trainer.loop import train
 
     return train(load_config(None, overrides), **kw)
 
@@ -391,7 +391,7 @@ def assert_same_run(ref: Path, run: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_and_during_a_save_then_resume_is_bitwise_exact(work, base, uninterrupted):
-    from train.checkpointing import find_resume_point, list_checkpoints
+    from train.trainer.checkpointing import find_resume_point, list_checkpoints
 
     def overrides(run_dir):
         return kill_overrides(base, run_dir)
@@ -540,7 +540,7 @@ def test_two_stage_pipeline_follows_one_process(ed, work, base, two_process_runs
     ev2 = [r["eval_loss"] for r in metrics(pipe) if "eval_loss" in r]
     assert len(ev1) == len(ev2) == 2 and ev1 == pytest.approx(ev2, rel=1e-3)  # pipeline: mean over micro-batches
     # the pipeline checkpoint exports to the same weights as the unpipelined run's
-    from train.export import checkpoint_dir, load_model
+    from train.trainer.weights import checkpoint_dir, load_model
 
     m1, _, _ = load_model(checkpoint_dir(ref))
     m2, _, _ = load_model(checkpoint_dir(pipe))
@@ -568,7 +568,7 @@ def test_pipeline_resume_matches_and_refuses_an_unpipelined_resume(work, base, t
 def test_signal_during_start_up_stops_before_the_first_step(work, base, inproc, monkeypatch):
     """SIGUSR1 while the run is still starting (here: as the process group comes up) does not
     kill the process: the run returns stopped_by before its first step, without a checkpoint."""
-    from train import engine as eng
+    from train.engine import runtime as eng
 
     real = eng.setup_distributed
 

@@ -2,7 +2,7 @@
 half of one. Write to a temporary name beside the target, then `os.replace` it onto the target.
 
 A leaf module (the standard library only), so `train/data` uses it without the checkpoint
-machinery; `train.checkpointing` re-exports `atomic_write_text`.
+machinery; `train.trainer.checkpointing` re-exports `atomic_write_text`.
 """
 from __future__ import annotations
 

@@ -54,10 +54,10 @@ def cmd_train(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .checkpointing import CheckpointError
+    from .trainer.checkpointing import CheckpointError
 
     if a.dry_run:
-        from .dryrun import describe
+        from .commands.dryrun import describe
 
         try:
             print(describe(cfg, origins, a.world_size))
@@ -75,7 +75,7 @@ def cmd_train(argv: list[str]) -> int:
         return rc or value
     if a.local_procs is not None:
         return _local_procs(a.local_procs, a.args, cfg)
-    from .loop import train
+    from .trainer.loop import train
 
     rc, result = _guard(lambda: train(cfg))  # train checks the config and checkpoint.resume before any work
     if rc:
@@ -91,9 +91,9 @@ def cmd_train(argv: list[str]) -> int:
 def _guard(fn) -> tuple[int, object]:
     """(0, fn()); or, when fn raises, its error printed as one line and the exit code: 2 for a bad
     config or checkpoint, 3 for a non-finite loss (the trainer's NonFiniteError)."""
-    from .checkpointing import CheckpointError
+    from .trainer.checkpointing import CheckpointError
     from .config import ConfigError
-    from .debug import NonFiniteError
+    from .trainer.debug import NonFiniteError
 
     try:
         return 0, fn()
@@ -131,13 +131,13 @@ def _local_procs(n: int, args: list[str], cfg) -> int:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    from .compare import main
+    from .commands.compare import main
 
     return main(argv)
 
 
 def cmd_export(argv: list[str]) -> int:
-    from .export import main
+    from .commands.export import main
 
     return main(argv)
 
@@ -155,11 +155,11 @@ COMMANDS = {
     "train": cmd_train,
     "compare": cmd_compare,
     "export": cmd_export,
-    "inspect": lambda argv: __import__("train.inspection", fromlist=["main"]).main(argv),
-    "analyze": lambda argv: __import__("train.analyze", fromlist=["main"]).main(argv),
-    "eval": lambda argv: __import__("train.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
-    "report": lambda argv: __import__("train.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
-    "plan": lambda argv: __import__("train.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
+    "inspect": lambda argv: __import__("train.commands.inspection", fromlist=["main"]).main(argv),
+    "analyze": lambda argv: __import__("train.commands.analyze", fromlist=["main"]).main(argv),
+    "eval": lambda argv: __import__("train.eval.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
+    "report": lambda argv: __import__("train.commands.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
+    "plan": lambda argv: __import__("train.commands.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),
     "chain": _slurm("chain"),

@@ -1,5 +1,5 @@
 """The error every config check raises: a leaf module, so that train.config and the modules it
-consults (train.ds_presets, train.registry) share it without importing each other."""
+consults (train.config.presets, train.registry) share it without importing each other."""
 from __future__ import annotations
 
 

@@ -30,7 +30,7 @@ import deepspeed  # noqa: E402
 import model_zoo  # noqa: E402
 from train.objectives.batch import collate_decoder, collate_encoder_decoder  # noqa: E402
 from train.objectives.core import Example  # noqa: E402
-from train.pipeline import (PipelineConfigError, initialize_pipeline_engine,  # noqa: E402
+from train.engine.pipeline import (PipelineConfigError, initialize_pipeline_engine,  # noqa: E402
                             model_state_dict_from_layer_files, pipeline_batches)
 
 STEPS = 4  # optimizer steps per case

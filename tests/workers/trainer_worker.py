@@ -1,4 +1,4 @@
-"""Several runs of the real trainer (`train.loop.train`) in one multi-process launch.
+"""Several runs of the real trainer (`train.trainer.loop.train`) in one multi-process launch.
 
 Run under `torchrun --standalone --nproc_per_node=N tests/workers/trainer_worker.py SPEC.json`
 (CPU, gloo; DS_ACCELERATOR=cpu). SPEC.json is a list of runs, done in order:
@@ -26,9 +26,9 @@ import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from train import engine as eng  # noqa: E402
+from train.engine import runtime as eng  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.loop import train  # noqa: E402
+from train.trainer.loop import train  # noqa: E402
 
 
 def row_digests(cfg, dist, n_batches: int) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """`archscale train --overfit` and `--determinism-check` (issue 10): the wiring checks of
-train/debug.py's docstring, as commands. They call the training loop, so they live above it (the
-loop imports train.debug's guard; this module imports the loop)."""
+train/trainer/debug.py's docstring, as commands. They call the training loop, so they live above it (the
+loop imports train.trainer.debug's guard; this module imports the loop)."""
 from __future__ import annotations
 
 import math
@@ -28,8 +28,8 @@ def overfit(path, overrides: list[str], steps: int = 200, threshold: float = 0.5
     """Train `steps` steps on the stream's first batch; (final loss < threshold, [(step, loss)])."""
     import tempfile
 
-    from ..engine import teardown_distributed
-    from ..loop import train
+    from ..engine.runtime import teardown_distributed
+    from ..trainer.loop import train
 
     with tempfile.TemporaryDirectory(prefix="archscale-overfit-") as d:
         result = train(_scratch_config(path, overrides, Path(d) / "run", steps), fixed_batch=True,
@@ -43,8 +43,8 @@ def determinism_check(path, overrides: list[str], steps: int = 5) -> tuple[Optio
     """Two fresh runs of `steps` steps; (first step where the losses differ or None, losses a, b)."""
     import tempfile
 
-    from ..engine import teardown_distributed
-    from ..loop import train
+    from ..engine.runtime import teardown_distributed
+    from ..trainer.loop import train
 
     curves = []
     for i in range(2):

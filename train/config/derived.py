@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from .sections import ParallelConfig, RunConfig, ScheduleConfig
 
 if TYPE_CHECKING:  # at run time derive imports it, with the registry, when called
-    from train.ds_presets import ResolvedParallel
+    from train.config.presets import ResolvedParallel
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     bf16_supported: whether ``precision=auto`` may choose bf16 (a GPU that has it).
     Raises ConfigError naming the numbers and the fix.
     """
-    from train import ds_presets, registry  # light: json and dataclasses only at import
+    from train.config import presets as ds_presets
+    from train import registry  # light: json and dataclasses only at import
 
     try:  # the architecture and the objective fit each other (the registry says which do)
         registry.get(cfg.model.arch).check_objective(cfg.objective.name)

@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """The optimizer, given to DeepSpeed as a client torch optimizer (see train/ds_config.py)."""
+    """The optimizer, given to DeepSpeed as a client torch optimizer (see train/engine/ds_config.py)."""
 
     name: Literal["adamw", "adafactor"] = "adamw"
     """adamw = torch.optim.AdamW; adafactor = transformers' Adafactor (the reference optimizer)."""
@@ -140,7 +140,7 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the run is spread over processes; turned into the DeepSpeed JSON by train/ds_config.py.
+    """How the run is spread over processes; turned into the DeepSpeed JSON by train/engine/ds_config.py.
 
     ``zero_stage``, the offload flags and ``precision`` may also be stated by a named DeepSpeed
     preset: left at None/auto they follow the preset; an explicit value that contradicts a named
@@ -189,7 +189,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When and where checkpoints are written, and how a run resumes (train/checkpointing.py)."""
+    """When and where checkpoints are written, and how a run resumes (train/trainer/checkpointing.py)."""
 
     dir: Optional[str] = None
     """Checkpoint directory; None = RUN_DIR/checkpoints."""

@@ -17,7 +17,7 @@ the capped ones). A `<OUT>.stats.json` next to it records sizes, caps and rates.
 
 Tasks and datasets: a record's task is its `task` field (else the file's stem); its dataset is its
 `dataset` field, else the part of the task before the first '/', else the task (the convention of
-train/evaluate.py).
+train/eval/evaluate.py).
 """
 from __future__ import annotations
 

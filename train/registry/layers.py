@@ -1,7 +1,7 @@
 """The pipeline layer layout of each family, written once.
 
-Pure data (no torch, no deepspeed): train/pipeline builds its LayerSpecs from it and
-train/plan counts parameters and activations over it without building a model. A family's
+Pure data (no torch, no deepspeed): train/engine/pipeline builds its LayerSpecs from it and
+train/commands/plan counts parameters and activations over it without building a model. A family's
 spec returns its layout (`ArchSpec.pipeline_layers_layout(config)`, `config` a model_zoo config).
 
 Layers (index: kind; the model_zoo key prefix of its parameters), L = n_layers:

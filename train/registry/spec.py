@@ -168,7 +168,7 @@ class ArchSpec:
     def pipeline_layers_layout(self, config):
         """family: the pipeline layers of a model_zoo config in order (registry.layers.PipelineLayout:
         each layer's kind, row side, carries, model_zoo key prefixes, tied or not; the last stage's
-        label shift; the batch keys): train.pipeline builds its LayerSpecs from it, train.plan
+        label shift; the batch keys): train.engine.pipeline builds its LayerSpecs from it, train.commands.plan
         counts parameters and activations over it."""
         raise NotImplementedError
 

@@ -1,0 +1,308 @@
+"""The DeepSpeed side of training: processes, devices, the engine, one optimizer step.
+
+Runs as one process with no launcher (CPU or one GPU), under torchrun, under the deepspeed
+launcher and under srun: `setup_distributed` reads whichever environment is there. On CPU the
+backend is gloo; on GPUs nccl.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> Dist:
+    """Initialise torch.distributed through DeepSpeed, from torchrun / deepspeed / srun
+    variables, or as a single process when none are set."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
+                               "sets them): launch through `archscale submit`")
+    if "RANK" not in env:  # a plain `python -m train ...`: a world of one
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
+    if not cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not cuda:
+        # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
+        # CPU machine); gloo's allreduce serves the CPU runs this stack does.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(env["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum floats over all processes (one small all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def initialize(model, cfg, derived, ds_config: dict):
+    """deepspeed.initialize with the client optimizer and schedule of the run config."""
+    import deepspeed
+
+    from .ds_config import build_lr_scheduler, build_optimizer, param_groups
+
+    optimizer = build_optimizer(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg.optim, derived)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule, derived.max_steps, cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def drop_trivial_segments(batch: dict) -> dict:
+    """A decoder batch (CD / ND) whose rows are each one example with no padding (every segment
+    id 1) needs no segment mask: without `segment_ids` the model runs a causal batch on plain
+    flash SDPA instead of a flex block mask (positions and the loss are the same). Checked on
+    the host copy, before the transfer: no device synchronisation."""
+    seg = batch.get("segment_ids")
+    if seg is None or "decoder_input_ids" in batch or seg.device.type != "cpu" or not bool((seg == 1).all()):
+        return batch
+    return {k: v for k, v in batch.items() if k != "segment_ids"}
+
+
+def split_micro(batch: dict, micro: int) -> list[dict]:
+    """This rank's rows of one optimizer step -> micro-batches of `micro` rows, in order."""
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
+
+
+def train_step(engine, micro_batches: Iterable[dict]) -> dict:
+    """Forward, backward and the optimizer step over one step's micro-batches (DeepSpeed
+    accumulates and steps at the boundary). Returns the mean loss terms of this rank.
+
+    The loss terms stay on the device until the step is over: one host synchronisation per
+    step, none between micro-batches, so the host queues the next micro-batch's kernels while
+    the device still runs the last one's."""
+    names = ("loss", "ce_loss", "z_loss")
+    sums: dict = {}
+    n = 0
+    for mb in micro_batches:
+        out = engine(**to_device(drop_trivial_segments(mb), engine.device))
+        engine.backward(out.loss)
+        if engine.is_gradient_accumulation_boundary() and _reports_no_grad_norm(engine):
+            # the accumulated, all-reduced gradients, before clipping (what ZeRO >= 1 reports)
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            engine._archscale_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        engine.step()
+        for k in names:
+            v = getattr(out, k)
+            if v is not None:
+                v = v.detach().float()
+                sums[k] = v if k not in sums else sums[k] + v
+        n += 1
+    values = torch.stack([sums[k] for k in names if k in sums]).tolist() if sums else []  # the one sync
+    got = dict(zip([k for k in names if k in sums], values))
+    return {k: got.get(k, 0.0) / max(n, 1) for k in names}
+
+
+@torch.no_grad()
+def eval_loss(module, batches: Iterable[dict], device) -> tuple[float, float]:
+    """(sum of per-token cross-entropy, number of target tokens) over `batches`, this rank."""
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0.0
+    for b in batches:
+        b = to_device(b, device)
+        out = module(**b)
+        labels = b["labels"]
+        if "decoder_input_ids" not in b:  # decoder layout: the model shifts the labels
+            labels = labels[:, 1:]
+        n = float((labels != -100).sum())
+        total += float(out.ce_loss) * n
+        count += n
+    module.train(was_training)
+    return total, count
+
+
+def _reports_no_grad_norm(engine) -> bool:
+    """DeepSpeed's fp32 ZeRO-0 path clips without keeping the norm (get_global_grad_norm() is None)."""
+    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def grad_norm(engine) -> Optional[float]:
+    """The global gradient norm of the last optimizer step, before clipping."""
+    try:
+        v = engine.get_global_grad_norm()
+    except Exception:  # not every ZeRO stage / engine reports it
+        v = None
+    if v is None:
+        v = getattr(engine, "_archscale_grad_norm", None)  # set by train_step where DeepSpeed keeps none
+    return float(v) if v is not None else None
+
+
+# ----------------------------------------------------------------------------------- pipeline
+def initialize_pipeline(model, cfg, derived, ds_config: dict):
+    """The DeepSpeed PipelineEngine over train.engine.pipeline's stages of `model` (weights copied)."""
+    from . import pipeline
+    from .ds_config import build_lr_scheduler, build_optimizer, param_groups
+
+    def optimizer(module):
+        return build_optimizer(param_groups(module.named_model_parameters(), cfg.optim.weight_decay), cfg.optim,
+                               derived)
+
+    par = cfg.parallel
+    engine = pipeline.initialize_pipeline_engine(
+        model, ds_config, num_stages=derived.pipeline_stages, optimizer=optimizer,
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, derived.max_steps, cfg.optim),
+        partition_method=par.pipeline_partition,
+        activation_checkpoint_interval=1 if par.activation_checkpointing and par.checkpoint_policy == "full" else 0)
+    # selective checkpointing and compilation run inside each block of this stage
+    selective = par.activation_checkpointing and par.checkpoint_policy == "selective"
+    prepare_blocks(engine.module, "selective" if selective else "none", compile=cfg.model.compile)
+    return engine
+
+
+def pipeline_step(engine, micro_batches: list[dict], config) -> dict:
+    """One optimizer step of the pipeline engine over this data-parallel rank's micro-batches.
+    The loss (cross-entropy + z-loss, averaged over micro-batches and data-parallel ranks) is
+    known on every stage."""
+    from .pipeline import pipeline_batches
+
+    loss = engine.train_batch(data_iter=iter(pipeline_batches(micro_batches, config)))
+    return {"loss": float(loss), "ce_loss": None, "z_loss": None}
+
+
+@torch.no_grad()
+def pipeline_eval(engine, batches: list[dict], config) -> tuple[float, float]:
+    """(loss x micro-batches, micro-batches): the pipeline engine reports the mean loss per
+    micro-batch (averaged over data-parallel ranks), not per token."""
+    from .pipeline import pipeline_batches
+
+    if not batches:
+        return 0.0, 0.0
+    loss = engine.eval_batch(data_iter=iter(pipeline_batches(batches, config)), num_micro_batches=len(batches))
+    return float(loss) * len(batches), float(len(batches))
+
+
+CHECKPOINTING = ("none", "full", "selective")
+
+
+def _selective_policy():
+    """Selective activation checkpointing: keep the outputs of matmuls and attention kernels,
+    recompute everything else in the backward pass (norms with their fp32 statistics,
+    activations and the gate product, RoPE, residual adds, dropout with its saved RNG state).
+    Recomputing those costs a few pointwise kernels per block, a small fraction of its FLOPs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        save.add(flex)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def prepare_blocks(model, checkpointing: str = "none", compile: bool = False) -> int:
+    """Give every Block of `model` (model_zoo stacks and pipeline layers alike) a `runner`: its
+    `body` under activation checkpointing (`full`: recompute the whole block in the backward
+    pass; `selective`: keep matmul and attention outputs, recompute the rest) and/or
+    torch.compile (one graph per stack kind and mask direction: the body takes no layer index).
+    Applied from outside the model: no module is wrapped, state-dict keys are unchanged.
+    Checkpointing goes inside the compiled function, as torch.compile expects it. Returns the
+    number of blocks prepared."""
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    from model_zoo.blocks import Block, allow_compiled_variants
+
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {checkpointing!r} is not valid; choose one of "
+                         f"{', '.join(CHECKPOINTING)}")
+    context_fn = None
+    if checkpointing == "selective":
+        policy = _selective_policy()
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    if compile:
+        allow_compiled_variants()
+    n = 0
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        fn = block.body
+        if checkpointing != "none":
+            kw = {"context_fn": context_fn} if context_fn is not None else {}
+            fn = functools.partial(_checkpointed, fn, kw)
+        if compile:
+            fn = torch.compile(fn, dynamic=False)
+        block.runner = fn if (compile or checkpointing != "none") else None
+        n += 1
+    return n
+
+
+def _checkpointed(fn, kw: dict, *args):
+    """fn(*args), recomputed in the backward pass when gradients are being recorded."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, **kw)
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group and DeepSpeed's cached groups with it (deepspeed.comm's
+    destroy_process_group), so that a later run in the same process (a notebook, the tests)
+    starts clean. torch.distributed.destroy_process_group alone leaves DeepSpeed holding stale
+    groups ("Group ... is not registered")."""
+    if torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()

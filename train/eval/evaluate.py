@@ -1,0 +1,389 @@
+"""Zero-shot evaluation of CD / ND / ED checkpoints: rank classification and held-out loss.
+
+    archscale eval runs/cd-flm --tasks heldout/rte.jsonl heldout/cb.jsonl          # 25%, 50%, 100%
+    archscale eval runs/cd-flm --tasks t.jsonl --steps all --corpus /data/c4-val.json.gz
+
+writes one JSON per evaluated checkpoint to RUN_DIR/eval/step-N.json (what `archscale report` reads).
+
+**Log-likelihood of a continuation given a context**, as each architecture saw examples in training
+(the batch contract of `train/objectives/batch.py`):
+
+* CD: one causal row `context ++ continuation`; log p(c_j) is read from the logits at the position
+  before c_j (logits[t] predicts token t+1), the first continuation token from the last context
+  token's logits.
+* ND: the same row with `prefix_lengths = len(context)`: the context is the bidirectional prefix,
+  the continuation causal (the prefix-LM / prompted layout).
+* ED: the context goes to the encoder, the continuation to the decoder as labels, decoder inputs
+  = [decoder_start] + continuation[:-1] (T5's shift right).
+
+**Rank classification** (T0 / the reference experiment): for a record with answer choices, score
+each choice `c` by `sum_j log p(c_j | prompt, c_<j)` (tokens of the choice plus EOS, as the prompted
+objective trains targets) and by that sum divided by its token count (length-normalised), and
+predict the argmax of each: `acc` and `acc_norm`. Accuracy per task (prompt), the median over the
+prompts of a dataset, the mean over datasets: the numbers the reference experiment reports.
+A record's dataset is its `dataset` key if it has one, else the part of its `task` before the
+first '/', else the task itself (so name prompts `rte/can_we_infer`, `rte/gpt3_style`, ...).
+
+**Held-out loss**: mean cross-entropy per target token over the eval split of the run's data
+stream (its own objective, as the trainer reports it) or over any corpus (`--corpus`), and its
+exponential (perplexity).
+
+Pitfalls: the scores are exact only if the context is not truncated (contexts longer than
+`max_length` lose their start, as the prompted objective truncates inputs); an empty context
+(lm-eval's rolling log-likelihood) becomes [EOS] for every architecture, the separator of
+documents in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..trainer import checkpointing as ckpt
+from ..trainer.heldout import heldout_batches  # noqa: F401  (moved down to train/trainer/heldout.py; re-exported)
+
+log = logging.getLogger("archscale.eval")
+
+
+# ============================================================================ log-likelihoods
+@dataclass(frozen=True)
+class LogLikelihood:
+    """The score of one continuation: sum of log-probabilities, its token count, and whether
+    greedy decoding would have produced exactly these tokens."""
+
+    sum: float
+    tokens: int
+    greedy: bool
+
+    @property
+    def mean(self) -> float:
+        return self.sum / max(self.tokens, 1)
+
+
+class Scorer:
+    """Log-likelihoods of continuations given contexts (token ids) for a CD, ND or ED model.
+
+    `loglikelihoods([(context_ids, continuation_ids), ...])` -> [LogLikelihood]. Requests are
+    sorted by length and batched (right padding: padding is its own segment through
+    `attention_mask`, so it changes no real token's output). `max_length`: decoder rows
+    (context + continuation - 1 tokens: the last token is predicted, never read) / encoder inputs
+    longer than this keep the end of the context (None = no limit).
+    """
+
+    def __init__(self, model, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
+                 pad_id: int = 0):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.eos_id, self.pad_id = eos_id, pad_id
+        from .. import registry
+
+        self.arch = registry.get(model.config.arch)  # how its architecture lays out a scored request
+        self.device = next(model.parameters()).device
+
+    def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[LogLikelihood]:
+        import torch
+
+        reqs = [(list(c) or [self.eos_id], list(t)) for c, t in requests]
+        for i, (_, t) in enumerate(reqs):
+            if not t:
+                raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
+        order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i][0]) + len(reqs[i][1])))
+        out: list[Optional[LogLikelihood]] = [None] * len(reqs)
+        with torch.no_grad():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                batch = [reqs[i] for i in idx]
+                scores = self.arch.score_continuations(self, batch)
+                for i, sc in zip(idx, scores):
+                    out[i] = sc
+        return out  # type: ignore[return-value]
+
+    def truncate(self, ctx: list[int], room: Optional[int]) -> list[int]:
+        """`ctx` cut to its last `room` tokens (None = no limit)."""
+        if room is None or len(ctx) <= room:
+            return ctx
+        if room < 1:
+            raise ValueError(f"the continuation leaves no room for context in max_length={self.max_length}; "
+                             f"raise max_length or score a shorter continuation")
+        return ctx[len(ctx) - room:]  # keep the end of the prompt (the question)
+
+    @staticmethod
+    def score(logits, tgt: list[int]) -> LogLikelihood:
+        """logits (n, V): row j predicts tgt[j]."""
+        import torch
+
+        t = torch.tensor(tgt, device=logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+        token_lp = logp.gather(-1, t[:, None])[:, 0]  # (n,)
+        return LogLikelihood(float(token_lp.sum()), len(tgt), bool((logits.argmax(-1) == t).all()))
+
+
+# ============================================================================ rank classification
+def read_task_file(path: str | Path, limit: int = 0) -> list[dict]:
+    """Validated prompted records with answer choices (train.data.multitask format), each with
+    `task` (default: the file's stem) and `dataset` (see the module docstring).
+
+    Errors name `file:line` (a label outside its choices, no choices, bad JSON, ...)."""
+    from ..data.multitask import read_records
+
+    path = Path(path)
+    records = read_records([str(path)])  # validates every line; errors say file:line
+    numbered = [(i + 1, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    out = []
+    for rec, (lineno, line) in zip(records, numbered):
+        r = json.loads(line)  # the raw record: its optional `dataset` key
+        if not rec["answer_choices"] or rec["label"] < 0:
+            missing = "no choices" if not rec["answer_choices"] else "no label"
+            raise ValueError(f"{path}:{lineno}: rank classification needs 'answer_choices' and a 'label' (the index "
+                             f"of the correct choice); this record has {missing}")
+        task = rec["task"] or path.stem
+        dataset = r.get("dataset")
+        if dataset is not None and (not isinstance(dataset, str) or not dataset):
+            raise ValueError(f"{path}:{lineno}: 'dataset' must be a non-empty string, got {dataset!r}")
+        out.append({**rec, "task": task, "dataset": dataset or task.split("/", 1)[0]})
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def rank_classify(scorer: Scorer, tokenizer, records: list[dict]) -> list[dict]:
+    """Per record: {task, dataset, label, pred, pred_norm, scores: [[sum, tokens], ...]}."""
+    from ..data.multitask import rank_classification_examples
+
+    examples = [rank_classification_examples(r, tokenizer) for r in records]
+    requests = [(ex["input_ids"], ch) for ex in examples for ch in ex["choices"]]
+    scores = scorer.loglikelihoods(requests)
+    out, k = [], 0
+    for rec, ex in zip(records, examples):
+        s = scores[k:k + len(ex["choices"])]
+        k += len(ex["choices"])
+        out.append({"task": rec["task"], "dataset": rec["dataset"], "label": ex["label"],
+                    "pred": max(range(len(s)), key=lambda i: s[i].sum),
+                    "pred_norm": max(range(len(s)), key=lambda i: s[i].mean),
+                    "scores": [[x.sum, x.tokens] for x in s]})
+    return out
+
+
+def aggregate(predictions: list[dict]) -> dict:
+    """Accuracy per task; median over a dataset's prompts; mean over datasets (the reference's
+    reporting). Returns {"tasks": {...}, "datasets": {...}, "mean": {"acc", "acc_norm"}}."""
+    tasks: dict[str, dict] = {}
+    for p in predictions:
+        t = tasks.setdefault(p["task"], {"dataset": p["dataset"], "n": 0, "correct": 0, "correct_norm": 0})
+        if t["dataset"] != p["dataset"]:
+            raise ValueError(f"task {p['task']!r} belongs to two datasets ({t['dataset']!r}, {p['dataset']!r}); "
+                             f"give each prompt one dataset")
+        t["n"] += 1
+        t["correct"] += int(p["pred"] == p["label"])
+        t["correct_norm"] += int(p["pred_norm"] == p["label"])
+    for t in tasks.values():
+        t["acc"], t["acc_norm"] = t.pop("correct") / t["n"], t.pop("correct_norm") / t["n"]
+    datasets: dict[str, dict] = {}
+    for name, t in sorted(tasks.items()):
+        datasets.setdefault(t["dataset"], {"prompts": []})["prompts"].append(name)
+    for d in datasets.values():
+        for m in ("acc", "acc_norm"):
+            d[m] = statistics.median(tasks[p][m] for p in d["prompts"])
+    mean = {m: (statistics.fmean(d[m] for d in datasets.values()) if datasets else None) for m in ("acc", "acc_norm")}
+    return {"tasks": tasks, "datasets": datasets, "mean": mean}
+
+
+# ============================================================================ held-out loss
+def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 8, micro_batch_size: int = 8,
+                 corpus: Sequence[str] = ()) -> dict:
+    """Mean cross-entropy per target token (and perplexity) on the run's eval split, with its own
+    objective and architecture, or on the files `corpus` (text / JSON Lines / Parquet / Arrow,
+    read with the run's tokenizer; all of their documents are the eval split).
+
+    The batches are `heldout_batches` and the score is the trainer's (`engine.eval_loss`: the
+    model's own cross-entropy, as in training): with the run's numbers this is the trainer's
+    held-out loss (the packing plan does not depend on the number of processes).
+
+    Returns {"loss", "perplexity", "tokens", "batches", "corpus"}; loss None when nothing was scored.
+    """
+    from ..data import prepare
+    from ..engine.runtime import eval_loss
+
+    data = cfg.data
+    if corpus:
+        data = replace(data, source="files", train_files=list(corpus), eval_files=list(corpus), eval_fraction=0.0)
+    prepared = prepare(data, cfg.objective)
+    if prepared.eval is None:  # e.g. multitask finetuning on train files only
+        return {"loss": None, "perplexity": None, "tokens": 0, "batches": 0,
+                "corpus": "none: the run's data has no eval split (no eval files, eval_fraction 0); pass --corpus"}
+    batches, n = heldout_batches(prepared, cfg, global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size, max_batches=max_batches, data=data)
+    model.eval()
+    total, count = eval_loss(model, batches, next(model.parameters()).device)
+    loss = total / count if count else None
+    return {"loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
+            "tokens": int(count), "batches": n, "corpus": list(corpus) if corpus else "run eval split"}
+
+
+# ============================================================================ checkpoints of a run
+def run_config(run_dir: str | Path):
+    """The resolved RunConfig of a run directory (its config.yaml)."""
+    from ..config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass the directory "
+                                   f"`archscale train` wrote")
+    return load_config(path, [])
+
+
+def derived(cfg, world_size: int):
+    """The run's derived numbers (global batch, planned steps, ...) for the world size it ran on."""
+    from .. import registry
+    from ..config import derive
+
+    return derive(cfg, world_size, tokens_per_sequence=registry.get(cfg.model.arch).tokens_per_row(cfg.objective))
+
+
+def planned_steps(cfg, world_size: int) -> int:
+    """The run's schedule length in optimizer steps (what 100% means)."""
+    return derived(cfg, world_size).max_steps
+
+
+def select_checkpoints(run_dir: str | Path, steps: str = "25%,50%,100%") -> list[tuple[str, int, Path]]:
+    """(what was asked, step, checkpoint dir) of the complete checkpoints to evaluate.
+
+    `steps`: comma-separated percentages of the planned training length (the nearest complete
+    checkpoint is taken; ties go to the later one), step numbers (must exist), `last`, or `all`.
+    Keep milestone checkpoints from pruning with `checkpoint.keep_every_n_steps` (docs/config.md),
+    e.g. a quarter of the run's steps, so that 25/50/100% exist exactly.
+    """
+    cfg = run_config(run_dir)
+    have = ckpt.list_checkpoints(ckpt.RunLayout.from_config(cfg).checkpoints)
+    if not have:
+        raise ckpt.CheckpointError(f"{run_dir} has no complete checkpoint to evaluate")
+    if steps.strip() == "all":
+        return [(str(s), s, d) for s, d in have]
+    by_step = dict(have)
+    total = None
+    out: list[tuple[str, int, Path]] = []
+    for item in (x.strip() for x in steps.split(",") if x.strip()):
+        if item == "last":
+            s = have[-1][0]
+        elif item.endswith("%"):
+            if total is None:
+                state = ckpt.TrainerState.load(have[-1][1] / ckpt.STATE_FILE)
+                total = planned_steps(cfg, state.world_size)
+            try:
+                target = float(item[:-1]) / 100 * total
+            except ValueError:
+                raise ValueError(f"--steps item {item!r} is not a percentage like 25%") from None
+            s = min(by_step, key=lambda k: (abs(k - target), -k))
+            if abs(s - target) > 0.05 * total:
+                log.warning("%s: %s of %d steps is step %.0f; the nearest complete checkpoint is step %d (set "
+                            "checkpoint.keep_every_n_steps to keep milestones)", run_dir, item, total, target, s)
+        else:
+            try:
+                s = int(item)
+            except ValueError:
+                raise ValueError(f"--steps item {item!r} is not a percentage (25%), a step, 'last' or 'all'") from None
+            if s not in by_step:
+                raise ckpt.CheckpointError(f"{run_dir} has no complete checkpoint at step {s}; complete steps: "
+                                           f"{sorted(by_step)}")
+        if s not in [o[1] for o in out]:
+            out.append((item, s, by_step[s]))
+    return out
+
+
+def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *, loss: bool = True,
+                        loss_batches: Optional[int] = None, corpus: Sequence[str] = (), batch_size: int = 16,
+                        limit: int = 0, device: Optional[str] = None) -> dict:
+    """Held-out loss and rank classification of one checkpoint; the JSON `archscale eval` writes."""
+    import torch
+
+    from .. import registry
+    from ..trainer.weights import load_model
+
+    step_dir = Path(step_dir)
+    records = [r for f in task_files for r in read_task_file(f, limit)]  # bad task files fail before loading
+    t0 = time.perf_counter()
+    model, tok, cfg = load_model(step_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    state = ckpt.TrainerState.load(step_dir / ckpt.STATE_FILE)
+    result = {"checkpoint": str(step_dir), "step": state.step, "arch": cfg.model.arch, "objective": cfg.objective.name,
+              "size": cfg.model.size, "params": registry.get(cfg.model.arch).num_params(model.config),
+              "tokens_seen": state.tokens_seen, "target_tokens": state.target_tokens, "flops": state.flops,
+              "task_files": [str(f) for f in task_files]}
+    if loss:
+        d = derived(cfg, state.world_size)
+        result["heldout"] = heldout_loss(model, cfg, max_batches=loss_batches or cfg.eval.num_batches,
+                                         global_batch_size=d.global_batch_size,
+                                         micro_batch_size=cfg.parallel.micro_batch_size, corpus=corpus)
+    if records:
+        scorer = Scorer(model, batch_size=batch_size, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        preds = rank_classify(scorer, tok, records)
+        result["zero_shot"] = aggregate(preds)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, task_files: Sequence[str] = (), *, steps: str = "25%,50%,100%",
+                 **kwargs) -> list[Path]:
+    """Evaluate the selected checkpoints of a run; write RUN_DIR/eval/step-N.json for each."""
+    run_dir = Path(run_dir)
+    for f in task_files:
+        read_task_file(f)  # fail on a bad task file before any model is loaded
+    selected = select_checkpoints(run_dir, steps)
+    out_dir = ckpt.RunLayout.of(run_dir).eval
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for asked, step, step_dir in selected:
+        res = evaluate_checkpoint(step_dir, task_files, **kwargs)
+        res["requested"] = asked
+        path = out_dir / f"{ckpt.step_dir_name(step)}.json"
+        ckpt.atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+        log.info("%s step %d: %s", run_dir, step, summary_line(res))
+        written.append(path)
+    return written
+
+
+def summary_line(res: dict) -> str:
+    parts = []
+    if res.get("heldout", {}).get("loss") is not None:
+        parts.append(f"held-out loss {res['heldout']['loss']:.4f}")
+    if "zero_shot" in res:
+        m = res["zero_shot"]["mean"]
+        parts.append(f"zero-shot acc {m['acc']:.4f} (length-normalised {m['acc_norm']:.4f}) over "
+                     f"{len(res['zero_shot']['datasets'])} dataset(s)")
+    return "; ".join(parts) or "nothing evaluated"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="archscale eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run directory (holding config.yaml and checkpoints/)")
+    p.add_argument("--tasks", nargs="*", default=[], metavar="FILE.jsonl",
+                   help="prompted task files with answer_choices and label (docs/data.md)")
+    p.add_argument("--steps", default="25%,50%,100%",
+                   help="percentages of the planned steps (nearest complete checkpoint), steps, 'last' or 'all'")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--loss-batches", type=int, default=None,
+                   help="eval batches for the loss (default: the run's eval.num_batches)")
+    p.add_argument("--corpus", nargs="*", default=[],
+                   help="held-out loss on these files instead of the run's eval split")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass when scoring choices")
+    p.add_argument("--limit", type=int, default=0, help="first N records of each task file (smoke tests); 0 = all")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    a = p.parse_args(argv)
+    try:
+        written = evaluate_run(a.run_dir, a.tasks, steps=a.steps, loss=not a.no_loss, loss_batches=a.loss_batches,
+                               corpus=a.corpus, batch_size=a.batch_size, limit=a.limit, device=a.device)
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"{path}: {summary_line(json.loads(path.read_text()))}")
+    return 0

@@ -1,0 +1,320 @@
+"""The loop's concerns beside the step itself, as callbacks (in the style of OLMo-core's trainer
+callbacks): the non-finite guard, metrics and progress, the held-out loss, signals, checkpoints
+and the end of a run.
+
+The loop (train/trainer/loop.py) calls every callback of its list, in list order, at these points:
+
+    pre_train(t)    once, before the first step (also when no step will run)
+    pre_step(t)     each step, after the batch is fetched, before forward / backward
+    wants_stop(t)   each step, after forward / backward: a vote that joins the step's all-reduce,
+                    so every rank sees the same stop decision at the same step
+    post_step(t)    each step, after the counters of `t` are updated
+    post_train(t)   after the last step (not when a step raised)
+    close()         always, in reverse list order
+
+`t` is the loop's `Trainer`: what start-up built (engine, stream, layout, ...) and the counters
+(`step`, `tokens_seen`, `target_tokens`, `flops`, `stopped_by`). A callback that stops the run
+sets `t.stopped_by`; the loop ends after the step's `post_step` calls.
+
+The list `default_callbacks` builds is the order of every write of a step: the non-finite check,
+the metrics line, the held-out loss and its line, the stop on a signal, the checkpoint; after
+the last step the tail checkpoint, then the final held-out loss and FINISHED.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import checkpointing as ckpt
+from ..engine import runtime as eng
+
+log = logging.getLogger("archscale.train")
+
+# Test hook: with ARCHSCALE_TEST_SAVE_DELAY=S in the environment, every checkpoint save sleeps S
+# seconds after the engine files are written into `step-N.tmp` and before COMPLETE, so a test
+# can kill the run in the middle of a save (tests/test_trainer.py). Unset in real runs.
+SAVE_DELAY_ENV = "ARCHSCALE_TEST_SAVE_DELAY"
+
+# Dense bf16 peak per GPU, for MFU (the vendor's figure; bench/ measures the real one).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Callback:
+    """A no-op at every point; subclasses override the points they need (module docstring)."""
+
+    def pre_train(self, t) -> None:
+        pass
+
+    def pre_step(self, t) -> None:
+        pass
+
+    def wants_stop(self, t) -> bool:
+        return False
+
+    def post_step(self, t) -> None:
+        pass
+
+    def post_train(self, t) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def default_callbacks(t, signals: "Signals", desc: Optional[str] = None) -> list[Callback]:
+    """The trainer's callbacks, in the order of their writes (module docstring)."""
+    guard = NonFiniteCallback(t)
+    metrics = MetricsCallback(t, desc or f"{t.cfg.model.arch.upper()}:{t.cfg.objective.name.upper()}")
+    evals = EvalCallback(metrics)
+    return [guard, metrics, evals, SignalCallback(signals), CheckpointCallback(), FinishCallback(evals)]
+
+
+# ---------------------------------------------------------------------------------- non-finite
+class NonFiniteCallback(Callback):
+    """Non-finite loss / gradient norm: stop with the step, the first non-finite module and the
+    batch saved (train/trainer/debug.py). Unpipelined runs locate the module from a hook on the whole model."""
+
+    def __init__(self, t):
+        from .debug import NonFiniteGuard
+
+        self.guard = NonFiniteGuard(t.engine.module, t.layout.root, t.dist.rank, locate=not t.piped)
+
+    def pre_step(self, t) -> None:
+        self.guard.step = t.step + 1
+
+    def post_step(self, t) -> None:
+        self.guard.check(t.step, t.loss, eng.grad_norm(t.engine), t.batch)  # raises NonFiniteError
+
+    def close(self) -> None:
+        self.guard.close()
+
+
+# ---------------------------------------------------------------------------------- metrics
+class MetricsCallback(Callback):
+    """The loss curve of the result; metrics.jsonl, TensorBoard and the progress bar (rank 0)."""
+
+    def __init__(self, t, desc: str):
+        cfg, layout = t.cfg, t.layout
+        self.active = t.dist.is_rank0
+        self.jsonl = self.tb = self.bar = None
+        if not self.active:
+            return
+        if cfg.logging.jsonl:
+            trim_jsonl(layout.metrics_jsonl, t.step)
+            self.jsonl = open(layout.metrics_jsonl, "a")
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(layout.tensorboard), purge_step=t.step + 1)
+            except ImportError:
+                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=t.derived.max_steps, initial=t.step, desc=desc, dynamic_ncols=True, leave=True,
+                            disable=None if os.environ.get("ARCHSCALE_PROGRESS") != "1" else False)
+
+    def pre_train(self, t) -> None:
+        self.peak = peak_flops(t.dist.device)
+        self.t_log, self.tok_log, self.flops_log = t.t_start, t.tokens_seen, t.flops
+
+    def post_step(self, t) -> None:
+        t.result.losses.append((t.step, t.loss))
+        now = time.perf_counter()
+        if t.step % t.cfg.logging.every_n_steps == 0 or t.step == t.stop_at:
+            dt = max(now - self.t_log, 1e-9)
+            rec = {"step": t.step, "loss": t.loss, "ce_loss": t.step_losses["ce_loss"],
+                   "z_loss": t.step_losses["z_loss"], "lr": t.engine.get_lr()[0], "tokens_seen": t.tokens_seen,
+                   "target_tokens": t.target_tokens, "flops": t.flops,
+                   "planned_flops_per_step": t.result.planned_flops_per_step,
+                   "tokens_per_s": (t.tokens_seen - self.tok_log) / dt, "grad_norm": eng.grad_norm(t.engine)}
+            if self.peak:
+                rec["mfu"] = (t.flops - self.flops_log) / dt / (self.peak * t.dist.world_size)
+            self.log(rec)
+            self.t_log, self.tok_log, self.flops_log = now, t.tokens_seen, t.flops
+        self.progress(1, {"loss": f"{t.loss:.3f}",
+                          "tok/s": f"{(t.tokens_seen - t.tok_start) / max(now - t.t_start, 1e-9):.0f}"})
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def progress(self, n: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: v for k, v in postfix.items() if v is not None}, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line a kill cut short
+    ckpt.atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+# ---------------------------------------------------------------------------------- held-out loss
+def held_out_loss(t) -> Optional[float]:
+    """The held-out loss of the model now, on this data-parallel rank's share of the eval split's
+    first eval.num_batches global batches (evaluate.heldout_batches), reduced over all ranks
+    (None: no eval split)."""
+    if t.prepared.eval is None:
+        return None
+    from .heldout import heldout_batches
+
+    batches, _ = heldout_batches(t.prepared, t.cfg, global_batch_size=t.derived.global_batch_size,
+                                 micro_batch_size=t.derived.micro_batch_size, max_batches=t.cfg.eval.num_batches,
+                                 rank=t.dp_rank, world_size=t.dp_size)
+    if t.piped:  # per micro-batch means, already averaged over data-parallel ranks
+        total, count = eng.pipeline_eval(t.engine, batches, t.model.config)
+        return total / count if count else None
+    total, count = eng.all_sum(list(eng.eval_loss(t.engine.module, batches, t.dist.device)), t.dist.device)
+    return total / count if count else None
+
+
+class EvalCallback(Callback):
+    """The held-out loss every eval.every_n_steps steps (the last step's is FinishCallback's)."""
+
+    def __init__(self, metrics: MetricsCallback):
+        self.metrics = metrics
+
+    def post_step(self, t) -> None:
+        every = t.cfg.eval.every_n_steps
+        if every and t.step % every == 0 and t.step < t.derived.max_steps:
+            self.evaluate(t)
+
+    def evaluate(self, t) -> Optional[float]:
+        ev = held_out_loss(t)
+        t.result.eval_losses.append((t.step, t.tokens_seen, t.flops, ev))
+        self.metrics.log({"step": t.step, "eval_loss": ev, "tokens_seen": t.tokens_seen, "flops": t.flops})
+        return ev
+
+
+# ---------------------------------------------------------------------------------- signals
+class Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and stops at the next step boundary. Installed
+    by `train.trainer.loop.train` before start-up, so a signal then stops the run before its first step."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class SignalCallback(Callback):
+    """A signal on any rank stops every rank at the same step, with a checkpoint of it (the
+    CheckpointCallback's tail save): Slurm's time-limit signal, then a requeue resumes."""
+
+    def __init__(self, signals: Signals):
+        self.signals = signals
+
+    def pre_train(self, t) -> None:
+        if eng.all_sum([1.0 if self.signals.received else 0.0], t.dist.device)[0] > 0:
+            # a signal during start-up: nothing new to save; stop before the first step
+            t.stopped_by = self.signals.received or "signal"
+
+    def wants_stop(self, t) -> bool:
+        return self.signals.received is not None
+
+    def post_step(self, t) -> None:
+        if t.stop_requested:  # a signal reached some rank: save and stop, everyone at this step
+            t.stopped_by = self.signals.received or "signal"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+class CheckpointCallback(Callback):
+    """A checkpoint every checkpoint.every_n_steps steps and one of the last step (unless it was
+    just saved); a fresh run that stops at step 0 saves step 0 (an init.from_checkpoint child's start)."""
+
+    def pre_train(self, t) -> None:
+        self.last_saved = t.step
+
+    def post_step(self, t) -> None:
+        if t.stopped_by is None and t.step % t.cfg.checkpoint.every_n_steps == 0:
+            save(t)
+            self.last_saved = t.step
+
+    def post_train(self, t) -> None:
+        if t.step != self.last_saved or (not t.resumed and t.step == 0 and t.stopped_by is None):
+            save(t)
+
+
+def save(t) -> Path:
+    """Checkpoint step `t.step`: the engine's files and the trainer state (checkpointing.save_checkpoint)."""
+    def write_engine(step_dir: Path) -> None:
+        t.engine.save_checkpoint(str(step_dir), tag="engine", save_latest=False)
+        if os.environ.get(SAVE_DELAY_ENV):  # test hook: see SAVE_DELAY_ENV
+            time.sleep(float(os.environ[SAVE_DELAY_ENV]))
+
+    import yaml
+
+    rngs = eng.all_gather_object(ckpt.capture_rng_state())
+    st = ckpt.TrainerState(step=t.step, tokens_seen=t.tokens_seen, target_tokens=t.target_tokens, flops=t.flops,
+                           data_position=t.stream.state_dict(), rng_states=rngs, world_size=t.dist.world_size,
+                           init=t.init_info, config=yaml.safe_load(t.config_yaml))
+    cfg = t.cfg.checkpoint
+    return ckpt.save_checkpoint(t.layout.checkpoints, st, write_engine, is_rank0=t.dist.is_rank0,
+                                barrier=eng.barrier, keep_last=cfg.keep_last,
+                                keep_every_n_steps=cfg.keep_every_n_steps, config_yaml=t.config_yaml)
+
+
+# ---------------------------------------------------------------------------------- the end
+class FinishCallback(Callback):
+    """A run that reached schedule.max_steps (not stopped by a signal): the final held-out loss
+    (RunResult.eval_loss) and RUN/FINISHED, after the last checkpoint."""
+
+    def __init__(self, evals: EvalCallback):
+        self.evals = evals
+
+    def post_train(self, t) -> None:
+        if t.step >= t.derived.max_steps and t.stopped_by is None:
+            t.result.eval_loss = self.evals.evaluate(t)
+            if t.dist.is_rank0:
+                (t.layout.root / "FINISHED").write_text(json.dumps({"step": t.step}) + "\n")

@@ -1,0 +1,343 @@
+"""The training loop: config -> data -> model -> DeepSpeed engine -> steps -> checkpoints.
+
+`train(cfg)` runs one cell of the comparison in this process (one rank of a job). It resumes
+from the run directory's newest complete checkpoint (`checkpoint.resume=auto`), also on another
+number of processes (through a DeepSpeed universal checkpoint), saves every N steps, at the end,
+and when SIGTERM / SIGUSR1 arrives (then it returns with `stopped_by` set, for a requeue).
+
+Start-up (`_start`) builds a `Trainer`; the loop (`_train`) runs its steps and calls the
+callbacks of train/trainer/callbacks.py around them: the non-finite guard, metrics and progress, the
+held-out loss, signals, checkpoints and the end of the run.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import checkpointing as ckpt
+from ..engine import runtime as eng
+from .. import registry
+from ..atomic import atomic_path
+from .callbacks import PEAK_FLOPS, SAVE_DELAY_ENV, Signals, peak_flops  # noqa: F401  (public names of the loop)
+from .callbacks import Callback, default_callbacks
+from ..config import ConfigError, Derived, RunConfig, config_to_yaml, derive
+
+log = logging.getLogger("archscale.train")
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    run_dir: str
+    arch: str
+    objective: str
+    params: int
+    step: int
+    max_steps: int
+    tokens_seen: int
+    target_tokens: int
+    flops: float
+    eval_loss: Optional[float]
+    tokens_per_s: float
+    stopped_by: Optional[str] = None  # the signal's name when a signal stopped the run
+    planned_flops_per_step: float = 0.0  # registry.step_flops: what --dry-run, plan and compare print
+    losses: list = field(default_factory=list)  # (step, train loss)
+    eval_losses: list = field(default_factory=list)  # (step, tokens seen, flops, held-out loss)
+
+
+def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> Derived:
+    """Every check of the config against the world that needs no data and no model: the derived
+    numbers (batch sizes that divide, stages vs layers, ZeRO with pipeline, ...). Cheap (the layer
+    count comes from the model's config, nothing is built); `train` calls it before it writes or
+    prepares anything. Raises ConfigError with a one-line message.
+    """
+    arch = registry.get(cfg.model.arch)
+    try:
+        model_config = arch.make_config(cfg.model)  # the tokenizer's vocabulary does not change the layers
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    num_layers = arch.num_layers(model_config)
+    return derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
+                  bf16_supported=bf16_supported)
+
+
+def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None,
+          fixed_batch: bool = False) -> RunResult:
+    """Train (or resume) the run `cfg` describes. `max_steps_now`: stop after this many steps of
+    this invocation (tests of resumption), leaving the schedule as configured. `fixed_batch`:
+    every step trains on the stream's first batch again (`archscale train --overfit`, train/trainer/debug.py).
+
+    SIGTERM / SIGUSR1 handlers are installed first, so a signal during start-up (data
+    preparation, model build, checkpoint load) stops the run cleanly before its first step
+    instead of killing the process."""
+    signals = Signals()
+    try:
+        return _train(cfg, signals, max_steps_now=max_steps_now, desc=desc, fixed_batch=fixed_batch)
+    finally:
+        signals.restore()
+
+
+def _train(cfg: RunConfig, signals: Signals, *, max_steps_now: Optional[int], desc: Optional[str],
+           fixed_batch: bool = False) -> RunResult:
+    """Start up, then one `train_step` after another until `stop_at` or until a callback stops the
+    run; the callbacks (train/trainer/callbacks.py) do everything around the steps, in their list's order."""
+    t = _start(cfg, max_steps_now=max_steps_now, fixed_batch=fixed_batch)
+    callbacks = default_callbacks(t, signals, desc)
+    t.t_start, t.tok_start = time.perf_counter(), t.tokens_seen
+    try:
+        for cb in callbacks:
+            cb.pre_train(t)
+        while t.step < t.stop_at and t.stopped_by is None:
+            t.train_step(callbacks)
+            for cb in callbacks:
+                cb.post_step(t)
+        t.elapsed = time.perf_counter() - t.t_start
+        for cb in callbacks:
+            cb.post_train(t)
+    finally:
+        for cb in reversed(callbacks):
+            cb.close()
+    return t.finish()
+
+
+@dataclass
+class Trainer:
+    """What start-up built, and the counters the steps advance; the callbacks read and set it."""
+
+    cfg: RunConfig
+    dist: Any  # engine.Dist
+    arch: Any  # registry.ArchSpec
+    derived: Derived
+    layout: ckpt.RunLayout
+    prepared: Any  # data.PreparedData
+    model: Any
+    engine: Any
+    stream: Any
+    piped: bool  # pipeline stages > 1
+    dp_rank: int
+    dp_size: int
+    counts_here: float  # 1.0 where this rank counts the tokens and FLOPs of its rows (once per pipeline)
+    config_yaml: str
+    init_info: dict  # TrainerState.init
+    resumed: bool  # started from a checkpoint of this run
+    result: RunResult
+    step: int = 0
+    tokens_seen: int = 0
+    target_tokens: int = 0
+    flops: float = 0.0
+    stop_at: int = 0  # the last step of this invocation
+    stopped_by: Optional[str] = None  # set by a callback: the loop ends after this step
+    # the last step: its loss (mean over ranks), this rank's loss terms and batch, the stop vote
+    loss: float = 0.0
+    step_losses: dict = field(default_factory=dict)
+    batch: Optional[dict] = None
+    stop_requested: bool = False
+    t_start: float = 0.0  # time.perf_counter() and tokens seen when the loop began
+    tok_start: int = 0
+    elapsed: float = 0.0
+
+    def train_step(self, callbacks: list[Callback]) -> None:
+        """One optimizer step on this rank's rows of the next global batch, then one all-reduce
+        of the counts, the loss and the callbacks' stop votes."""
+        from ..objectives import pop_counts
+
+        batch = next(self.stream)
+        counts = pop_counts(batch)
+        batch_flops = self.arch.batch_flops(self.model.config, batch) if self.counts_here else 0.0
+        micro = eng.split_micro(batch, self.derived.micro_batch_size)
+        for cb in callbacks:
+            cb.pre_step(self)
+        losses = (eng.pipeline_step(self.engine, micro, self.model.config) if self.piped
+                  else eng.train_step(self.engine, micro))
+        vote = 1.0 if any(cb.wants_stop(self) for cb in callbacks) else 0.0
+        here = self.counts_here
+        red = eng.all_sum([counts["num_tokens"] * here, counts["num_target_tokens"] * here, batch_flops,
+                           losses["loss"], vote], self.dist.device)
+        self.step += 1
+        self.tokens_seen += int(red[0])
+        self.target_tokens += int(red[1])
+        self.flops += red[2]
+        self.loss = red[3] / self.dist.world_size
+        self.step_losses, self.batch, self.stop_requested = losses, batch, red[4] > 0
+
+    def finish(self) -> RunResult:
+        r = self.result
+        r.step, r.tokens_seen, r.target_tokens, r.flops = self.step, self.tokens_seen, self.target_tokens, self.flops
+        r.stopped_by = self.stopped_by
+        r.tokens_per_s = (self.tokens_seen - self.tok_start) / max(self.elapsed, 1e-9)
+        return r
+
+
+# ---------------------------------------------------------------------------------- start-up
+def _start(cfg: RunConfig, *, max_steps_now: Optional[int], fixed_batch: bool) -> Trainer:
+    """Check the config, prepare the data, write the run files, build the model and the engine,
+    load the init weights or resume: the Trainer of the first step."""
+    from ..data import build_stream
+    from ..engine.ds_config import build_ds_config
+
+    dist = eng.setup_distributed()
+    arch = registry.get(cfg.model.arch)
+    derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
+    layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
+    resume_dir, state = _resume_point(cfg, derived)
+    torch.manual_seed(cfg.seed)
+    prepared = _prepare_data(cfg, dist)
+    vocab = registry.padded_vocab(prepared.tokens.vocab_size)
+
+    universal = state is not None and state.world_size != dist.world_size and (
+        derived.zero_stage >= 1 or derived.pipeline_stages > 1)
+    ds_config = build_ds_config(cfg, derived, load_universal=universal)
+    config_yaml = config_to_yaml(cfg)
+    if dist.is_rank0:
+        layout.create()
+        layout.write_run_files(config_yaml, ds_config)
+    eng.barrier()
+
+    model = arch.build(cfg.model, vocab)
+    init_info, init_dir = (dict(state.init) if state is not None else {}), None
+    if state is None and cfg.init.from_checkpoint:
+        init_dir, init_info = _init_weights(cfg, model, arch, dist, derived)
+    params = arch.num_params(model.config)
+    piped = derived.pipeline_stages > 1
+    engine, dp_rank, dp_size, counts_here = _engine(cfg, model, derived, ds_config, dist)
+    stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
+                          rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data,
+                          prefetch=cfg.data.prefetch)
+    if fixed_batch:  # --overfit: the first batch, again and again (train/trainer/debug.py)
+        from .debug import RepeatFirst
+
+        stream = RepeatFirst(stream)
+    result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
+                       step=0, max_steps=derived.max_steps, tokens_seen=0, target_tokens=0, flops=0.0,
+                       eval_loss=None, tokens_per_s=0.0,
+                       planned_flops_per_step=arch.step_flops(model.config, cfg.objective, derived.global_batch_size))
+    t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
+                engine=engine, stream=stream, piped=piped, dp_rank=dp_rank, dp_size=dp_size, counts_here=counts_here,
+                config_yaml=config_yaml, init_info=init_info, resumed=state is not None, result=result)
+    if init_dir is not None and cfg.init.load_optimizer:
+        # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
+        engine.load_checkpoint(str(init_dir), tag="engine", load_module_strict=True, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    if state is not None:
+        _resume(t, resume_dir, state, universal)
+    t.stop_at = derived.max_steps if max_steps_now is None else min(derived.max_steps, t.step + max_steps_now)
+    return t
+
+
+def _resume_point(cfg: RunConfig, derived: Derived) -> tuple[Optional[Path], Optional[ckpt.TrainerState]]:
+    """The checkpoint to resume from (checkpoint.resume) and its trainer state, or (None, None)."""
+    resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
+    state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
+    if state is not None:
+        before = int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))
+        if (before > 1) != (derived.pipeline_stages > 1):
+            raise ConfigError(f"{resume_dir} was written with parallel.pipeline_stages={before}; this run has "
+                              f"{derived.pipeline_stages}: a pipeline checkpoint names its parameters by layer, an "
+                              f"unpipelined one by module. Resume with {'a' if before > 1 else 'no'} pipeline, or "
+                              f"start a new run from it with init.from_checkpoint")
+    return resume_dir, state
+
+
+def _prepare_data(cfg: RunConfig, dist):
+    """Rank 0 prepares the data (tokenizes, caches) first; the others then hit the cache."""
+    from ..data import prepare
+
+    if dist.is_rank0:
+        prepared = prepare(cfg.data, cfg.objective)
+    eng.barrier()
+    if not dist.is_rank0:
+        prepared = prepare(cfg.data, cfg.objective)
+    return prepared
+
+
+def _init_weights(cfg: RunConfig, model, arch, dist, derived: Derived) -> tuple[Path, dict]:
+    """init.from_checkpoint into `model` (load_init_weights), with init.load_optimizer's layout check."""
+    init_dir, init_info = load_init_weights(model, cfg.init.from_checkpoint, arch)
+    if cfg.init.load_optimizer and (init_info["world_size"] != dist.world_size
+                                    or (init_info["pipeline_stages"] > 1) != (derived.pipeline_stages > 1)):
+        raise ConfigError(f"init.load_optimizer=true needs the parent's layout: it ran on "
+                          f"{init_info['world_size']} process(es) with pipeline_stages="
+                          f"{init_info['pipeline_stages']}, this run on {dist.world_size} with "
+                          f"{derived.pipeline_stages}; match it, or set init.load_optimizer=false")
+    return init_dir, init_info
+
+
+def load_init_weights(model, path: str, arch: "registry.ArchSpec") -> tuple[Path, dict]:
+    """init.from_checkpoint: weights only, from a checkpoint or run directory of another run.
+    Returns the resolved checkpoint directory and what TrainerState.init records of it."""
+    from .weights import load_weights
+
+    step_dir = ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
+    state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
+    src_arch = (state.config or {}).get("model", {}).get("arch")
+    if src_arch and not arch.accepts_weights_of(registry.get(src_arch)):
+        raise ValueError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
+                         f"({registry.get(src_arch).family}); this run's architecture needs a {arch.family} checkpoint")
+    missing, unexpected = load_weights(model, Path(step_dir))
+    if missing or unexpected:
+        raise ValueError(f"init.from_checkpoint={path}: weights do not fit this model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); use a checkpoint of the same size")
+    step_dir = Path(step_dir).resolve()
+    return step_dir, {"checkpoint": str(step_dir), "step": state.step, "tokens_seen": state.tokens_seen,
+                      "target_tokens": state.target_tokens, "flops": state.flops, "world_size": state.world_size,
+                      "pipeline_stages": int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))}
+
+
+def _engine(cfg: RunConfig, model, derived: Derived, ds_config: dict, dist) -> tuple[Any, int, int, float]:
+    """(DeepSpeed engine, data-parallel rank, data-parallel size, counts_here)."""
+    if derived.pipeline_stages > 1:
+        engine = eng.initialize_pipeline(model, cfg, derived, ds_config)
+        # every stage of a pipeline reads the same rows: data parallelism is across pipelines
+        dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
+        return engine, dp_rank, dp_size, 1.0 if engine.is_first_stage() else 0.0  # count once per pipeline
+    eng.prepare_blocks(model, cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none",
+                       compile=cfg.model.compile)
+    engine = eng.initialize(model, cfg, derived, ds_config)
+    return engine, dist.rank, dist.world_size, 1.0  # every process is a data-parallel rank
+
+
+def _resume(t: Trainer, resume_dir: Path, state: ckpt.TrainerState, universal: bool) -> None:
+    """The engine's files (converted to a universal checkpoint on another number of processes),
+    the data position, the counters and, on the same number of processes, every rank's RNG states."""
+    tag = "engine"
+    if universal:
+        if t.dist.is_rank0:
+            tag = _to_universal(resume_dir)
+        eng.barrier()
+        tag = "engine_universal"
+    t.engine.load_checkpoint(str(resume_dir), tag=tag, load_module_strict=True)
+    t.stream.load_state_dict(state.data_position)
+    t.step, t.tokens_seen, t.target_tokens, t.flops = state.step, state.tokens_seen, state.target_tokens, state.flops
+    rng = state.rng_state_for(t.dist.rank) if state.world_size == t.dist.world_size else None
+    if rng is not None:
+        ckpt.restore_rng_state(rng)
+    if t.dist.is_rank0:
+        log.info("resumed %s at step %d from %s", t.cfg.run_dir, t.step, resume_dir)
+
+
+def _to_universal(step_dir: Path) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format (once; kept beside the original)."""
+    out = step_dir / "engine_universal"
+    if (out / ckpt.COMPLETE).exists():
+        return out.name
+    with atomic_path(out) as tmp:
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(step_dir / "engine"), "--output_folder", str(tmp), "--inject_missing_state"],
+                       check=True, stdout=subprocess.DEVNULL)
+        (tmp / ckpt.COMPLETE).write_text("")
+        if out.exists():  # a conversion without COMPLETE: never read, replaced
+            shutil.rmtree(out)
+    return out.name
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
