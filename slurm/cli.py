@@ -76,7 +76,9 @@ def main_submit(argv=None) -> int:
                         "and a 10-minute time limit unless --time is given")
     _resource_args(p)
     a = p.parse_args(argv)
-    config, overrides = (a.args[0], a.args[1:]) if a.args and "=" not in a.args[0] else (None, a.args)
+    from train.config import split_config_args  # light: yaml and dataclasses
+
+    config, overrides = split_config_args(a.args)
     env = {}
     if a.local:
         problem = local_cluster_problem()

@@ -18,13 +18,6 @@ import logging
 import sys
 
 
-def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """[CONFIG.yaml] a.b=c ... -> (config path or None, overrides)."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
-
-
 def cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="archscale train", description="Train or resume one run of the comparison.")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] then overrides a.b=c (defaults < file < overrides)")
@@ -46,9 +39,9 @@ def cmd_train(argv: list[str]) -> int:
                         "losses differ; exit 0 if identical, else 1")
     p.add_argument("--steps", type=int, default=5, help="--determinism-check: steps of each run (default 5)")
     a = p.parse_args(argv)
-    from .config import ConfigError, load_config_with_origins
+    from .config import ConfigError, load_config_with_origins, split_config_args
 
-    path, overrides = _split_config_args(a.args)
+    path, overrides = split_config_args(a.args)
     try:
         cfg, origins = load_config_with_origins(path, overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:

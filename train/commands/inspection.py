@@ -188,10 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--plain", action="store_true", help="no colour (the default when not on a terminal)")
     p.add_argument("--batch", default=None, metavar="FILE", help="show a saved batch (torch.save of a Batch dict)")
     a = p.parse_args(argv)
-    from ..cli import _split_config_args
+    from ..config import split_config_args
     from ..config import ConfigError, load_config
 
-    path, overrides = _split_config_args(a.args)
+    path, overrides = split_config_args(a.args)
     try:
         cfg = load_config(path, overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:

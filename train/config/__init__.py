@@ -33,7 +33,7 @@ from .coerce import (_HINTS, _MISSING, _choices, _coerce, _hints, _is_dataclass_
                      from_dict, to_dict, validate)
 from .derived import Derived, derive  # noqa: F401
 from .load import (CLI, DEFAULT, FILE, _all_origins, _flatten, _with_origin, config_to_yaml,  # noqa: F401
-                   format_config, load_config, load_config_with_origins, save_config)
+                   format_config, load_config, load_config_with_origins, save_config, split_config_args)
 from .overrides import _default_of, _set_path, parse_override  # noqa: F401
 from .sections import (CheckpointConfig, EvalConfig, InitConfig, LoggingConfig, ModelConfig,  # noqa: F401
                        OptimConfig, ParallelConfig, RunConfig, ScheduleConfig)

@@ -85,6 +85,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return load_config_with_origins(path, overrides, cls=cls)[0]
 
 
+def split_config_args(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """A command line's `[CONFIG.yaml] a.b=c ...` -> (the config path or None, the overrides):
+    the first argument is the file when it is not an override."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def config_to_yaml(cfg: Any) -> str:
     """The resolved config as YAML; ``load_config`` of this text gives an equal config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -10,6 +10,7 @@ from .hardware import DEFAULT_HEADROOM, GPUS, get_gpu
 from .mfu import DEFAULT_MFU
 from .planner import PlanError, plan
 from .reference import format_reference, reference_plan
+from ...config import split_config_args
 
 
 def _gib(x: float) -> str:
@@ -106,8 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ref = reference_plan(a.gpus or 64, a.gpu, mfu=a.mfu, headroom=a.headroom)
             print(json.dumps(ref, indent=1) if a.json else format_reference(ref))
             return 0
-        path = a.args[0] if a.args and "=" not in a.args[0] else None
-        overrides = a.args[1:] if path else a.args
+        path, overrides = split_config_args(a.args)
         p = plan(path, overrides, gpus=a.gpus or 1, gpu=a.gpu, mfu=a.mfu, headroom=a.headroom,
                  bandwidth_gbs=a.bandwidth, vocab=a.vocab)
     except (PlanError, ValueError, FileNotFoundError) as e:
