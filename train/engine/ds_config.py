@@ -1,6 +1,6 @@
 """What the DeepSpeed engine is built from: the DeepSpeed config dict, the client optimizer, the LR schedule.
 
-    d = derive(cfg, world_size)                      # train/config.py: the one place for numbers
+    d = derive(cfg, world_size)                      # train/config/derived.py: the one place for numbers
     ds = build_ds_config(cfg, d)                     # preset from ds_configs/ + values the config sets
     opt = build_optimizer(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg.optim, d)
     sched = build_lr_scheduler(opt, cfg.schedule, d.max_steps)

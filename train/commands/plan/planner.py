@@ -184,7 +184,7 @@ def _warnings(cfg, d, wrapper: str, flat: bool) -> list[str]:
     if cfg.optim.name == "adafactor" and flat:
         out.append(f"Adafactor runs on flat partitions under {wrapper}: its second moment is NOT factored "
                    f"(4 bytes/parameter, counted so) and parameter scaling uses a partition's RMS - not the "
-                   f"reference optimizer" + (" (train/config.py refuses ZeRO>=1 without optim.allow_flat_adafactor, "
+                   f"reference optimizer" + (" (train/config/derived.py refuses ZeRO>=1 without optim.allow_flat_adafactor, "
                                              "but not this pipeline/bf16 case)" if d.zero_stage == 0 else ""))
     return out
 
