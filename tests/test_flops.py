@@ -8,8 +8,8 @@ machine (ZeRO 0 in one process through the real `archscale compare`; ZeRO 2 on 2
 the registry's `step_flops`. The loop's exact count (`flops`, attention per packed document)
 stays within a band of it, so the planned figure describes what was trained.
 
-The entry points also refuse the same invalid configs with the same one line (more than the
-objective fit, which tests/test_registry.py covers at every entry point).
+The entry points (train, --dry-run, plan, submit, sweep, compare) also refuse the same invalid
+configs with the same one line, before writing anything.
 """
 from __future__ import annotations
 
@@ -147,8 +147,12 @@ BAD_CONFIGS = [  # (overrides, compare's cell, the one line)
 # world size instead; the job refuses it at start-up (train's check).
 
 
-def _entry_points(tmp: Path, overrides: list[str], cell: str) -> dict[str, list[str]]:
+def _entry_points(tmp: Path, overrides: list[str], cell: str, grid: Path) -> dict[str, list[str]]:
+    (grid.parent / "base.yaml").write_text("{}\n")
+    grid.write_text(f"config: base.yaml\ndir: {tmp / 'sweep'}\noverrides: {json.dumps(overrides)}\n"
+                    f"grid: {{seed: [0]}}\n")
     return {
+        "sweep": ["sweep", str(grid), "--dry-run"],
         "train": ["train", f"run_dir={tmp / 'run'}", *overrides],
         "dry run": ["train", f"run_dir={tmp / 'run'}", *overrides, "--dry-run"],
         "plan": ["plan", *overrides],
@@ -159,14 +163,16 @@ def _entry_points(tmp: Path, overrides: list[str], cell: str) -> dict[str, list[
 
 
 @pytest.mark.parametrize("overrides,cell,line", BAD_CONFIGS, ids=["ed-flm", "zero2-pipeline", "compile-zero3"])
-def test_every_entry_point_refuses_a_bad_config_with_one_line(overrides, cell, line, tmp_path, monkeypatch, capsys):
+def test_every_entry_point_refuses_a_bad_config_with_one_line(overrides, cell, line, tmp_path, monkeypatch, capsys,
+                                                             tmp_path_factory):
     from train.cli import main
     from train.engine.runtime import teardown_distributed
 
     monkeypatch.chdir(tmp_path)
     env = dict(os.environ)
     errors = {}
-    for name, argv in _entry_points(tmp_path, overrides, cell).items():
+    grid = tmp_path_factory.mktemp("grid") / "grid.yaml"  # the sweep's grid file, outside tmp_path
+    for name, argv in _entry_points(tmp_path, overrides, cell, grid).items():
         try:
             rc = main(argv)
         finally:  # train sets up a world of one before its checks: no port or variable may leak
