@@ -28,7 +28,7 @@ from train.data.config import DataConfig  # noqa: F401
 from train.objectives.config import ObjectiveConfig  # noqa: F401
 
 from ..errors import ConfigError  # noqa: F401  (a leaf module: ds_presets and registry raise it too)
-from .coerce import (_HINTS, _MISSING, _choices, _coerce, _hints, _is_dataclass_type,  # noqa: F401
+from .coerce import (_HINTS, _choices, _coerce, _hints, _is_dataclass_type,  # noqa: F401
                      _is_mapping_type, _prefixed, _run_check, _type_name, _unknown_key, _unwrap_optional,
                      from_dict, to_dict, validate)
 from .derived import Derived, derive  # noqa: F401

@@ -16,7 +16,6 @@ from typing import Any, Literal, Mapping, Sequence
 from ..errors import ConfigError
 
 
-_MISSING = object()
 _HINTS: dict[type, dict[str, Any]] = {}
 
 

@@ -391,15 +391,11 @@ def _max_fitting_piece(variant, shape: RowShape, what: str, cap: int | None = No
     a, b = shape.fitting_footprint(variant, n)
     fits = (a <= cap_a) & (b <= cap_b)
     if not fits[0]:
-        raise ValueError(f"{what}: rows of {shape_text(shape)} are too short for even a {MIN_PIECE}-token "
+        raise ValueError(f"{what}: rows of {shape.text()} are too short for even a {MIN_PIECE}-token "
                          f"example (it needs {int(a[0])}/{int(b[0])}); increase the row lengths")
     first_bad = np.flatnonzero(~fits)
     n_max = int(n[first_bad[0] - 1]) if len(first_bad) else bound
     return min(n_max, cap) if cap else n_max
-
-
-def shape_text(shape: RowShape) -> str:
-    return shape.text()
 
 
 def build_objective(cfg: ObjectiveConfig, arch, tokens: TokenInfo) -> Objective:
