@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from train.config import ConfigError, derive, load_config
-from train.engine.ds_config import (PRESET_DIR, build_ds_config, build_lr_scheduler, build_optimizer, choose_preset,
-                             list_presets, load_preset, lr_multiplier, param_groups)
+from train.config.presets import PRESET_DIR, choose_preset, list_presets, load_preset
+from train.engine.ds_config import build_ds_config, build_lr_scheduler, build_optimizer, lr_multiplier, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "pipeline", "bf16"}

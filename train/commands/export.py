@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..trainer import checkpointing as ckpt
-from ..trainer.weights import checkpoint_dir, engine_weights, load_weights, load_model  # noqa: F401  (moved down to train/trainer/weights.py; re-exported)
+from ..trainer.weights import checkpoint_dir, load_model
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> Path:

@@ -29,8 +29,7 @@ from typing import Any, Iterable, Optional
 
 from train.atomic import atomic_write_text
 from train.config import Derived, OptimConfig, RunConfig, ScheduleConfig
-from train.config.presets import (PRESET_DIR, ResolvedParallel, choose_preset, list_presets, load_preset,  # noqa: F401
-                              resolve_parallel)  # re-exported: callers import them from here
+from train.config.presets import load_preset
 
 _QUIET_STEPS = 1_000_000_000
 

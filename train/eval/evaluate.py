@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..trainer import checkpointing as ckpt
-from ..trainer.heldout import heldout_batches  # noqa: F401  (moved down to train/trainer/heldout.py; re-exported)
+from ..trainer.heldout import heldout_batches
 
 log = logging.getLogger("archscale.eval")
 

@@ -192,7 +192,7 @@ def trim_jsonl(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------- held-out loss
 def held_out_loss(t) -> Optional[float]:
     """The held-out loss of the model now, on this data-parallel rank's share of the eval split's
-    first eval.num_batches global batches (evaluate.heldout_batches), reduced over all ranks
+    first eval.num_batches global batches (heldout.heldout_batches), reduced over all ranks
     (None: no eval split)."""
     if t.prepared.eval is None:
         return None

@@ -1,6 +1,6 @@
 """The held-out batches: what the trainer's held-out loss and `archscale eval`'s score (this rank's
 rows of the eval split's first global batches, as micro-batches). Below both, so the trainer
-does not import evaluation (train/eval/evaluate.py re-exports it).
+does not import evaluation.
 """
 from __future__ import annotations
 

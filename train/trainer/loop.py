@@ -26,8 +26,7 @@ from . import checkpointing as ckpt
 from ..engine import runtime as eng
 from .. import registry
 from ..atomic import atomic_path
-from .callbacks import PEAK_FLOPS, SAVE_DELAY_ENV, Signals, peak_flops  # noqa: F401  (public names of the loop)
-from .callbacks import Callback, default_callbacks
+from .callbacks import Callback, Signals, default_callbacks
 from ..config import ConfigError, Derived, RunConfig, config_to_yaml, derive
 
 log = logging.getLogger("archscale.train")

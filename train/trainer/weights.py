@@ -1,8 +1,7 @@
 """A checkpoint's weights, read back: the step directory to read (checkpoint_dir), the fp32
 weights of a DeepSpeed checkpoint (engine_weights), loading them into a model (load_weights)
 and the model a checkpoint describes (load_model). Shared by the trainer (init.from_checkpoint),
-evaluation, the lm-eval adapter and `archscale export` / `analyze`, so it sits below all of them
-(train/commands/export.py re-exports the names).
+evaluation, the lm-eval adapter and `archscale export` / `analyze`, so it sits below all of them.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ skipped unless optim.allow_flat_adafactor=true: the config refuses them too."""
 
 def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str], str]]:
     """(description, overrides, kind) for each single change of FIX_ORDER that applies to `cfg`."""
-    from ...engine.ds_config import resolve_parallel
+    from ...config.presets import resolve_parallel
 
     p = cfg.parallel
     par = resolve_parallel(p, bf16_supported=True)

@@ -51,7 +51,7 @@ def _resolve(cfg, gpus: int, vocab: Optional[int]) -> _Run:
     config that cannot run at all."""
     from ... import registry
     from ...config import ConfigError, derive
-    from ...engine.ds_config import load_preset
+    from ...config.presets import load_preset
 
     spec = registry.get(cfg.model.arch)
     model_config = spec.make_config(cfg.model, vocab)
