@@ -230,16 +230,44 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out loss during training."""
+    """Held-out loss and the common yardstick during training (docs/evaluation.md)."""
 
     every_n_steps: int = 500
-    """Compute the held-out loss every this many steps (and at the end); 0 = only at the end."""
+    """Compute the held-out loss (and the yardstick) every this many steps (and at the end); 0 = only at the end."""
     num_batches: int = 10
-    """Held-out micro-batches per evaluation (per data-parallel rank)."""
+    """Held-out micro-batches per evaluation (per data-parallel rank), for the loss on the run's own objective."""
+    yardstick: bool = True
+    """Also score the common yardstick at every evaluation: continuation loss (nats per target token, bits
+    per byte) and zero-shot continuation choice on windows of the held-out split, the same for every cell."""
+    windows: int = 64
+    """Yardstick windows: consecutive windows of `window_tokens` tokens cut from the held-out documents
+    (taken round-robin over the documents, in file order), at most this many."""
+    window_tokens: int = 128
+    """Tokens per yardstick window (prefix + continuation). Documents shorter than this give no window."""
+    prefix_fractions: list[float] = field(default_factory=lambda: [0.5])
+    """Where each window is cut: the prefix is this fraction of its tokens (0 = no prefix; < 1), the
+    continuation the rest. The zero-shot choice cuts at the first fraction."""
+    choices: int = 4
+    """Zero-shot continuation choice: the true continuation among this many (the others are the
+    continuations of windows from other held-out documents); chance is 1 / choices. 0 = off."""
+    task_files: list[str] = field(default_factory=list)
+    """Prompted task files (answer_choices + label, docs/data.md) also scored zero-shot at every evaluation."""
+    score_batch_size: int = 32
+    """Rows per forward pass when scoring the yardstick."""
 
     def check(self) -> None:
         if self.every_n_steps < 0 or self.num_batches < 1:
             raise ConfigError("eval.every_n_steps must be >= 0 and eval.num_batches >= 1")
+        for name, low in (("windows", 1), ("window_tokens", 2), ("score_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= {low}")
+        if self.choices == 1 or self.choices < 0:
+            raise ConfigError(f"eval.choices={self.choices} must be 0 (off) or >= 2 (the true continuation and others)")
+        if not self.prefix_fractions or not all(0 <= f < 1 for f in self.prefix_fractions):
+            raise ConfigError(f"eval.prefix_fractions={self.prefix_fractions} must be one or more fractions in [0, 1), "
+                              f"e.g. [0.5]")
+        if len(set(self.prefix_fractions)) != len(self.prefix_fractions):
+            raise ConfigError(f"eval.prefix_fractions={self.prefix_fractions} repeats a fraction; give each once")
 
 
 @dataclass

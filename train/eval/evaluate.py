@@ -39,161 +39,18 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..trainer import checkpointing as ckpt
 from ..trainer.heldout import heldout_batches
+from .scoring import Scorer
+from .tasks import aggregate, rank_classify, read_task_file  # noqa: F401  (importable from here too)
 
 log = logging.getLogger("archscale.eval")
-
-
-# ============================================================================ log-likelihoods
-@dataclass(frozen=True)
-class LogLikelihood:
-    """The score of one continuation: sum of log-probabilities, its token count, and whether
-    greedy decoding would have produced exactly these tokens."""
-
-    sum: float
-    tokens: int
-    greedy: bool
-
-    @property
-    def mean(self) -> float:
-        return self.sum / max(self.tokens, 1)
-
-
-class Scorer:
-    """Log-likelihoods of continuations given contexts (token ids) for a CD, ND or ED model.
-
-    `loglikelihoods([(context_ids, continuation_ids), ...])` -> [LogLikelihood]. Requests are
-    sorted by length and batched (right padding: padding is its own segment through
-    `attention_mask`, so it changes no real token's output). `max_length`: decoder rows
-    (context + continuation - 1 tokens: the last token is predicted, never read) / encoder inputs
-    longer than this keep the end of the context (None = no limit).
-    """
-
-    def __init__(self, model, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
-                 pad_id: int = 0):
-        self.model = model.eval()
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.eos_id, self.pad_id = eos_id, pad_id
-        from .. import registry
-
-        self.arch = registry.get(model.config.arch)  # how its architecture lays out a scored request
-        self.device = next(model.parameters()).device
-
-    def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[LogLikelihood]:
-        import torch
-
-        reqs = [(list(c) or [self.eos_id], list(t)) for c, t in requests]
-        for i, (_, t) in enumerate(reqs):
-            if not t:
-                raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
-        order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i][0]) + len(reqs[i][1])))
-        out: list[Optional[LogLikelihood]] = [None] * len(reqs)
-        with torch.no_grad():
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                batch = [reqs[i] for i in idx]
-                scores = self.arch.score_continuations(self, batch)
-                for i, sc in zip(idx, scores):
-                    out[i] = sc
-        return out  # type: ignore[return-value]
-
-    def truncate(self, ctx: list[int], room: Optional[int]) -> list[int]:
-        """`ctx` cut to its last `room` tokens (None = no limit)."""
-        if room is None or len(ctx) <= room:
-            return ctx
-        if room < 1:
-            raise ValueError(f"the continuation leaves no room for context in max_length={self.max_length}; "
-                             f"raise max_length or score a shorter continuation")
-        return ctx[len(ctx) - room:]  # keep the end of the prompt (the question)
-
-    @staticmethod
-    def score(logits, tgt: list[int]) -> LogLikelihood:
-        """logits (n, V): row j predicts tgt[j]."""
-        import torch
-
-        t = torch.tensor(tgt, device=logits.device)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-        token_lp = logp.gather(-1, t[:, None])[:, 0]  # (n,)
-        return LogLikelihood(float(token_lp.sum()), len(tgt), bool((logits.argmax(-1) == t).all()))
-
-
-# ============================================================================ rank classification
-def read_task_file(path: str | Path, limit: int = 0) -> list[dict]:
-    """Validated prompted records with answer choices (train.data.multitask format), each with
-    `task` (default: the file's stem) and `dataset` (see the module docstring).
-
-    Errors name `file:line` (a label outside its choices, no choices, bad JSON, ...)."""
-    from ..data.multitask import read_records
-
-    path = Path(path)
-    records = read_records([str(path)])  # validates every line; errors say file:line
-    numbered = [(i + 1, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
-    out = []
-    for rec, (lineno, line) in zip(records, numbered):
-        r = json.loads(line)  # the raw record: its optional `dataset` key
-        if not rec["answer_choices"] or rec["label"] < 0:
-            missing = "no choices" if not rec["answer_choices"] else "no label"
-            raise ValueError(f"{path}:{lineno}: rank classification needs 'answer_choices' and a 'label' (the index "
-                             f"of the correct choice); this record has {missing}")
-        task = rec["task"] or path.stem
-        dataset = r.get("dataset")
-        if dataset is not None and (not isinstance(dataset, str) or not dataset):
-            raise ValueError(f"{path}:{lineno}: 'dataset' must be a non-empty string, got {dataset!r}")
-        out.append({**rec, "task": task, "dataset": dataset or task.split("/", 1)[0]})
-        if limit and len(out) >= limit:
-            break
-    return out
-
-
-def rank_classify(scorer: Scorer, tokenizer, records: list[dict]) -> list[dict]:
-    """Per record: {task, dataset, label, pred, pred_norm, scores: [[sum, tokens], ...]}."""
-    from ..data.multitask import rank_classification_examples
-
-    examples = [rank_classification_examples(r, tokenizer) for r in records]
-    requests = [(ex["input_ids"], ch) for ex in examples for ch in ex["choices"]]
-    scores = scorer.loglikelihoods(requests)
-    out, k = [], 0
-    for rec, ex in zip(records, examples):
-        s = scores[k:k + len(ex["choices"])]
-        k += len(ex["choices"])
-        out.append({"task": rec["task"], "dataset": rec["dataset"], "label": ex["label"],
-                    "pred": max(range(len(s)), key=lambda i: s[i].sum),
-                    "pred_norm": max(range(len(s)), key=lambda i: s[i].mean),
-                    "scores": [[x.sum, x.tokens] for x in s]})
-    return out
-
-
-def aggregate(predictions: list[dict]) -> dict:
-    """Accuracy per task; median over a dataset's prompts; mean over datasets (the reference's
-    reporting). Returns {"tasks": {...}, "datasets": {...}, "mean": {"acc", "acc_norm"}}."""
-    tasks: dict[str, dict] = {}
-    for p in predictions:
-        t = tasks.setdefault(p["task"], {"dataset": p["dataset"], "n": 0, "correct": 0, "correct_norm": 0})
-        if t["dataset"] != p["dataset"]:
-            raise ValueError(f"task {p['task']!r} belongs to two datasets ({t['dataset']!r}, {p['dataset']!r}); "
-                             f"give each prompt one dataset")
-        t["n"] += 1
-        t["correct"] += int(p["pred"] == p["label"])
-        t["correct_norm"] += int(p["pred_norm"] == p["label"])
-    for t in tasks.values():
-        t["acc"], t["acc_norm"] = t.pop("correct") / t["n"], t.pop("correct_norm") / t["n"]
-    datasets: dict[str, dict] = {}
-    for name, t in sorted(tasks.items()):
-        datasets.setdefault(t["dataset"], {"prompts": []})["prompts"].append(name)
-    for d in datasets.values():
-        for m in ("acc", "acc_norm"):
-            d[m] = statistics.median(tasks[p][m] for p in d["prompts"])
-    mean = {m: (statistics.fmean(d[m] for d in datasets.values()) if datasets else None) for m in ("acc", "acc_norm")}
-    return {"tasks": tasks, "datasets": datasets, "mean": mean}
 
 
 # ============================================================================ held-out loss

@@ -42,7 +42,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("train.eval.lm_eval_adapter needs lm-eval: pip install -e .[eval] (or pip install lm-eval)") from e
 
-from .evaluate import Scorer
+from .scoring import Scorer
 
 NAME = "archscale"
 

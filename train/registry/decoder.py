@@ -45,6 +45,11 @@ class DecoderSpec(ArchSpec):
         return [scorer.score(logits[b, p - 1:p - 1 + len(tgt)], tgt)
                 for b, ((_, tgt), p) in enumerate(zip(batch, prefix))]
 
+    @property
+    def reads_context_causally(self) -> bool:
+        """CD: the context is read causally, like the continuation."""
+        return not self.bidirectional_prefix
+
     def generated_tokens(self, generated, context_length: int):
         """The new tokens of `model.generate`'s first row: a decoder returns the context too."""
         return generated[0, context_length:]

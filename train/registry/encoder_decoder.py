@@ -21,23 +21,30 @@ class EncoderDecoderSpec(ArchSpec):
 
     def score_continuations(self, scorer, batch) -> list:
         """The context to the encoder (its end kept at max_length), the continuation to the decoder
-        after the decoder start token; logits aligned with the continuation."""
+        after the decoder start token; logits aligned with the continuation. Each distinct context
+        of the batch is encoded once (the choices of one prompt share its encoder pass)."""
         import torch
 
-        ctxs = [scorer.truncate(ctx, scorer.max_length) for ctx, _ in batch]
+        ctxs = [tuple(scorer.truncate(ctx, scorer.max_length)) for ctx, _ in batch]
+        unique = list(dict.fromkeys(ctxs))
+        which = torch.tensor([unique.index(c) for c in ctxs])
         tgts = [tgt for _, tgt in batch]
-        B, Ti, To = len(batch), max(map(len, ctxs)), max(map(len, tgts))
+        Ti, To = max(map(len, unique)), max(map(len, tgts))
         start = scorer.model.config.decoder_start_token_id
-        enc = torch.full((B, Ti), scorer.pad_id, dtype=torch.long)
-        enc_mask = torch.zeros((B, Ti), dtype=torch.long)
-        dec = torch.full((B, To), scorer.pad_id, dtype=torch.long)
-        for b, (c, t) in enumerate(zip(ctxs, tgts)):
-            enc[b, :len(c)] = torch.tensor(c)
-            enc_mask[b, :len(c)] = 1
+        enc = torch.full((len(unique), Ti), scorer.pad_id, dtype=torch.long)
+        enc_mask = torch.zeros((len(unique), Ti), dtype=torch.long)
+        for u, c in enumerate(unique):
+            enc[u, :len(c)] = torch.tensor(c)
+            enc_mask[u, :len(c)] = 1
+        dec = torch.full((len(batch), To), scorer.pad_id, dtype=torch.long)
+        for b, t in enumerate(tgts):
             dec[b, :len(t)] = torch.tensor([start] + t[:-1])
         dev = scorer.device
-        logits = scorer.model(input_ids=enc.to(dev), attention_mask=enc_mask.to(dev),
-                              decoder_input_ids=dec.to(dev)).logits  # (B, To, V), aligned with labels
+        model, mask = scorer.model, enc_mask.to(dev)
+        hidden = model.encoder(enc.to(dev), attention_mask=mask).last_hidden_state  # (U, Ti, D)
+        which = which.to(dev)
+        logits = model(encoder_outputs=(hidden[which],), attention_mask=mask[which],
+                       decoder_input_ids=dec.to(dev)).logits  # (B, To, V), aligned with labels
         return [scorer.score(logits[b, :len(t)], t) for b, t in enumerate(tgts)]
 
     def generated_tokens(self, generated, context_length: int):

@@ -81,10 +81,17 @@ class ArchSpec:
 
     # ---------------------------------------------------------------- family: evaluation
     def score_continuations(self, scorer, batch) -> list:
-        """family: evaluate.LogLikelihood of each (context ids, continuation ids) in `batch`, laid
-        out as this architecture reads a prompt (`scorer`: an evaluate.Scorer, for its model,
+        """family: eval.scoring.LogLikelihood of each (context ids, continuation ids) in `batch`, laid
+        out as this architecture reads a prompt (`scorer`: an eval.scoring.Scorer, for its model,
         device, pad id, max_length, truncate and score)."""
         raise NotImplementedError
+
+    @property
+    def reads_context_causally(self) -> bool:
+        """Whether a continuation's log-likelihoods do not depend on where its context ends (a
+        causal reading of the whole row): then one forward pass over a window scores every cut
+        point of it (the yardstick, train/eval/yardstick.py)."""
+        return False
 
     def generated_tokens(self, generated, context_length: int):
         """family: the new tokens of `model.generate(...)`'s first row."""

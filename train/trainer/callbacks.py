@@ -209,10 +209,18 @@ def held_out_loss(t) -> Optional[float]:
 
 
 class EvalCallback(Callback):
-    """The held-out loss every eval.every_n_steps steps (the last step's is FinishCallback's)."""
+    """The held-out loss, and the common yardstick (eval.yardstick), every eval.every_n_steps
+    steps (the last step's is FinishCallback's). Before the first step, RUN/heldout.json records
+    the held-out split and the yardstick's windows."""
 
     def __init__(self, metrics: MetricsCallback):
         self.metrics = metrics
+        self.yardstick = None  # (Yardstick, task records), built before the first step
+
+    def pre_train(self, t) -> None:
+        from .yardstick import prepare_yardstick
+
+        self.yardstick = prepare_yardstick(t)
 
     def post_step(self, t) -> None:
         every = t.cfg.eval.every_n_steps
@@ -220,9 +228,16 @@ class EvalCallback(Callback):
             self.evaluate(t)
 
     def evaluate(self, t) -> Optional[float]:
+        from .yardstick import score_now
+
         ev = held_out_loss(t)
         t.result.eval_losses.append((t.step, t.tokens_seen, t.flops, ev))
-        self.metrics.log({"step": t.step, "eval_loss": ev, "tokens_seen": t.tokens_seen, "flops": t.flops})
+        ys, flat = score_now(t, self.yardstick)
+        if ys is not None:
+            t.result.yardstick = ys
+            t.result.yardsticks.append({"step": t.step, "tokens_seen": t.tokens_seen,
+                                        "target_tokens": t.target_tokens, "flops": t.flops, **flat})
+        self.metrics.log({"step": t.step, "eval_loss": ev, "tokens_seen": t.tokens_seen, "flops": t.flops, **flat})
         return ev
 
 

@@ -51,6 +51,8 @@ class RunResult:
     planned_flops_per_step: float = 0.0  # registry.step_flops: what --dry-run, plan and compare print
     losses: list = field(default_factory=list)  # (step, train loss)
     eval_losses: list = field(default_factory=list)  # (step, tokens seen, flops, held-out loss)
+    yardstick: Optional[dict] = None  # the last evaluation's common yardstick (train/eval/yardstick.py)
+    yardsticks: list = field(default_factory=list)  # {step, tokens_seen, target_tokens, flops, yardstick_nats, ...}
 
 
 def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> Derived:
