@@ -45,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import ConfigError
 from ..trainer import checkpointing as ckpt
 from ..trainer.heldout import heldout_batches
 from .scoring import Scorer
@@ -155,10 +156,35 @@ def select_checkpoints(run_dir: str | Path, steps: str = "25%,50%,100%") -> list
     return out
 
 
+def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overrides: Optional[dict] = None,
+                         batch_size: Optional[int] = None) -> dict:
+    """The common yardstick (train/eval/yardstick.py) of a loaded model on its run's held-out
+    split, or on the files `corpus` (all of their documents held out); `eval_overrides`: eval
+    section fields that replace the run's (windows, window_tokens, prefix_fractions, choices)."""
+    from ..data import prepare
+    from .yardstick import build_yardstick, evaluate_model
+
+    ev = replace(cfg.eval, **(eval_overrides or {}))
+    ev.check()
+    data = cfg.data
+    if corpus:
+        data = replace(data, source="files", format="auto", train_files=list(corpus), eval_files=list(corpus),
+                       eval_fraction=0.0)
+    prepared = prepare(data, None)
+    ys = build_yardstick(prepared, ev, data, tok)
+    if ys is None:
+        return {"skipped": "no held-out split of documents in the run's data; pass --corpus FILES"}
+    res = evaluate_model(model, ys, cfg.objective, tok, prepared.tokens, batch_size=batch_size or ev.score_batch_size)
+    res["split"] = ys.split
+    return res
+
+
 def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *, loss: bool = True,
                         loss_batches: Optional[int] = None, corpus: Sequence[str] = (), batch_size: int = 16,
-                        limit: int = 0, device: Optional[str] = None) -> dict:
-    """Held-out loss and rank classification of one checkpoint; the JSON `archscale eval` writes."""
+                        limit: int = 0, device: Optional[str] = None, yardstick: bool = True,
+                        eval_overrides: Optional[dict] = None) -> dict:
+    """Held-out loss, the common yardstick and rank classification of one checkpoint; the JSON
+    `archscale eval` writes."""
     import torch
 
     from .. import registry
@@ -180,6 +206,8 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
         result["heldout"] = heldout_loss(model, cfg, max_batches=loss_batches or cfg.eval.num_batches,
                                          global_batch_size=d.global_batch_size,
                                          micro_batch_size=cfg.parallel.micro_batch_size, corpus=corpus)
+    if yardstick:
+        result["yardstick"] = checkpoint_yardstick(model, tok, cfg, corpus, eval_overrides)
     if records:
         scorer = Scorer(model, batch_size=batch_size, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         preds = rank_classify(scorer, tok, records)
@@ -210,6 +238,13 @@ def evaluate_run(run_dir: str | Path, task_files: Sequence[str] = (), *, steps: 
 
 def summary_line(res: dict) -> str:
     parts = []
+    ys = res.get("yardstick") or {}
+    if "continuation" in ys:
+        c = ys["continuation"]
+        parts.append(f"yardstick {c['nats_per_token']:.4f} nats/token, {c['bits_per_byte']:.4f} bits/byte")
+        if ys.get("choice"):
+            ch = ys["choice"]
+            parts.append(f"continuation choice acc {ch['acc']:.3f} ± {ch['se']:.3f} (k={ch['k']}, n={ch['n']})")
     if res.get("heldout", {}).get("loss") is not None:
         parts.append(f"held-out loss {res['heldout']['loss']:.4f}")
     if "zero_shot" in res:
@@ -226,19 +261,31 @@ def main(argv=None) -> int:
                    help="prompted task files with answer_choices and label (docs/data.md)")
     p.add_argument("--steps", default="25%,50%,100%",
                    help="percentages of the planned steps (nearest complete checkpoint), steps, 'last' or 'all'")
-    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss on the run's own objective")
+    p.add_argument("--no-yardstick", action="store_true",
+                   help="skip the common yardstick (continuation loss and continuation choice, docs/evaluation.md)")
+    p.add_argument("--windows", type=int, default=None, help="yardstick windows (default: the run's eval.windows)")
+    p.add_argument("--window-tokens", type=int, default=None,
+                   help="tokens per yardstick window (default: the run's eval.window_tokens)")
+    p.add_argument("--prefix-fractions", type=float, nargs="+", default=None,
+                   help="where windows are cut (default: the run's eval.prefix_fractions)")
+    p.add_argument("--choices", type=int, default=None,
+                   help="continuations per zero-shot choice, 0 = off (default: the run's eval.choices)")
     p.add_argument("--loss-batches", type=int, default=None,
                    help="eval batches for the loss (default: the run's eval.num_batches)")
     p.add_argument("--corpus", nargs="*", default=[],
-                   help="held-out loss on these files instead of the run's eval split")
+                   help="held-out loss and yardstick on these files (all held out) instead of the run's eval split")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass when scoring choices")
     p.add_argument("--limit", type=int, default=0, help="first N records of each task file (smoke tests); 0 = all")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
+    overrides = {k: v for k, v in (("windows", a.windows), ("window_tokens", a.window_tokens),
+                                   ("prefix_fractions", a.prefix_fractions), ("choices", a.choices)) if v is not None}
     try:
         written = evaluate_run(a.run_dir, a.tasks, steps=a.steps, loss=not a.no_loss, loss_batches=a.loss_batches,
-                               corpus=a.corpus, batch_size=a.batch_size, limit=a.limit, device=a.device)
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+                               corpus=a.corpus, batch_size=a.batch_size, limit=a.limit, device=a.device,
+                               yardstick=not a.no_yardstick, eval_overrides=overrides)
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in written:

@@ -4,8 +4,11 @@ its 95% interval, and the binomial standard error of an accuracy. Pure Python, n
 **Paired by seed.** Seed i of every cell shares its data order (data.seed) and its init seed, so
 the difference of two cells is taken seed by seed, d_i = a_i - b_i, and its interval is the
 paired t interval mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n) (Student's t with n-1 degrees of
-freedom; n = the seeds both cells have). Two cells whose runs are identical give 0 ± 0. With one
-seed there is no interval (None): a single run cannot tell a difference from noise.
+freedom; n = the seeds both cells have), widened by the windows' sampling error where the
+per-window scores are known (both cells scored on the same windows): a metric measured on 64
+windows is itself uncertain, which the seeds alone do not show (two seeds can agree by chance
+on a discrete accuracy). Two cells whose runs are identical give 0 ± 0. With one seed there is
+no interval (None): a single run cannot tell a difference from noise.
 """
 from __future__ import annotations
 
@@ -70,15 +73,31 @@ class Difference:
         return f"{self.mean:+{fmt}} ± {self.half_width:{fmt}}  [{self.low:{fmt}}, {self.high:{fmt}}]"
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
-    """a_i - b_i over paired seeds (equal length), with the paired t 95% interval."""
+def paired_difference(a: Sequence[float], b: Sequence[float],
+                      window_se: Optional[Sequence[float]] = None) -> Difference:
+    """a_i - b_i over paired seeds (equal length), with the paired t 95% interval.
+
+    `window_se`: per seed, the standard error of that seed's difference from the finite set of
+    evaluation windows (`window_difference_se`); its mean square is added to the seeds' variance,
+    so the interval covers both the training noise (seeds) and the choice of windows:
+    mean(d) ± t(0.975, n-1) · sqrt(sd(d)² / n + mean(se²) / n). Identical runs give 0 ± 0."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired samples need the same, non-zero number of seeds; got {len(a)} and {len(b)}")
     d = [float(x) - float(y) for x, y in zip(a, b)]
     m, sd = mean_std(d)
     if len(d) == 1:
         return Difference(m, None, 1)
-    return Difference(m, t975(len(d) - 1) * sd / math.sqrt(len(d)), len(d))
+    extra = math.fsum(float(s) ** 2 for s in window_se) / len(window_se) if window_se else 0.0
+    return Difference(m, t975(len(d) - 1) * math.sqrt((sd ** 2 + extra) / len(d)), len(d))
+
+
+def window_difference_se(a: Sequence[float], b: Sequence[float], scale: float = 1.0) -> float:
+    """The standard error of mean_w(a_w - b_w) * scale over paired windows w (the same windows
+    scored by two models; 0 for identical scores): sd_w(a_w - b_w) / sqrt(n) * scale."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired windows need the same, non-zero number of windows; got {len(a)} and {len(b)}")
+    _, sd = mean_std([float(x) - float(y) for x, y in zip(a, b)])
+    return sd / math.sqrt(len(a)) * abs(scale)
 
 
 def binomial_se(correct: int, n: int) -> Optional[float]:

@@ -158,8 +158,13 @@ def score_yardstick(scorer, ys: Yardstick, objective, tokens) -> dict:
         by_fraction[str(ys.fractions[f])] = _loss(math.fsum(nll[f]), n_tok, n_bytes)
     total = _loss(math.fsum(map(math.fsum, nll)), sum(v["tokens"] for v in by_fraction.values()),
                   sum(v["bytes"] for v in by_fraction.values()))
-    return {"continuation": {**total, "by_fraction": by_fraction}, "choice": _choice(scorer, ys, objective, tokens),
-            "way": way, "fingerprint": ys.fingerprint, "windows": N, "seconds": round(time.perf_counter() - t0, 3)}
+    choice, correct = _choice(scorer, ys, objective, tokens)
+    per_window = {"nll": [math.fsum(nll[f][i] for f in range(len(ys.cuts))) for i in range(N)],
+                  "tokens": [sum(ys.tokens.shape[1] - c for c in ys.cuts)] * N,
+                  "bytes": [sum(ys.bytes[f][i] for f in range(len(ys.cuts))) for i in range(N)], "correct": correct}
+    return {"continuation": {**total, "by_fraction": by_fraction}, "choice": choice, "way": way,
+            "fingerprint": ys.fingerprint, "windows": N, "per_window": per_window,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _loss(nats: float, n_tokens: int, n_bytes: int) -> dict:
@@ -167,24 +172,24 @@ def _loss(nats: float, n_tokens: int, n_bytes: int) -> dict:
             "bytes": n_bytes}
 
 
-def _choice(scorer, ys: Yardstick, objective, tokens) -> Optional[dict]:
-    """Zero-shot continuation choice at the first cut point."""
+def _choice(scorer, ys: Yardstick, objective, tokens) -> tuple[Optional[dict], Optional[list[int]]]:
+    """Zero-shot continuation choice at the first cut point: (summary, 1/0 per window)."""
     from ..objectives.scoring import continuation_request
 
     if not ys.choices:
-        return None
+        return None, None
     c = ys.cuts[0]
     rows = ys.tokens.tolist()
     reqs = [continuation_request(objective, rows[i][:c], rows[j][c:], tokens)
             for i, (cands, _) in enumerate(ys.choices) for j in cands]
     got = scorer.loglikelihoods([(q.context, q.target) for q in reqs])
     k = len(ys.choices[0][0])
-    correct = 0
+    correct = []
     for i, (_, pos) in enumerate(ys.choices):
         scores = [math.fsum(g.token_logprobs[q.lead:]) for g, q in zip(got[i * k:(i + 1) * k], reqs[i * k:(i + 1) * k])]
-        correct += int(max(range(k), key=lambda m: scores[m]) == pos)
-    n = len(ys.choices)
-    return {"acc": correct / n, "se": binomial_se(correct, n), "n": n, "k": k, "chance": 1 / k}
+        correct.append(int(max(range(k), key=lambda m: scores[m]) == pos))
+    n, c = len(correct), sum(correct)
+    return {"acc": c / n, "se": binomial_se(c, n), "n": n, "k": k, "chance": 1 / k}, correct
 
 
 def flat_metrics(result: Optional[dict]) -> dict:

@@ -4,7 +4,8 @@ Before the first step, rank 0 writes RUN_DIR/heldout.json: how the held-out spli
 its documents, and the yardstick's windows (their fingerprint: cells with the same one were
 scored on the same tokens). At each evaluation every rank scores the same windows with its own
 copy of the model (ZeRO-3 gathers parameters in the forward, so every rank must run it), and the
-eval line of metrics.jsonl carries the headline numbers (`yardstick_nats`, `yardstick_bpb`,
+eval line of metrics.jsonl carries the headline numbers (RUN_DIR/yardstick.json the latest
+evaluation in full, per-window scores included) (`yardstick_nats`, `yardstick_bpb`,
 `zero_shot_acc`, `zero_shot_se`, and `tasks_acc` / `tasks_se` with eval.task_files).
 A pipeline run's stages hold parts of the model: its yardstick is `archscale eval` on its
 checkpoints.
@@ -17,6 +18,7 @@ from typing import Optional
 
 log = logging.getLogger("archscale.train")
 HELDOUT_FILE = "heldout.json"
+YARDSTICK_FILE = "yardstick.json"  # the latest evaluation's full result
 
 
 def heldout_record(prepared, data_cfg, ys=None, skipped: str = "") -> dict:
@@ -71,4 +73,9 @@ def score_now(t, prepared: Optional[tuple]) -> tuple[Optional[dict], dict]:
     ys, records = prepared
     res = evaluate_model(t.engine.module, ys, t.cfg.objective, t.prepared.tokenizer, t.prepared.tokens,
                          batch_size=t.cfg.eval.score_batch_size, task_records=records)
+    if t.dist.is_rank0:  # the latest evaluation in full (per-window scores: the intervals of a comparison)
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(t.layout.root / YARDSTICK_FILE, json.dumps({"step": t.step, "tokens_seen": t.tokens_seen,
+                                                                      "flops": t.flops, **res}) + "\n")
     return res, flat_metrics(res)
