@@ -203,10 +203,17 @@ def main(argv=None) -> int:
 
     colour = not a.plain and sys.stdout.isatty()
     if a.batch:
-        try:
-            batches = [torch.load(a.batch, map_location="cpu", weights_only=True)]
-        except (OSError, RuntimeError) as e:
-            print(f"error: cannot read the batch file {a.batch}: {e}", file=sys.stderr)
+        from ..trainer.checkpointing import CheckpointError
+        from ..trainer.integrity import safe_torch_load
+
+        try:  # weights only: a pickle that would run code is refused
+            batches = [safe_torch_load(a.batch, "batch file")]
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(batches[0], dict):
+            print(f"error: batch file {a.batch} holds a {type(batches[0]).__name__}, not a batch (a dict of "
+                  f"tensors as the trainer's non-finite dump writes it)", file=sys.stderr)
             return 2
         tok, _ = load_tokenizer(cfg.data)
     else:

@@ -30,8 +30,14 @@ def load_config_with_origins(path: Optional[str | Path] = None, overrides: Seque
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
-        text = Path(path).read_text()
         try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist: check the path (or give only a.b=c overrides)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
+            raise ConfigError(f"config file {path} cannot be read ({why}): give a YAML file of sections") from None
+        try:  # safe_load only: a !!python/... tag is refused, never constructed
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e

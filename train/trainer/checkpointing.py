@@ -26,12 +26,17 @@ The engine writer plugs DeepSpeed in, e.g.
 keeps DeepSpeed from writing its own ``latest`` file. Load with
 ``engine.load_checkpoint(step_dir, tag="engine")``.
 
+COMPLETE lists every file of the checkpoint and its size, so that train/trainer/integrity.py can
+refuse a shard truncated or deleted after the save. A save that runs out of disk space removes
+its ``.tmp`` and raises a one-line CheckpointError; the previous checkpoint stays ``latest``.
+
 torch and numpy are imported only by the RNG functions.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -52,6 +57,10 @@ TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^step-(\d+)\.(tmp|old)$")
+# Test hook: with ARCHSCALE_TEST_SAVE_PAUSE=S, save_checkpoint sleeps S seconds after each of its
+# phases (tmp made, engine written, state written, COMPLETE written, renamed, latest replaced), so
+# a kill can land in any of them (bench/faults). Unset in real runs.
+SAVE_PAUSE_ENV = "ARCHSCALE_TEST_SAVE_PAUSE"
 
 
 class CheckpointError(RuntimeError):
@@ -163,10 +172,19 @@ class TrainerState:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read trainer state {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: corrupted trainer state (a JSON {type(data).__name__}, not an object); "
+                                  f"resume from another checkpoint (checkpoint.resume=PATH)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"{path}: unknown trainer-state keys {unknown}; known: {sorted(known)}")
+        defaults = cls()
+        for k, v in data.items():  # no field is a bool; a float field takes an int
+            want = type(getattr(defaults, k))
+            if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else want):
+                raise CheckpointError(f"{path}: corrupted trainer state: {k}={str(v)[:40]!r} is not a "
+                                      f"{want.__name__}; resume from another checkpoint (checkpoint.resume=PATH)")
         return cls(**data)
 
     def rng_state_for(self, rank: int) -> Optional[dict]:
@@ -265,24 +283,41 @@ def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
     3. rank 0: ``trainer_state.json`` (+ ``config.yaml``), then ``COMPLETE``, rename to ``step-N``,
        replace ``latest``, prune to ``keep_last``; barrier
     An exception anywhere before the rename leaves the previous checkpoint as ``latest`` and an
-    ignored ``.tmp`` directory (removed by the next save or prune). Returns the final path.
+    ignored ``.tmp`` directory (removed by the next save or prune); a full disk removes the
+    ``.tmp`` at once and raises a one-line CheckpointError. Returns the final path.
     """
     ckpt = Path(checkpoints_dir)
     name = step_dir_name(state.step)
     final, tmp = ckpt / name, ckpt / (name + TMP_SUFFIX)
+    try:
+        if is_rank0:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _pause()
+        barrier()
+        write_engine(tmp)
+        barrier()
+        _pause()
+        if is_rank0:
+            state.save(tmp / STATE_FILE)
+            if config_yaml is not None:
+                atomic_write_text(tmp / "config.yaml", config_yaml)
+            _pause()
+            marker = {"step": state.step, "time": time.time(), "files": _manifest(tmp)}
+            atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
+            _pause()
+    except Exception as e:
+        if _disk_full(e, ckpt):
+            if is_rank0:
+                shutil.rmtree(tmp, ignore_errors=True)  # never read; removed now to give the space back
+            prev = read_latest(ckpt)
+            raise CheckpointError(f"no space left on the device of {ckpt} while saving {name} (the save was removed; "
+                                  f"the newest checkpoint is still {prev.name if prev else 'none'}): free space or "
+                                  f"lower checkpoint.keep_last, then resume with the same command") from None
+        raise
     if is_rank0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    write_engine(tmp)
-    barrier()
-    if is_rank0:
-        state.save(tmp / STATE_FILE)
-        if config_yaml is not None:
-            atomic_write_text(tmp / "config.yaml", config_yaml)
-        atomic_write_text(tmp / COMPLETE, json.dumps({"step": state.step, "time": time.time()}) + "\n")
         if final.exists():  # saving a step again (e.g. at the end right after a periodic save)
             old = ckpt / (name + _OLD_SUFFIX)
             if old.exists():
@@ -293,11 +328,36 @@ def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
         else:
             os.rename(tmp, final)
         _fsync_dir(ckpt)
+        _pause()
         atomic_write_text(ckpt / LATEST, name + "\n")
+        _pause()
         if keep_last:
             prune_checkpoints(ckpt, keep_last, keep_every_n_steps, protect=(final,))
     barrier()
     return final
+
+
+def _manifest(step_dir: Path) -> dict[str, int]:
+    """Every file under `step_dir` (COMPLETE aside) and its size."""
+    return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def _pause() -> None:
+    if os.environ.get(SAVE_PAUSE_ENV):  # test hook: see SAVE_PAUSE_ENV
+        time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """An error of a write that ran out of space: ENOSPC, or torch.save's RuntimeError on a full disk."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(e) or "file write failed" in str(e):
+        return True
+    try:
+        return isinstance(e, RuntimeError) and shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
 
 
 def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, keep_every_n_steps: int = 0,

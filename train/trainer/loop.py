@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from . import checkpointing as ckpt
+from .integrity import RunLock, verify_checkpoint
 from ..engine import runtime as eng
 from .. import registry
 from ..atomic import atomic_path
@@ -79,19 +80,21 @@ def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional
 
     SIGTERM / SIGUSR1 handlers are installed first, so a signal during start-up (data
     preparation, model build, checkpoint load) stops the run cleanly before its first step
-    instead of killing the process."""
-    signals = Signals()
+    instead of killing the process. The run directory is locked (RUN/.lock) from the end of the
+    checks until the run returns: a second trainer on it is refused."""
+    signals, lock = Signals(), RunLock()
     try:
-        return _train(cfg, signals, max_steps_now=max_steps_now, desc=desc, fixed_batch=fixed_batch)
+        return _train(cfg, signals, lock, max_steps_now=max_steps_now, desc=desc, fixed_batch=fixed_batch)
     finally:
+        lock.release()
         signals.restore()
 
 
-def _train(cfg: RunConfig, signals: Signals, *, max_steps_now: Optional[int], desc: Optional[str],
+def _train(cfg: RunConfig, signals: Signals, lock: RunLock, *, max_steps_now: Optional[int], desc: Optional[str],
            fixed_batch: bool = False) -> RunResult:
     """Start up, then one `train_step` after another until `stop_at` or until a callback stops the
     run; the callbacks (train/trainer/callbacks.py) do everything around the steps, in their list's order."""
-    t = _start(cfg, max_steps_now=max_steps_now, fixed_batch=fixed_batch)
+    t = _start(cfg, lock, max_steps_now=max_steps_now, fixed_batch=fixed_batch)
     callbacks = default_callbacks(t, signals, desc)
     t.t_start, t.tok_start = time.perf_counter(), t.tokens_seen
     try:
@@ -179,7 +182,7 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- start-up
-def _start(cfg: RunConfig, *, max_steps_now: Optional[int], fixed_batch: bool) -> Trainer:
+def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed_batch: bool) -> Trainer:
     """Check the config, prepare the data, write the run files, build the model and the engine,
     load the init weights or resume: the Trainer of the first step."""
     from ..data import build_stream
@@ -189,7 +192,9 @@ def _start(cfg: RunConfig, *, max_steps_now: Optional[int], fixed_batch: bool) -
     arch = registry.get(cfg.model.arch)
     derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
     layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
-    resume_dir, state = _resume_point(cfg, derived)
+    resume_dir, state = _resume_point(cfg, derived)  # and the checkpoint's files verified
+    if dist.is_rank0:
+        lock.acquire(layout.root)  # the first write: nothing is written into a run directory in use
     torch.manual_seed(cfg.seed)
     prepared = _prepare_data(cfg, dist)
     vocab = registry.padded_vocab(prepared.tokens.vocab_size)
@@ -237,8 +242,11 @@ def _start(cfg: RunConfig, *, max_steps_now: Optional[int], fixed_batch: bool) -
 def _resume_point(cfg: RunConfig, derived: Derived) -> tuple[Optional[Path], Optional[ckpt.TrainerState]]:
     """The checkpoint to resume from (checkpoint.resume) and its trainer state, or (None, None)."""
     resume_dir = ckpt.find_resume_point(cfg.run_dir, cfg.checkpoint.resume, checkpoints_dir=cfg.checkpoint.dir)
+    if resume_dir is not None:
+        verify_checkpoint(resume_dir)  # truncated / deleted files, pickles beyond weights: refused here
     state = ckpt.TrainerState.load(resume_dir / ckpt.STATE_FILE) if resume_dir else None
     if state is not None:
+        _same_model(cfg, resume_dir, state)
         before = int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))
         if (before > 1) != (derived.pipeline_stages > 1):
             raise ConfigError(f"{resume_dir} was written with parallel.pipeline_stages={before}; this run has "
@@ -246,6 +254,21 @@ def _resume_point(cfg: RunConfig, derived: Derived) -> tuple[Optional[Path], Opt
                               f"unpipelined one by module. Resume with {'a' if before > 1 else 'no'} pipeline, or "
                               f"start a new run from it with init.from_checkpoint")
     return resume_dir, state
+
+
+def _same_model(cfg: RunConfig, resume_dir: Path, state: ckpt.TrainerState) -> None:
+    """A resume continues the run that saved the checkpoint: the same model (architecture, size,
+    model options) and objective; anything else is refused before any work."""
+    saved = state.config or {}
+    keys = [("model", "arch"), ("model", "size"), ("model", "overrides"), ("objective", "name")]
+    now = {"model": {"arch": cfg.model.arch, "size": cfg.model.size, "overrides": dict(cfg.model.overrides)},
+           "objective": {"name": cfg.objective.name}}
+    for sec, key in keys:
+        before = (saved.get(sec) or {}).get(key)
+        if before is not None and before != now[sec][key]:
+            raise ConfigError(f"{resume_dir} is a checkpoint of {sec}.{key}={before}; this run has {sec}.{key}="
+                              f"{now[sec][key]}: resume with the checkpoint's settings, train in another run_dir, "
+                              f"or start from it with init.from_checkpoint")
 
 
 def _prepare_data(cfg: RunConfig, dist):

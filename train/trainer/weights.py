@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpointing as ckpt
+from .integrity import safe_torch_load, verify_checkpoint
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
@@ -22,11 +23,10 @@ def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> di
     keys through train.engine.pipeline; ZeRO >= 1 partitions are gathered by DeepSpeed's zero_to_fp32; a
     ZeRO-0 checkpoint holds the whole module in mp_rank_00_model_states.pt.
     """
-    import torch
-
     engine_dir = Path(step_dir) / tag
     if not engine_dir.is_dir():
         raise ckpt.CheckpointError(f"{step_dir} has no {tag}/ directory: not a checkpoint of this trainer")
+    verify_checkpoint(step_dir)  # zero_to_fp32 and the layer files load with weights_only=False: checked first
     if any(engine_dir.glob("layer_*-model_states.pt")):
         if model_config is None:
             raise ValueError("a pipeline checkpoint needs the model config to name its layers")
@@ -37,7 +37,7 @@ def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> di
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag)
-    states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = safe_torch_load(engine_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
 
 
