@@ -91,6 +91,10 @@ def sbatch_lines(res: Resources, *, job_name: str, output: str, array: str | Non
     check_path(workdir, "working directory")
     opts.append(f"--chdir={workdir}")
     opts += list(res.sbatch_args)
+    for o in opts:  # a line break would end the #SBATCH comment: what follows would run as a command
+        if re.search(r"[\n\r\x00]", str(o)):
+            raise ValueError(f"sbatch option {str(o)!r} contains a line break or NUL, which would inject lines into "
+                             f"the batch script: remove it")
     return [f"#SBATCH {o}" for o in opts]
 
 
@@ -117,6 +121,9 @@ def render_job(command: list[str], run_dir: str | pathlib.Path, res: Resources =
     check_path(run_dir)
     lines = sbatch_lines(res, job_name=job_name or f"archscale-{run_dir.name}",
                          output=output or f"{run_dir}/slurm/job-%j.out", after=after)
+    bad = [k for k in (env or {}) if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k))]
+    if bad:
+        raise ValueError(f"environment variable name(s) {bad} are not shell identifiers (letters, digits, _): rename them")
     env_lines = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in (env or {}).items())
     return _fill((HERE / "job.sh.tmpl").read_text(), {
         "sbatch": "\n".join(lines), "run_dir": shlex.quote(str(run_dir)),
