@@ -99,6 +99,27 @@ def initialize(model, cfg, derived, ds_config: dict):
     return engine
 
 
+def untie_optimizer_steps(engine) -> int:
+    """Give every optimizer state its own `step` tensor; returns how many were shared.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3) puts one and the same `step` tensor
+    into the state of every flat parameter group; torch's AdamW increments it in place once
+    per group, so with two groups (decayed, not decayed) the step count, hence Adam's bias
+    correction, runs ahead twice as fast after the resume (seen: the weights 3.6% off the
+    uninterrupted run's after two steps). Call after load_checkpoint."""
+    opt = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    seen, shared = set(), 0
+    for st in (getattr(opt, "state", None) or {}).values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                st["step"] = step.clone()
+                shared += 1
+            seen.add(id(step))
+    return shared
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -339,6 +339,8 @@ def _resume(t: Trainer, resume_dir: Path, state: ckpt.TrainerState, universal: b
         eng.barrier()
         tag = "engine_universal"
     t.engine.load_checkpoint(str(resume_dir), tag=tag, load_module_strict=True)
+    if universal:
+        eng.untie_optimizer_steps(t.engine)  # DeepSpeed's ZeRO-3 universal load shares one step tensor
     t.stream.load_state_dict(state.data_position)
     t.step, t.tokens_seen, t.target_tokens, t.flops = state.step, state.tokens_seen, state.target_tokens, state.flops
     rng = state.rng_state_for(t.dist.rank) if state.world_size == t.dist.world_size else None
