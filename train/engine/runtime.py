@@ -94,6 +94,11 @@ def initialize(model, cfg, derived, ds_config: dict):
 
     optimizer = build_optimizer(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg.optim, derived)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule, derived.max_steps, cfg.optim)
+    # a pipeline engine built earlier in this process leaves its grid as DeepSpeed's global mpu;
+    # a plain engine would then read its model-parallel size and fail ('NoneType' ... get_model_parallel_rank)
+    from deepspeed.utils import groups
+
+    groups.mpu = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
