@@ -78,13 +78,13 @@ def runs(tmp_path_factory):
         teardown_distributed()  # a world of one: its port and variables must not reach the launch below
         os.environ.clear()
         os.environ.update(env)
-    out = {(c, "zero0"): work / "zero0" / c.replace(":", "-") for c in CELLS}
+    out = {(c, "zero0"): work / "zero0" / c.replace(":", "-") / "seed-0" for c in CELLS}
     spec = []
     for name in ("zero2", "pipe"):
         for c in CELLS:
             ov = _cell_overrides(c, work / name, work) + LAYOUTS[name][1]
             spec.append({"overrides": ov, "result": True})
-            out[(c, name)] = work / name / c.replace(":", "-")
+            out[(c, name)] = work / name / c.replace(":", "-") / "seed-0"
     launch_workers(work, spec)
     return out
 
@@ -100,7 +100,7 @@ CASES = [(c, lay) for lay in LAYOUTS for c in CELLS]
 
 @pytest.mark.parametrize("cell,layout", CASES, ids=[f"{c}-{lay}" for c, lay in CASES])
 def test_dry_run_plan_loop_and_compare_report_one_flops_per_step(cell, layout, runs, capsys):
-    from train.commands.compare import table
+    from train.commands.comparison import cell_table
     from train.commands.dryrun import describe
     from train.commands.plan import plan_config
 
@@ -121,10 +121,9 @@ def test_dry_run_plan_loop_and_compare_report_one_flops_per_step(cell, layout, r
     dry = float(m[2])
     planned = plan_config(cfg, gpus=world, vocab=vocab, fix=False)["time"]["flops_per_step"]
     result = json.loads((run_dir / "result.json").read_text())
-    row = table([result]).splitlines()[2].split()
-    head = table([result]).splitlines()[0]
-    assert "planned FLOPs/step" in head
-    compared = float(row[6])  # arch objective params tokens target FLOPs planned ...
+    lines = cell_table([{"name": cell.upper(), "runs": [{**result, "seed": 0}]}]).splitlines()
+    head, row = ([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[2]))
+    compared = float(row[head.index("planned FLOPs/step")])
 
     want = spec.step_flops(spec.make_config(cfg.model, vocab), cfg.objective, int(m[1]))
     assert want > 0

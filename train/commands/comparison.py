@@ -48,12 +48,14 @@ def _md(head: list[str], rows: list[list[str]]) -> str:
 
 def cell_table(cells: list[dict]) -> str:
     """One row per cell: seeds, size, every budget column, every yardstick metric (mean ± std)."""
-    head = ["cell", "seeds", "params", "FLOPs/token"] + [c for _, c, _ in BUDGET_COLUMNS] + [c for _, c, _, _ in METRICS]
+    head = ["cell", "seeds", "params", "FLOPs/token", "planned FLOPs/step"] + [c for _, c, _ in BUDGET_COLUMNS] + \
+        [c for _, c, _, _ in METRICS]
     rows = []
     for cell in cells:
         runs = cell["runs"]
         row = [cell["name"], str(len(runs)), _mean_std_text([r["params"] / 1e6 for r in runs], ".3f") + "M",
-               _mean_std_text([r["flops_per_token"] for r in runs if r.get("flops_per_token")], ".3g")]
+               _mean_std_text([r["flops_per_token"] for r in runs if r.get("flops_per_token")], ".3g"),
+               _mean_std_text(values(cell, "planned_flops_per_step"), ".4g")]
         row += [_mean_std_text(values(cell, k), f) for k, _, f in BUDGET_COLUMNS]
         for k, _, f, _ in METRICS:
             se = runs[0].get("zero_shot_se") if k == "zero_shot_acc" and len(runs) == 1 else None

@@ -26,8 +26,14 @@ budget is the one most runs share (the value with the most runs within 5% of it;
 smallest); a run whose total tokens seen (or total FLOPs) differ from it by more than 5% is
 flagged in the table (`tokens`, `FLOPs`) and on the page.
 
-Outputs in --out: report.json (every number), loss.png and zero_shot.png (against tokens seen and
-against FLOPs), report.html (self-contained: the table and the images embedded as base64).
+**The common yardstick** (report_page.py): runs are grouped into cells across seeds, and
+report.md + yardstick.png show the yardstick table with error bars, the pairwise differences with
+95% intervals, the curves against tokens and FLOPs, and the budget and parameter columns, each
+number naming its run directories; the same tables as `archscale compare` prints.
+
+Outputs in --out: report.json (every number), report.md and yardstick.png (the yardstick page),
+loss.png and zero_shot.png (against tokens seen and against FLOPs), report.html (self-contained:
+the tables and the images embedded as base64).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import argparse
 import base64
 import html
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -119,6 +126,21 @@ def _params(cfg_obj) -> Optional[int]:
         return None
 
 
+def _run_name(run_dir: Path) -> str:
+    """The run's name in tables: compare's LABEL/seed-I, else the directory's name."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed-\d+", run_dir.name) else run_dir.name
+
+
+def _flops_per_token(cfg_obj) -> Optional[float]:
+    """Planned training FLOPs per token (the registry's row_flops / tokens_per_row)."""
+    try:
+        from .compare.sizing import cell_facts
+
+        return cell_facts(cfg_obj)["flops_per_token"]
+    except Exception:  # as _params: the column shows "-"
+        return None
+
+
 def read_run(run_dir: str | Path) -> dict:
     """Everything the report shows about one run (see the module docstring)."""
     import yaml
@@ -159,7 +181,8 @@ def read_run(run_dir: str | Path) -> dict:
         heldout, heldout_from = last_eval_loss["heldout"]["loss"], "eval"
     zs = next((e for e in reversed(evals) if "zero_shot" in e), None)
     return {
-        "run_dir": str(run_dir), "name": run_dir.name, "arch": cfg.model.arch, "objective": cfg.objective.name,
+        "run_dir": str(run_dir), "name": _run_name(run_dir), "arch": cfg.model.arch, "objective": cfg.objective.name,
+        "seed": cfg.seed, "flops_per_token": _flops_per_token(cfg),
         "size": cfg.model.size, "params": params, "step": state.get("step", 0),
         "finished": (run_dir / "FINISHED").exists(), "init": config.get("init", {}).get("from_checkpoint"),
         "phases": phases, "own": own, "inherited": inherited,
@@ -306,8 +329,10 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def render_html(rows: list[dict], images: list[Path], ref: dict) -> str:
+def render_html(rows: list[dict], images: list[Path], ref: dict, yardstick: str = "") -> str:
     esc = html.escape
+    ys = (f"<h2>The common yardstick (mean ± std over seeds; pairwise 95% intervals)</h2><pre>{esc(yardstick)}</pre>"
+          if yardstick else "")
     head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
     body = "".join("<tr" + (' class="flag"' if r["flags"] else "") + ">" + "".join(f"<td>{esc(c)}</td>" for c in cells)
                    + "</tr>" for r, cells in zip(rows, table_rows(rows)))
@@ -344,6 +369,7 @@ run's checkpoint inherits that run's cost; the inherited part is in parentheses)
 each run's own objective, so it compares runs of the same objective only. Zero-shot accuracy is
 rank classification: accuracy per prompt, median over a dataset's prompts, mean over datasets.
 A * after the step marks an unfinished run.</p>
+{ys}
 {note}
 <table><tr>{head}</tr>{body}</table>
 {ds_table}
@@ -366,9 +392,20 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = plot(rows, out)
-    (out / "report.json").write_text(json.dumps({"reference": ref, "runs": rows}, indent=1) + "\n")
-    (out / "report.html").write_text(render_html(rows, images, ref))
-    return {"out": str(out), "rows": rows, "reference": ref, "images": [str(p) for p in images]}
+    from .comparison import cell_table, pair_table
+    from .report_page import cells_of, write_page
+
+    cells = cells_of(rows, {r["run_dir"]: r["seed"] for r in rows})
+    page, pair_rows, yardstick = None, [], ""
+    if cells:
+        page, png, pair_rows = write_page(cells, out, text_table(rows))
+        images.insert(0, png)
+        yardstick = cell_table(cells) + "\n\n" + pair_table(pair_rows)
+    (out / "report.json").write_text(json.dumps({"reference": ref, "runs": rows, "cells": cells, "pairs": pair_rows},
+                                                indent=1) + "\n")
+    (out / "report.html").write_text(render_html(rows, images, ref, yardstick))
+    return {"out": str(out), "rows": rows, "reference": ref, "images": [str(p) for p in images], "cells": cells,
+            "pairs": pair_rows, "page": str(page) if page else None, "yardstick": yardstick}
 
 
 def main(argv=None) -> int:
@@ -381,6 +418,8 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if res["yardstick"]:
+        print(res["yardstick"] + "\n")
     print(text_table(res["rows"]))
     for line in catch_up_lines(res["rows"]):
         print(line)
@@ -389,5 +428,5 @@ def main(argv=None) -> int:
         print(f"\nnot compute-matched (tokens seen / FLOPs more than {MATCH_TOLERANCE:.0%} from the budget most runs "
               f"share, {res['reference']['tokens_seen']:,} tokens / {res['reference']['flops']:.3g} FLOPs): "
               f"{', '.join(flagged)}")
-    print(f"\n{Path(res['out']) / 'report.html'}")
+    print(f"\n{Path(res['out']) / 'report.html'}" + (f"   {res['page']}" if res["page"] else ""))
     return 0
