@@ -111,10 +111,14 @@ def main_sweep(argv=None) -> int:
     p.add_argument("grid", help="sweep YAML: config, grid {key: [values]}, dir, overrides, concurrency, slurm {...}")
     p.add_argument("--after", metavar="JOBID", help="start only after this job succeeded (afterok)")
     p.add_argument("--dry-run", action="store_true", help="print the array script and the cells, submit nothing")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="runs per grid point (NAME/seed-K; seed and data.seed + K); default: the YAML's seeds, or 1")
     _resource_args(p)
     a = p.parse_args(argv)
     try:
         sweep = Sweep.from_yaml(a.grid)
+        if a.seeds is not None:
+            sweep.seeds = a.seeds
         sweep.resources = _resources(a, sweep.resources)
         sub = submit_sweep(sweep, after=a.after, dry_run=a.dry_run)
     except (SlurmError, ValueError, OSError) as e:

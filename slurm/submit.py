@@ -69,6 +69,7 @@ def check_config(config: str | None, overrides=(), *, run_dir=None,
         overrides.append(f"{RUN_DIR_KEY}={run_dir}")
     try:
         cfg = load_config(config, overrides)
+        cfg.data.check_training_source()  # a reference preset without its data: refused before queueing
         derive(cfg, resources.nodes * resources.ntasks_per_node, bf16_supported=resources.gpus_per_node > 0)
     except FileNotFoundError as e:
         raise SlurmError(f"{what}config file {e.filename or config} does not exist") from None
@@ -126,6 +127,7 @@ class Sweep:
     concurrency: int | None = None  # at most this many cells at once (--array=...%K)
     entry: list[str] | None = None  # replaces `-m train train` (tests: a stand-in trainer)
     name: str | None = None
+    seeds: int = 1  # runs per grid point: seed i adds i to `seed` (init) and `data.seed` (data order)
 
     @classmethod
     def from_yaml(cls, path) -> "Sweep":
@@ -135,7 +137,7 @@ class Sweep:
 
         path = pathlib.Path(path)
         d = yaml.safe_load(path.read_text()) or {}
-        known = {"config", "grid", "dir", "overrides", "concurrency", "slurm", "entry", "name"}
+        known = {"config", "grid", "dir", "overrides", "concurrency", "slurm", "entry", "name", "seeds"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SlurmError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -153,12 +155,14 @@ class Sweep:
             config = str((base / config).resolve())
         return cls(dir=(base / d.get("dir", f"runs/{name}")).absolute(), config=str(config),
                    grid=d["grid"], overrides=list(d.get("overrides") or []), resources=res,
-                   concurrency=d.get("concurrency"), entry=d.get("entry"), name=name)
+                   concurrency=d.get("concurrency"), entry=d.get("entry"), name=name, seeds=d.get("seeds", 1))
 
     def cells(self) -> list[dict]:
         """[{index, name, run_dir, overrides}] in a fixed order (the grid's key order)."""
         if not isinstance(self.grid, dict) or not self.grid:
             raise SlurmError("the grid must map override keys to lists of values")
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise SlurmError(f"seeds={self.seeds!r} must be an integer >= 1 (runs per grid point)")
         keys = list(self.grid)
         values = [v if isinstance(v, list) else [v] for v in self.grid.values()]
         cells, seen = [], set()
@@ -167,9 +171,26 @@ class Sweep:
             if name in seen:
                 name = f"{i:03d}-{name}"
             seen.add(name)
-            cells.append({"index": i, "name": name, "run_dir": str(self.dir / name),
-                          "overrides": [*self.overrides, *(f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo))]})
+            overrides = [*self.overrides, *(f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo))]
+            if self.seeds == 1:
+                cells.append({"index": len(cells), "name": name, "run_dir": str(self.dir / name), "overrides": overrides})
+                continue
+            seed, data_seed = _base_seeds(self.config, overrides)
+            for k in range(self.seeds):  # NAME/seed-K: `archscale report` groups them into one cell
+                cells.append({"index": len(cells), "name": f"{name}-seed-{k}", "run_dir": str(self.dir / name / f"seed-{k}"),
+                              "overrides": [*overrides, f"seed={seed + k}", f"data.seed={data_seed + k}"]})
         return cells
+
+
+def _base_seeds(config: str, overrides: list[str]) -> tuple[int, int]:
+    """(seed, data.seed) of a grid point's config: what seed 0 of `seeds` runs with."""
+    from train.config import ConfigError, load_config  # light (yaml and dataclasses)
+
+    try:
+        cfg = load_config(config, overrides)
+    except (ConfigError, ValueError, TypeError, OSError) as e:
+        raise SlurmError(f"seeds: cannot read the grid point's config: {' '.join(str(e).split())}") from None
+    return cfg.seed, cfg.data.seed
 
 
 def _label(key: str, value) -> str:

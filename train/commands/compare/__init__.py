@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cells import CELL_OBJECTIVES, Cell, CellError, load_grid, parse_cell, unique_labels  # noqa: F401
+from .cells import Cell, CellError, load_grid, parse_cell, unique_labels
 from .sizing import BUDGETS, MATCHES, Budget, BudgetError, cell_facts, match_depth, schedule_overrides
 
 DEFAULT_CELLS = ["cd:flm", "nd:plm", "ed:mlm"]
@@ -44,8 +44,10 @@ def mlm_lengths(total: int, noise_density: float = 0.15, mean_span: float = 3.0)
     return best
 
 
-def base_overrides(cell: Cell | str, args) -> list[str]:
-    """compare's settings for a cell (its lengths per objective), then --set, then the cell's own."""
+def base_overrides(cell: Cell | str, args, extra: list[str] = ()) -> list[str]:
+    """compare's settings for a cell (its lengths per objective), then `extra` (the budget's
+    schedule, the matched depth), then the grid's and --set overrides, then the cell's own: the
+    later wins, and the table shows what each cell ran."""
     cell = parse_cell(cell) if isinstance(cell, str) else cell
     out = [f"model.arch={cell.arch}", f"model.size={args.size}", f"objective.name={cell.objective}",
            f"objective.seq_length={args.seq_len}", f"parallel.micro_batch_size={args.micro_batch}",
@@ -58,16 +60,17 @@ def base_overrides(cell: Cell | str, args) -> list[str]:
         # decoders read rows of inputs + targets (the encoder-decoder ignores seq_length here)
         out[3] = f"objective.seq_length={inputs + targets}"
         out += [f"objective.inputs_length={inputs}", f"objective.targets_length={targets}"]
-    return out + list(getattr(args, "grid_set", [])) + list(args.set) + list(cell.overrides)
+    return out + list(extra) + list(getattr(args, "grid_set", [])) + list(args.set) + list(cell.overrides)
 
 
 def cell_overrides(cell: Cell | str, args, seed_index: int = 0, data_seed: int = 1234) -> list[str]:
     """Every override of one run of a cell: its settings, budget and seed, and its run directory."""
     cell = parse_cell(cell) if isinstance(cell, str) else cell
     budget = getattr(args, "budget_obj", None) or Budget("tokens-seen", args.tokens)
-    ov = base_overrides(cell, args) + list(getattr(args, "matched", {}).get(cell.label, []))
     schedule = getattr(args, "schedules", {}).get(cell.label)
-    ov += schedule if schedule is not None else schedule_overrides(budget, None)  # None: plan_cells did not run
+    if schedule is None:  # plan_cells did not run (a caller of this function alone): no probe needed
+        schedule = schedule_overrides(budget, None)
+    ov = base_overrides(cell, args, schedule + list(getattr(args, "matched", {}).get(cell.label, [])))
     return ov + [f"seed={args.seed + seed_index}", f"data.seed={data_seed + seed_index}",
                  f"run_dir={Path(args.out) / cell.label / f'seed-{seed_index}'}"]
 
@@ -129,7 +132,7 @@ def plan_cells(cells: list[Cell], args) -> None:
     from ...config import load_config
 
     args.matched, args.schedules = {}, {}
-    base = lambda c, extra=(): load_config(None, base_overrides(c, args) + list(extra))  # noqa: E731
+    base = lambda c, extra=(): load_config(None, base_overrides(c, args, list(extra)))  # noqa: E731
     if args.match:
         target = next((c for c in cells if args.match_to in (None, c.label, c.spec, f"{c.arch}:{c.objective}")), None)
         if target is None:

@@ -45,7 +45,8 @@ class Cell:
 
     def __post_init__(self) -> None:
         if not self.label:
-            extra = "-".join(re.sub(r"[^A-Za-z0-9.]+", "", o.split(".")[-1]) for o in self.overrides)
+            parts = (o.partition("=") for o in self.overrides)  # key=value -> last part of the key, the value
+            extra = "-".join(re.sub(r"[^A-Za-z0-9._]+", "", k.split(".")[-1] + v) for k, _, v in parts)
             self.label = f"{self.arch}-{self.objective}" + (f"-{extra}" if extra else "")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.label):
             raise CellError(f"cell label {self.label!r} must be letters, digits, '.', '_' or '-' (it names the run "

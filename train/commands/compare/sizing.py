@@ -55,17 +55,27 @@ def cell_facts(cfg) -> dict:
     """Parameters, planned FLOPs per step and per token, tokens per step of a cell's config (the
     registry's formulas on the model config with the tokenizer's vocabulary)."""
     from ... import registry
-    from ...config import derive
     from ...data.tokenizer import load_tokenizer
 
     arch = registry.get(cfg.model.arch)
     _, tokens = load_tokenizer(cfg.data)
     mc = arch.make_config(cfg.model, registry.padded_vocab(tokens.vocab_size))
     per_row = arch.tokens_per_row(cfg.objective)
-    d = derive(cfg, 1, tokens_per_sequence=per_row) if (cfg.schedule.max_steps or cfg.schedule.train_tokens) else None
-    gb = d.global_batch_size if d else cfg.parallel.micro_batch_size * cfg.parallel.gradient_accumulation_steps
+    gb = global_batch(cfg)
     return {"params": arch.num_params(mc), "flops_per_token": arch.row_flops(mc, cfg.objective) / per_row,
             "step_flops": arch.step_flops(mc, cfg.objective, gb), "tokens_per_step": per_row * gb}
+
+
+def global_batch(cfg) -> int:
+    """The cell's global batch in rows on one process (as compare trains it): derive's answer."""
+    import dataclasses
+
+    from ... import registry
+    from ...config import derive
+
+    if cfg.schedule.max_steps is None and cfg.schedule.train_tokens is None:  # derive needs a length; any will do
+        cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, max_steps=1))
+    return derive(cfg, 1, tokens_per_sequence=registry.get(cfg.model.arch).tokens_per_row(cfg.objective)).global_batch_size
 
 
 def target_tokens_per_step(cfg) -> float:
@@ -74,7 +84,7 @@ def target_tokens_per_step(cfg) -> float:
     from ...objectives import pop_counts
 
     prepared = prepare(cfg.data, cfg.objective)
-    gb = cfg.parallel.micro_batch_size * cfg.parallel.gradient_accumulation_steps
+    gb = global_batch(cfg)
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=gb, seed=cfg.data.seed,
                           data=cfg.data)
     counts = [pop_counts(next(stream))["num_target_tokens"] for _ in range(TARGET_PROBE_BATCHES)]

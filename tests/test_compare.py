@@ -1,0 +1,144 @@
+"""compare (issue 16): cells with their own settings, YAML grids, budgets, size matching, seeds,
+and the report page; sweep's seeds. The end-to-end run trains the same cell twice under two
+labels: identical runs must differ by exactly 0 ± 0 on every metric."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from train.commands.compare import cells as C
+from train.commands.compare import sizing
+from train.config import load_config
+
+
+def test_cells_parse_with_their_own_settings():
+    c = C.parse_cell("ed:mlm:model.overrides.n_layers=1,eval.prefix_fractions=[0.25,0.5]")
+    assert (c.arch, c.objective) == ("ed", "mlm")
+    assert c.overrides == ["model.overrides.n_layers=1", "eval.prefix_fractions=[0.25,0.5]"]
+    assert c.label == "ed-mlm-n_layers1-prefix_fractions0.250.5" and c.name.startswith("ED:MLM (")
+    assert C.parse_cell("CD:FLM").label == "cd-flm" and C.parse_cell("cd:flm").name == "CD:FLM"
+    for bad, match in [("cd", "ARCH:OBJECTIVE"), ("xx:flm", "ARCH:OBJECTIVE with ARCH"),
+                       ("ed:flm", "does not fit arch 'ed'"), ("cd:flm:model.size", "is not key=value"),
+                       ("cd:prompted", "OBJECTIVE in")]:
+        with pytest.raises(C.CellError, match=match):
+            C.parse_cell(bad)
+
+
+def test_grid_file(tmp_path):
+    g = tmp_path / "g.yaml"
+    g.write_text("cells:\n  - cd:flm\n  - {cell: ed:mlm, label: ed-half, set: {model.overrides.n_layers: 1}}\n"
+                 "set: [optim.lr=1e-3]\nmatch: params\n")
+    grid = C.load_grid(g)
+    assert [c.label for c in grid["cells"]] == ["cd-flm", "ed-half"]
+    assert grid["cells"][1].overrides == ["model.overrides.n_layers=1"] and grid["set"] == ["optim.lr=1e-3"]
+    assert grid["match"] == "params"
+    for text, match in [("cells: []\n", "non-empty `cells:`"), ("cells: [cd:flm]\nextra: 1\n", "unknown key"),
+                        ("cells: [{cell: cd:flm, sett: {}}]\n", "unknown key"), ("cells: [\n", "not valid YAML"),
+                        ("cells: [{cell: cd:flm, set: 3}]\n", "`set` must be")]:
+        g.write_text(text)
+        with pytest.raises(C.CellError, match=match):
+            C.load_grid(g)
+    with pytest.raises(C.CellError, match="same label"):
+        C.unique_labels([C.parse_cell("cd:flm"), C.parse_cell("cd:flm")])
+
+
+def test_budgets():
+    assert sizing.Budget.parse("flops=2e12") == sizing.Budget("flops", 2e12)
+    for bad, match in [("flops", "KIND=VALUE"), ("time=3", "KIND=VALUE"), ("steps=x", "not a number"),
+                       ("steps=-1", "positive")]:
+        with pytest.raises(sizing.BudgetError, match=match):
+            sizing.Budget.parse(bad)
+    cfg = load_config(None, ["model.size=debug", "objective.seq_length=64", "parallel.micro_batch_size=4"])
+    assert sizing.schedule_overrides(sizing.Budget("steps", 7), cfg)[0] == "schedule.max_steps=7"
+    step = sizing.cell_facts(cfg)["step_flops"]
+    assert sizing.schedule_overrides(sizing.Budget("flops", 10.4 * step), cfg)[0] == "schedule.max_steps=10"
+    # target tokens: FLM targets nearly every token, so steps ~ budget / tokens per step
+    over = sizing.schedule_overrides(sizing.Budget("target-tokens", 64 * 4 * 10), cfg)[0]
+    assert over in ("schedule.max_steps=10", "schedule.max_steps=11")
+
+
+def _args(**kw):
+    base = dict(out="runs/x", size="debug", seq_len=64, micro_batch=4, accumulation=1, lr=3e-3, eval_every=0,
+                eval_batches=1, checkpoint_every=100, seed=0, set=[], tokens=1000, budget=None, grid=None,
+                cells=None, match=None, match_to=None, seeds=1)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_match_sizes_the_encoder_decoder_to_the_decoder(kind):
+    from train.commands.compare import DEPTH_KEY, base_overrides, plan_cells, resolve_cells
+
+    args = _args(cells=["cd:flm:model.overrides.n_layers=4", "ed:mlm"], match=kind, match_to="cd:flm")
+    cells = resolve_cells(args)
+    plan_cells(cells, args)
+    (depth,) = args.matched["ed-mlm"]
+    n = int(depth.split("=")[1])
+    key = "params" if kind == "params" else "flops_per_token"
+    target = sizing.cell_facts(load_config(None, base_overrides(cells[0], args)))[key]
+    gap = lambda m: abs(sizing.cell_facts(load_config(None, base_overrides(cells[1], args, [f"{DEPTH_KEY}={m}"])))[key]  # noqa: E731
+                        - target)
+    assert all(gap(n) <= gap(m) for m in (n - 1, n + 1) if m >= 1)
+    assert "cd-flm-n_layers4" not in args.matched  # the named cell keeps its size
+
+
+def test_sweep_seeds(tmp_path):
+    from slurm.submit import Sweep
+
+    (tmp_path / "base.yaml").write_text("{}\n")
+    (tmp_path / "s.yaml").write_text("config: base.yaml\ngrid: {model.arch: [cd, nd]}\nseeds: 2\n")
+    cells = Sweep.from_yaml(tmp_path / "s.yaml").cells()
+    assert [Path(c["run_dir"]).relative_to(tmp_path / "runs" / "s").as_posix() for c in cells] == \
+        ["cd/seed-0", "cd/seed-1", "nd/seed-0", "nd/seed-1"]
+    assert cells[1]["overrides"][-2:] == ["seed=1", "data.seed=1235"]
+    (tmp_path / "s.yaml").write_text("config: base.yaml\ngrid: {model.arch: [cd]}\nseeds: 0\n")
+    from slurm.submit import SlurmError
+
+    with pytest.raises(SlurmError, match="seeds=0"):
+        Sweep.from_yaml(tmp_path / "s.yaml").cells()
+
+
+@pytest.mark.slow
+def test_compare_seeds_identical_cells_and_report(tmp_path, capsys):
+    """Two labels of the same cell, two seeds each: every pairwise difference is exactly 0 ± 0;
+    the table shows mean ± std, every budget column and the sizes; report groups the same runs
+    into the same cells and prints the same table."""
+    from test_trainer import _write_corpus
+    from train.commands.compare import main as compare_main
+    from train.commands.report import report
+    from train.engine.runtime import teardown_distributed
+
+    _write_corpus(tmp_path / "corpus")
+    data = ["data.source=files", f"data.train_files={json.dumps([str(tmp_path / 'corpus' / '*.txt')])}",
+            "data.tokenizer=builtin-bytes", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.2",
+            "logging.progress_bar=false", "checkpoint.keep_last=0", "eval.window_tokens=32", "eval.windows=8"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("cells:\n  - {cell: cd:flm, label: a}\n  - {cell: cd:flm, label: b}\n")
+    out = tmp_path / "out"
+    try:
+        rc = compare_main(["--out", str(out), "--grid", str(grid), "--seeds", "2", "--budget", "steps=3",
+                           "--seq-len", "64", "--micro-batch", "2", "--eval-every", "2", "--set", *data])
+    finally:
+        teardown_distributed()
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "steps = 3" in printed and "±" in printed and "planned FLOPs/step" in printed
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [len(c["runs"]) for c in doc["cells"]] == [2, 2]
+    seeds = doc["cells"][0]["runs"]
+    assert seeds[0]["yardstick_nats"] != seeds[1]["yardstick_nats"]  # seeds differ (init and data order)
+    assert len(seeds[0]["curve"]) == 2 and seeds[0]["step"] == 3
+    # the training is bitwise identical; the scoring forward's float32 reductions may differ in the last bits
+    assert doc["pairs"] and all(abs(p["mean"]) < 1e-6 and p["half_width"] < 1e-6 and not p["resolved"]
+                                for p in doc["pairs"])
+    assert [r["losses"] for r in doc["cells"][0]["runs"]] == [r["losses"] for r in doc["cells"][1]["runs"]]
+    assert (out / "curves.png").stat().st_size > 0
+    res = report([out], tmp_path / "report")
+    assert [c["label"] for c in res["cells"]] == ["a", "b"] and all(len(c["runs"]) == 2 for c in res["cells"])
+    assert all(p["half_width"] < 1e-6 for p in res["pairs"])
+    page = Path(res["page"]).read_text()
+    assert "CD:FLM (a)" in page and "yardstick.png" in page and str(out / "a" / "seed-1") in page
+    nats = {round(r["yardstick_nats"], 9) for c in res["cells"] for r in c["runs"]}
+    assert nats == {round(r["yardstick_nats"], 9) for c in doc["cells"] for r in c["runs"]}  # the same numbers
