@@ -83,8 +83,24 @@ class DataConfig:
     packing and span corruption overlap the step; checkpoints record the position of the batches
     trained on, not of those made ahead. 0 = off (batches made on demand in the training loop)."""
 
+    allow_embedded: bool = True
+    """Whether training may read the embedded corpus (source=embedded). The reference presets
+    (configs/reference_*.yaml) set false, so a run of them without its data is refused at start
+    (`check_training_source`) instead of training a multi-billion model on this installation's
+    own sources; true trains on it anyway (e.g. a rehearsal). Planning does not read data and
+    ignores it."""
+
     def __post_init__(self) -> None:
         self.validate()
+
+    def check_training_source(self) -> None:
+        """Refuse (ValueError, one line) to train on the embedded corpus where allow_embedded=false.
+        Called by the trainer's start-up check and by `archscale submit`, not by validate (plan and
+        inspect read configs without training on them)."""
+        if self.source == "embedded" and not self.allow_embedded:
+            raise ValueError("data.source=embedded with data.allow_embedded=false (a reference preset): set "
+                             "data.source=files data.train_files=[PATHS OR GLOBS] (the reference data is C4), or "
+                             "data.allow_embedded=true to train on the embedded corpus anyway")
 
     def validate(self) -> None:
         def choice(name, valid):
