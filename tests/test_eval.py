@@ -137,14 +137,14 @@ def test_rank_classification_is_right_on_a_learnt_task(arch, bytes_tok, tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     recs = read_task_file(path)
     assert {r["dataset"] for r in recs} == {"kind"}
-    model, loss = trained_model(arch, bytes_tok)
-    # a precondition only (the task is learnt); the behaviour is the margin and accuracy below. It
-    # was 0.05, which one CPU's numerics decided: CD reached 0.0546 after its steps on AMD EPYC (issue 20)
-    assert loss < 0.1
+    model, _ = trained_model(arch, bytes_tok)
+    # The behaviour, not the training loss: every record ranked right, by a margin. No loss
+    # threshold: one CPU's numerics decide where the loss lands (a 0.05 bound failed on AMD EPYC,
+    # CD 0.0546; issue 20). Measured there, seeds 0-3, 1 and 2 threads: the smallest margin of any
+    # record was 4.1 nats (ED), so 1 nat leaves room for other CPUs and still fails a coin flip.
     preds = rank_classify(Scorer(model, batch_size=5), bytes_tok, recs)
-    for p in preds:  # the margin is large, not a coin flip
-        (s0, _), (s1, _) = p["scores"]
-        assert (s0 - s1) * (1 if p["label"] == 0 else -1) > 0.5
+    margins = [(s0 - s1) * (1 if p["label"] == 0 else -1) for p in preds for (s0, _), (s1, _) in [p["scores"]]]
+    assert len(margins) == len(recs) and min(margins) > 1.0, margins
     res = aggregate(preds)
     assert res["mean"] == {"acc": 1.0, "acc_norm": 1.0}
     assert res["datasets"]["kind"]["prompts"] == ["kind/bare", "kind/is"]
