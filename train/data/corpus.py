@@ -96,6 +96,27 @@ def _find_bad_utf8(files: list[str]) -> str:
     return "a file is not valid UTF-8"
 
 
+def _find_bad_jsonl(files: list[str]) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object (a truncated last line, ...)."""
+    import json
+
+    for f in files:
+        try:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for i, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        ok = isinstance(json.loads(line), dict)
+                    except ValueError:
+                        ok = False
+                    if not ok:
+                        return f"{f!r} line {i} is not a JSON object (truncated or broken: {line.strip()[:40]!r})"
+        except OSError:
+            return None
+    return None
+
+
 def load_files(files: list[str], builder: str, cfg: DataConfig, what: str):
     """One `datasets.Dataset` from local files, with clear errors for the usual data problems."""
     import datasets
@@ -116,6 +137,9 @@ def load_files(files: list[str], builder: str, cfg: DataConfig, what: str):
         if isinstance(cause, UnicodeDecodeError):
             raise ValueError(f"data.{what}: {_find_bad_utf8(files)}; fix the file or set "
                              f"data.encoding_errors='replace'") from None
+        bad = _find_bad_jsonl(files) if builder == "json" else None
+        if bad:
+            raise ValueError(f"data.{what}: {bad}; fix or drop that line (one JSON object per line)") from None
         raise ValueError(f"data.{what}: datasets could not read {len(files)} {builder} file(s) "
                          f"(first {files[0]!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return ds

@@ -196,11 +196,18 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     arch = registry.get(cfg.model.arch)
     derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
     layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
+    for d in (layout.root, layout.checkpoints):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"{d} is a file, not a directory: choose another run_dir (or checkpoint.dir)")
     resume_dir, state = _resume_point(cfg, derived)  # and the checkpoint's files verified
-    if dist.is_rank0:
-        lock.acquire(layout.root)  # the first write: nothing is written into a run directory in use
+    if state is None and cfg.init.from_checkpoint:
+        init_source(cfg.init.from_checkpoint, arch)  # a bad init checkpoint: refused before any work
+    if dist.is_rank0 and layout.root.is_dir():
+        lock.acquire(layout.root)  # a run directory in use: refused before any work
     torch.manual_seed(cfg.seed)
-    prepared = _prepare_data(cfg, dist)
+    prepared = _prepare_data(cfg, dist)  # bad data: refused before the run directory is made
+    if dist.is_rank0 and lock.fd is None:
+        lock.acquire(layout.root)  # the first write: nothing is written into a run directory in use
     vocab = registry.padded_vocab(prepared.tokens.vocab_size)
 
     universal = state is not None and state.world_size != dist.world_size and (
@@ -279,11 +286,18 @@ def _prepare_data(cfg: RunConfig, dist):
     """Rank 0 prepares the data (tokenizes, caches) first; the others then hit the cache."""
     from ..data import prepare
 
+    def run():
+        try:
+            return prepare(cfg.data, cfg.objective)
+        except (FileNotFoundError, IsADirectoryError, ValueError) as e:  # UnicodeDecodeError too
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
+
     if dist.is_rank0:
-        prepared = prepare(cfg.data, cfg.objective)
+        prepared = run()
     eng.barrier()
     if not dist.is_rank0:
-        prepared = prepare(cfg.data, cfg.objective)
+        prepared = run()
     return prepared
 
 
@@ -299,20 +313,28 @@ def _init_weights(cfg: RunConfig, model, arch, dist, derived: Derived) -> tuple[
     return init_dir, init_info
 
 
+def init_source(path: str, arch: "registry.ArchSpec") -> tuple[Path, ckpt.TrainerState]:
+    """init.from_checkpoint's checkpoint and trainer state, verified and of a family this run's
+    architecture takes (a ConfigError / CheckpointError of one line otherwise; reads no weights)."""
+    step_dir = ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
+    verify_checkpoint(step_dir)
+    state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
+    src_arch = (state.config or {}).get("model", {}).get("arch")
+    if src_arch and not arch.accepts_weights_of(registry.get(src_arch)):
+        raise ConfigError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
+                          f"({registry.get(src_arch).family}); this run's architecture needs a {arch.family} checkpoint")
+    return step_dir, state
+
+
 def load_init_weights(model, path: str, arch: "registry.ArchSpec") -> tuple[Path, dict]:
     """init.from_checkpoint: weights only, from a checkpoint or run directory of another run.
     Returns the resolved checkpoint directory and what TrainerState.init records of it."""
     from .weights import load_weights
 
-    step_dir = ckpt.resolve_checkpoint(path, what="init.from_checkpoint")
-    state = ckpt.TrainerState.load(Path(step_dir) / ckpt.STATE_FILE)
-    src_arch = (state.config or {}).get("model", {}).get("arch")
-    if src_arch and not arch.accepts_weights_of(registry.get(src_arch)):
-        raise ValueError(f"init.from_checkpoint={path} is a {src_arch.upper()} checkpoint "
-                         f"({registry.get(src_arch).family}); this run's architecture needs a {arch.family} checkpoint")
+    step_dir, state = init_source(path, arch)
     missing, unexpected = load_weights(model, Path(step_dir))
     if missing or unexpected:
-        raise ValueError(f"init.from_checkpoint={path}: weights do not fit this model (missing {missing[:3]}, "
+        raise ConfigError(f"init.from_checkpoint={path}: weights do not fit this model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); use a checkpoint of the same size")
     step_dir = Path(step_dir).resolve()
     return step_dir, {"checkpoint": str(step_dir), "step": state.step, "tokens_seen": state.tokens_seen,

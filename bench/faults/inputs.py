@@ -1,0 +1,256 @@
+"""Bad inputs through the real CLI: each case is one subprocess of `archscale train` / `eval` /
+`inspect` / `export`, with the sha256 of every file of the run directory and of the inputs taken
+before and after. A case passes when the command exits non-zero with exactly one `error:` line on
+stderr that names the problem (the case's expected words), no traceback, and no existing file
+changed or deleted (new files are reported too: none may appear either).
+
+Every case starts from a copy of one resumable run (ND:PLM, ZeRO-1, checkpoints at steps 2 and 4
+of 6, see `make_base`), so a case that the trainer failed to refuse would train into its copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .common import Row, diff_hashes, hashes, one_error_line, run_cli, run_overrides
+
+BASE_STEPS, CASE_STEPS = 4, 6
+LAST = f"checkpoints/step-{BASE_STEPS:08d}"
+
+
+def make_base(work: Path) -> Path:
+    """The run every case copies: 4 steps (checkpoints 2 and 4), FINISHED removed: resumable to 6."""
+    base = work / "inputs-base"
+    if not (base / LAST / "COMPLETE").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        p = run_cli(["train", *run_overrides(work, base, BASE_STEPS, every=2)], work)
+        if p.returncode:
+            raise RuntimeError(f"the base run failed: {p.stderr[-2000:]}")
+    (base / "FINISHED").unlink(missing_ok=True)
+    return base
+
+
+def _refresh_manifest(step_dir: Path) -> None:
+    """Rewrite COMPLETE's file list as an attacker who edits a checkpoint would (so the size check
+    passes and the check behind it is the one tested)."""
+    marker = json.loads((step_dir / "COMPLETE").read_text())
+    marker["files"] = {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
+                       if p.is_file() and p.name != "COMPLETE"}
+    (step_dir / "COMPLETE").write_text(json.dumps(marker) + "\n")
+
+
+def _evil_pickle(path: Path, marker: Path) -> None:
+    """A torch.save file whose unpickling would create `marker` (os.system)."""
+    code = ("import os, sys, torch\n"
+            "class Evil:\n"
+            "    def __reduce__(self):\n"
+            f"        return (os.system, ('touch {marker}',))\n"
+            f"torch.save({{'module': Evil(), 'input_ids': Evil()}}, {str(path)!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# A case: (name, expected words, build(work, run) -> (argv, extra inputs to hash)). `run` is the case's
+# copy of the base run; `args` are the case's train overrides (run_overrides of `run`).
+Case = tuple[str, str, Callable[[Path, Path], tuple[list[str], list[Path]]]]
+
+
+def _train(extra=(), *, config: Path | None = None) -> Callable:
+    """`archscale train [CONFIG] <the run's overrides> extra...`"""
+    def build(work: Path, run: Path):
+        args = ([str(config(work))] if callable(config) else []) + run_overrides(work, run, CASE_STEPS, every=2)
+        return ["train", *args, *extra], []
+    return build
+
+
+def _config(name: str, content: bytes | str) -> Callable[[Path], Path]:
+    def make(work: Path) -> Path:
+        p = work / "inputs" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            p.mkdir(exist_ok=True)
+        else:
+            p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return p
+    return make
+
+
+def _data(files: dict[str, bytes | str], pattern: str = "*") -> Callable:
+    """A fresh run (new run_dir) over data files written here: the data checks, not the resume."""
+    def build(work: Path, run: Path):
+        d = run.parent / (run.name + "-data")
+        d.mkdir(parents=True, exist_ok=True)
+        for n, c in files.items():
+            (d / n).write_bytes(c.encode() if isinstance(c, str) else c)
+        ov = [o for o in run_overrides(work, run / "fresh", CASE_STEPS, every=2) if not o.startswith("data.train_files")]
+        return ["train", *ov, f"data.train_files={json.dumps([str(d / pattern)])}",
+                f"data.cache_dir={run.parent / (run.name + '-cache')}"], [d]
+    return build
+
+
+def _ckpt(mutate: Callable[[Path, Path], None], extra=()) -> Callable:
+    """Damage the case's copy (mutate(run, step_dir of its last checkpoint)), then resume it."""
+    def build(work: Path, run: Path):
+        mutate(run, run / LAST)
+        return ["train", *run_overrides(work, run, CASE_STEPS, every=2), *extra], []
+    return build
+
+
+def _truncate(name: str, size: int = 1000):
+    return lambda run, step: os.truncate(step / name, size)
+
+
+def _state_wrong_type(run: Path, step: Path) -> None:
+    st = json.loads((step / "trainer_state.json").read_text())
+    st["step"] = "four"
+    (step / "trainer_state.json").write_text(json.dumps(st))
+    _refresh_manifest(step)
+
+
+def _evil_ckpt(run: Path, step: Path) -> None:
+    _evil_pickle(step / "engine" / "mp_rank_00_model_states.pt", run.parent / (run.name + "-PWNED"))
+    _refresh_manifest(step)
+
+
+def _lock_holder(run: Path) -> subprocess.Popen:
+    """Another process holding the run's lock (as a running trainer does)."""
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d (a test holder)' % os.getpid())\n"
+            "print('locked', flush=True); time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    return p
+
+
+def _eval(args: Callable[[Path, Path], list[str]]) -> Callable:
+    def build(work: Path, run: Path):
+        return ["eval", *args(work, run)], [work / "inputs"]
+    return build
+
+
+def _tasks(work: Path, name: str, text: str) -> str:
+    p = work / "inputs" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return str(p)
+
+
+GOOD_TASK = json.dumps({"input": "fine", "answer_choices": ["a", "b"], "label": 1})
+PAYLOAD = 'optim: !!python/object/apply:os.system ["touch /tmp/archscale-faults-PWNED"]\n'
+
+CASES: list[Case] = [
+    # the config file
+    ("yaml_syntax", "not valid YAML", _train(config=_config("syntax.yaml", "model: [cd\n  size: debug\n"))),
+    ("yaml_top_level_list", "expected a mapping", _train(config=_config("list.yaml", "- model\n- optim\n"))),
+    ("yaml_wrong_type", "seed", _train(config=_config("type.yaml", "seed: [1, 2]\n"))),
+    ("yaml_section_scalar", "optim", _train(config=_config("scalar.yaml", "optim: 3\n"))),
+    ("yaml_unknown_key", "lrr", _train(config=_config("unknown.yaml", "optim:\n  lrr: 0.1\n"))),
+    ("yaml_python_object", "constructor", _train(config=_config("payload.yaml", PAYLOAD))),
+    ("yaml_binary", "not UTF-8", _train(config=_config("binary.yaml", b"\xff\xfe\x00\x81garbage"))),
+    ("yaml_missing", "does not exist", _train(config=lambda w: w / "inputs" / "nope.yaml")),
+    ("yaml_is_a_directory", "cannot be read", _train(config=_config("dir.yaml", None))),
+    # overrides
+    ("override_unknown_key", "optim.lrr", _train(["optim.lrr=0.1"])),
+    ("override_without_equals", "bad override", _train(["optim.lr"])),
+    ("override_empty_key", "bad override", _train(["=3"])),
+    ("override_empty_part", "bad override", _train(["optim..lr=3"])),
+    ("override_python_tag", "optim.lr", _train(["optim.lr=!!python/object/apply:os.system [\"true\"]"])),
+    ("override_unknown_arch", "model.arch", _train(["model.arch=xd"])),
+    ("negative_max_steps", "max_steps", _train(["schedule.max_steps=-1"])),
+    ("zero_micro_batch", "micro_batch_size", _train(["parallel.micro_batch_size=0"])),
+    ("negative_seq_length", "seq_length", _train(["objective.seq_length=-64"])),
+    ("negative_lr", "optim.lr", _train(["optim.lr=-1"])),
+    ("batch_not_divisible", "global_batch_size", _train(["parallel.global_batch_size=5"])),
+    # data
+    ("data_matches_nothing", "matches no file", _data({}, "*.txt")),
+    ("data_empty_files", "empty", _data({"a.txt": "", "b.txt": ""})),
+    ("data_binary", "UTF-8", _data({"a.txt": bytes(range(256)) * 64})),
+    ("data_non_utf8", "UTF-8", _data({"a.txt": "caf\xe9 cr\xe8me br\xfbl\xe9e. ".encode("latin-1") * 200})),
+    ("data_jsonl_truncated", "line 2", _data({"a.jsonl": json.dumps({"text": "hello world " * 50}) + "\n{\"text\": \"hel"})),
+    ("data_jsonl_wrong_field", "text", _data({"a.jsonl": json.dumps({"body": "hello world " * 50}) + "\n"})),
+    ("data_jsonl_not_objects", "a.jsonl", _data({"a.jsonl": "[1, 2, 3]\n[4, 5]\n"})),
+    # checkpoints
+    ("shard_truncated", "truncated", _ckpt(_truncate("engine/mp_rank_00_model_states.pt"))),
+    ("optimizer_shard_truncated", "truncated", _ckpt(_truncate("engine/zero_pp_rank_0_mp_rank_00_optim_states.pt"))),
+    ("shard_deleted", "missing", _ckpt(lambda r, s: (s / "engine/zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink())),
+    ("engine_dir_deleted", "missing", _ckpt(lambda r, s: shutil.rmtree(s / "engine"))),
+    ("trainer_state_garbage", "trainer_state.json", _ckpt(lambda r, s: (s / "trainer_state.json").write_text("{\x00"))),
+    ("trainer_state_wrong_type", "step", _ckpt(_state_wrong_type)),
+    ("complete_marker_garbage", "COMPLETE", _ckpt(lambda r, s: (s / "COMPLETE").write_text("garbage{"))),
+    ("malicious_pickle_checkpoint", "refused", _ckpt(_evil_ckpt)),
+    ("checkpoint_of_another_arch", "model.arch=nd", _ckpt(lambda r, s: None, ["model.arch=cd"])),
+    ("checkpoint_of_another_objective", "objective.name=plm", _ckpt(lambda r, s: None, ["objective.name=mlm"])),
+    ("resume_a_tmp_dir", "incomplete", _ckpt(lambda r, s: shutil.copytree(s, Path(str(s) + "0.tmp")),
+                                            [f"checkpoint.resume=RUN/{LAST}0.tmp"])),
+    ("resume_missing_path", "no such path", _ckpt(lambda r, s: None, ["checkpoint.resume=/nonexistent/step-00000009"])),
+    ("init_from_another_family", "init.from_checkpoint", _train(
+        ["run_dir=RUN/child", "model.arch=ed", "objective.name=mlm", "objective.inputs_length=64",
+         "objective.targets_length=14", "init.from_checkpoint=RUN"])),
+    ("run_dir_in_use", "in use", _ckpt(lambda r, s: None)),  # the lock is held (see run_case)
+    ("run_dir_is_a_file", "run_dir", _train(["run_dir=RUN/config.yaml"])),
+    # the other commands
+    ("eval_tasks_missing", "nope.jsonl", _eval(lambda w, r: [str(r), "--tasks", str(w / "inputs" / "nope.jsonl")])),
+    ("eval_tasks_truncated", "t.jsonl:2", _eval(lambda w, r: [str(r), "--tasks", _tasks(w, "t.jsonl", GOOD_TASK + "\n{\"inp")])),
+    ("eval_no_checkpoint", "checkpoint", _eval(lambda w, r: [str(r / "tb-none"), "--tasks",
+                                                            _tasks(w, "ok.jsonl", GOOD_TASK + "\n")])),
+    ("inspect_malicious_batch", "refused", lambda w, r: (
+        ["inspect", *run_overrides(w, r, CASE_STEPS), "--batch", str(_batch(w, r))], [])),
+    ("export_truncated_checkpoint", "truncated", lambda w, r: (
+        (_truncate("engine/mp_rank_00_model_states.pt")(r, r / LAST), ["export", str(r)])[1], [])),
+]
+
+
+def _batch(work: Path, run: Path) -> Path:
+    p = run.parent / (run.name + "-batch.pt")
+    _evil_pickle(p, run.parent / (run.name + "-PWNED"))
+    return p
+
+
+def run_case(work: Path, base: Path, case: Case) -> tuple[bool, str]:
+    name, expect, build = case
+    run = work / "cases" / name
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base, run)
+    argv, inputs = build(work, run)
+    argv = [a.replace("RUN/", f"{run}/").replace("=RUN", f"={run}") for a in argv]
+    watched = [run, work / "corpus", *inputs] + [Path(a) for a in argv if os.path.isabs(a) and os.path.exists(a)]
+    before = hashes(watched)
+    holder = _lock_holder(run) if name == "run_dir_in_use" else None
+    try:
+        p = run_cli(argv, work, timeout=300)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    if holder is not None:  # the holder wrote its pid into .lock: that is the holder's write
+        before.pop(str(run / ".lock"), None)
+    why = one_error_line(p, expect)
+    after = hashes(watched)
+    if holder is not None:
+        after.pop(str(run / ".lock"), None)
+    changes = diff_hashes(before, after)
+    pwned = list(work.glob("cases/*-PWNED")) + [Path("/tmp/archscale-faults-PWNED")]
+    if any(x.exists() for x in pwned):
+        why = f"a pickle / YAML payload ran ({[str(x) for x in pwned if x.exists()]})"
+    if not why and changes:
+        why = f"files touched: {changes[:4]}"
+    line = next((l for l in p.stderr.splitlines() if l.startswith("error:")), "")
+    return not why, why or line
+
+
+def bad_inputs(work: Path, names: list[str] | None = None, log=print) -> Row:
+    row = Row("bad inputs: one line, exit != 0, nothing changed")
+    base = make_base(work)
+    for case in CASES:
+        if names and case[0] not in names:
+            continue
+        ok, msg = run_case(work, base, case)
+        row.case(case[0], ok, msg)
+        log(f"  {'ok  ' if ok else 'FAIL'} {case[0]}: {msg[:220]}")
+    row.notes = f"{row.tried} cases through the real CLI (train, eval, inspect, export), every file hashed"
+    return row

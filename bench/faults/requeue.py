@@ -1,0 +1,74 @@
+"""Slurm requeue by time limit, at least 3 times, on the project's local cluster
+(slurm/local_cluster.sh): the real trainer under `archscale submit`'s job script with `--time=2`
+and USR1 41 s before it. Each cut: the trainer saves at the next step and exits 0, the script
+requeues the job, the next start resumes. The job runs long enough to be cut `cuts` times; the
+final weights must equal those of the same run uninterrupted (run beside it, outside Slurm).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from .common import ROOT, Row, env, run_overrides, same_run
+
+SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _state(job_id: str):
+    from slurm import cluster
+
+    state = cluster.job_states([job_id]).get(job_id, (None,))[0]
+    word = state.split()[0].rstrip("+") if state else None
+    return word if word in ENDED else None
+
+
+def requeue_campaign(work: Path, cuts: int = 3, step_seconds: float = 0.25, log=print) -> Row:
+    row = Row(f"Slurm requeue by time limit >= {cuts} times, final weights equal")
+    up = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if up.returncode:
+        row.skipped = f"slurm/local_cluster.sh start failed: {(up.stderr or up.stdout).strip().splitlines()[-1:]}"
+        return row
+    conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout.strip()
+    os.environ["SLURM_CONF"] = conf.split("=", 1)[1]
+    import slurm
+    from slurm import Resources
+
+    # a cut every ~50-80 s of a 2-minute limit: (cuts + 1) x 60 s of steps is cut `cuts` times or more
+    steps = int((cuts + 1) * 60 / step_seconds) // 10 * 10
+    every = 50
+    run, ref = work / "requeued", work / "requeue-ref"
+    ov = run_overrides(work, run, steps, every)
+    e = {k: v for k, v in env(work).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+                                                   "PYTHONPATH", "TMPDIR")}
+    sub = slurm.submit(None, [o for o in ov if not o.startswith("run_dir=")], run_dir=run, env=e,
+                       resources=Resources(time="2", signal_seconds=41, max_restarts=cuts + 6))
+    refp = subprocess.Popen([*_cli(), "train", *run_overrides(work, ref, steps, every)], cwd=work, env=env(work),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log(f"  job {sub.job_id}: {steps} steps, checkpoint every {every}; the reference runs beside it")
+    end = time.monotonic() + 60 * (3 * cuts + 6)
+    state = None
+    while time.monotonic() < end and state is None:
+        time.sleep(2)
+        state = _state(sub.job_id)
+    refp.wait(timeout=900)
+    out = "".join(p.read_text(errors="replace") for p in sorted((run / "slurm").glob("job-*.out")))
+    stopped = [int(n) for n in re.findall(r"stopped by SIGUSR1 at step (\d+)", out)]
+    requeues = out.count("requeueing (time limit")
+    row.case("job completed", state == "COMPLETED", f"state {state}; log tail {out[-600:]!r}")
+    row.case(f"cut and requeued by the time limit >= {cuts} times", requeues >= cuts and len(stopped) >= cuts,
+             f"{requeues} requeues, stopped at {stopped}")
+    why = same_run(ref, run, steps) if state == "COMPLETED" else "not completed"
+    row.case("final weights and metrics equal to the uninterrupted run", not why, why)
+    log(f"  state {state}; {requeues} requeues (stopped at steps {stopped}); comparison: {why or 'bitwise equal'}")
+    row.notes = f"job {sub.job_id}, --time=2, USR1 41 s before; stopped at steps {stopped}, {requeues} requeues"
+    return row
+
+
+def _cli() -> list[str]:
+    from .common import cli
+
+    return cli()
