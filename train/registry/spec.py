@@ -74,10 +74,15 @@ class ArchSpec:
                              f"use objective {' or '.join(repr(o) for o in self.objectives)} for {self.name}, "
                              f"or arch {' / '.join(repr(a) for a in fits)} for {objective_name}")
 
+    def same_family(self, other: "ArchSpec") -> bool:
+        """Whether `other` is built from the same blocks (compare --match sizes the cells of the
+        other family against the named cell)."""
+        return type(other) is type(self)
+
     def accepts_weights_of(self, other: "ArchSpec") -> bool:
         """Whether a checkpoint of `other` can initialise this architecture (init.from_checkpoint:
         the same family of weights, e.g. CD -> ND adaptation)."""
-        return type(other) is type(self)
+        return self.same_family(other)
 
     # ---------------------------------------------------------------- family: evaluation
     def score_continuations(self, scorer, batch) -> list:

@@ -138,9 +138,9 @@ def plan_cells(cells: list[Cell], args) -> None:
         if target is None:
             raise CellError(f"--match-to {args.match_to!r} names no cell; use one of {[c.label for c in cells]}")
         facts = cell_facts(base(target))
-        family = registry.get(target.arch).family
+        spec = registry.get(target.arch)
         for c in cells:
-            if registry.get(c.arch).family != family:
+            if not registry.get(c.arch).same_family(spec):
                 n, _ = match_depth(args.match, facts, lambda n, c=c: base(c, [f"{DEPTH_KEY}={n}"]))
                 args.matched[c.label] = [f"{DEPTH_KEY}={n}"]
     b = args.budget_obj
