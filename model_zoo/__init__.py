@@ -22,8 +22,17 @@ AutoModelForSeq2SeqLM.register(EncoderDecoderConfig, EncoderDecoderLM, exist_ok=
 
 
 def load(path, **kwargs):
-    """Load any archscale model directory written by save_pretrained (CD, ND or ED)."""
+    """Load any archscale model directory written by save_pretrained (CD, ND or ED), or by
+    `archscale export` in any of its forms (a native Llama / T5 directory converts back)."""
     config = AutoConfig.from_pretrained(path)
+    if config.model_type in ("llama", "t5"):
+        from transformers import LlamaForCausalLM, T5ForConditionalGeneration
+
+        from .convert import from_llama, from_t5
+
+        if config.model_type == "llama":
+            return from_llama(LlamaForCausalLM.from_pretrained(path, **kwargs))
+        return from_t5(T5ForConditionalGeneration.from_pretrained(path, **kwargs))
     cls = EncoderDecoderLM if config.model_type == EncoderDecoderConfig.model_type else DecoderLM
     return cls.from_pretrained(path, **kwargs)
 

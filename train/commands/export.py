@@ -3,30 +3,34 @@
     archscale export runs/cd-flm                      # newest complete checkpoint -> RUN_DIR/export/step-N
     archscale export runs/cd-flm --step 1200 --out /models/cd-flm-1200
 
-The directory holds config.json, the weights (safetensors) and the run's tokenizer, and loads with
-`model_zoo.load(DIR)`, `AutoModelForCausalLM.from_pretrained(DIR)` (CD / ND) or
-`AutoModelForSeq2SeqLM.from_pretrained(DIR)` (ED) after `import model_zoo`. State-dict keys carry
-no wrapper prefixes, so the export is a key-for-key copy of the fp32 weights (ZeRO partitions
-gathered by DeepSpeed's zero_to_fp32).
+The directory holds config.json, the fp32 weights (safetensors; ZeRO partitions gathered by
+DeepSpeed's zero_to_fp32) and the run's tokenizer (`AutoTokenizer.from_pretrained(DIR)`), and opens
+with plain transformers, archscale not installed (model_zoo/export.py):
+* CD with RoPE + SwiGLU + RMSNorm: a native `LlamaForCausalLM` (`AutoModelForCausalLM`);
+* ED with T5 buckets + GEGLU + RMSNorm, tied embeddings: a native `T5ForConditionalGeneration`;
+* any other model: our modeling code in the directory with `auto_map`, so
+  `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)`.
+It prints which form it wrote (and why not a native one); `model_zoo.load(DIR)` opens every form.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from model_zoo.export import save_for_transformers
 
 from ..trainer import checkpointing as ckpt
 from ..trainer.weights import checkpoint_dir, load_model
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> Path:
+def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> tuple[Path, str]:
+    """(the directory, the form written: "llama" | "t5" | "remote-code")."""
     step_dir = checkpoint_dir(run_dir, step)
     model, tok, _ = load_model(step_dir)
     out = Path(out) if out else Path(run_dir) / "export" / step_dir.name
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return out, save_for_transformers(model.eval(), out, tok)
 
 
 def main(argv=None) -> int:
@@ -36,9 +40,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/step-N)")
     a = p.parse_args(argv)
     try:
-        out = export(a.run_dir, a.out, a.step)
+        out, form = export(a.run_dir, a.out, a.step)
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    how = {"llama": "LlamaForCausalLM (native transformers)", "t5": "T5ForConditionalGeneration (native transformers)",
+           "remote-code": "archscale's modeling code in the directory: from_pretrained(DIR, trust_remote_code=True)"}
+    why = json.loads((out / "archscale_export.json").read_text())["why_not_native"]
+    print(f"{out}: {how[form]}" + (f" (not native: {why})" if why else ""), file=sys.stderr)
     print(out)
     return 0
