@@ -157,7 +157,9 @@ def test_aggregate_median_over_prompts_mean_over_datasets():
     p = preds("rte/a", "rte", 1, 3) + preds("rte/b", "rte", 3, 1) + preds("rte/c", "rte", 2, 2) \
         + preds("cb/a", "cb", 1, 0)
     res = aggregate(p)
-    assert res["tasks"]["rte/a"] == {"dataset": "rte", "n": 4, "acc": 0.25, "acc_norm": 0.75}
+    assert res["tasks"]["rte/a"] == {"dataset": "rte", "n": 4, "acc": 0.25, "acc_norm": 0.75,
+                                     "se": pytest.approx((0.25 * 0.75 / 4) ** 0.5)}
+    assert res["pooled"] == {"acc": 7 / 13, "se": pytest.approx((7 / 13 * 6 / 13 / 13) ** 0.5), "n": 13}
     assert res["datasets"]["rte"]["acc"] == 0.5  # median of 0.25, 0.75, 0.5
     assert res["datasets"]["cb"]["acc"] == 1.0
     assert res["mean"]["acc"] == 0.75  # mean over the two datasets, not over the 13 records
