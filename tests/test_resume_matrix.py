@@ -4,9 +4,8 @@ of the uninterrupted run (same global batch of 8 rows on every layout, dropout 0
 the same, only reduction orders differ, so LOSS_TOL) or refuses with a one-line message that
 names the layouts and the way out.
 
-CI runs a subset (CI_CELLS: growing 1 -> 4 and 2 -> 4, shrinking 4 -> 1 and 2 -> 1, staying
-4 -> 4, each ZeRO stage, pipeline 2x1 -> 2x2, and a pipeline <-> no pipeline refusal in both
-directions). `ARCHSCALE_RESUME_MATRIX=full` runs every cell of docs/resume.md's table and
+CI runs a subset in one 2-process launch (CI_CELLS: growing, staying and shrinking, each ZeRO
+stage, a pipeline resume, and the pipeline <-> no pipeline refusal in both directions). `ARCHSCALE_RESUME_MATRIX=full` runs every cell of docs/resume.md's table and
 prints the table (that is how the docs' table was made).
 
 Launches are planned from the cells: sources on 1 process in this process, then one launch per
@@ -37,8 +36,11 @@ def full_cells() -> list[tuple]:
     return cells
 
 
-CI_CELLS = [((1, 1), (4, 1), 1), ((2, 1), (4, 1), 2), ((4, 1), (4, 1), 3), ((4, 1), (1, 1), 2),
-            ((2, 1), (1, 1), 3), ((4, 1), (1, 1), 3), ((2, 2), (4, 2), 1), ((2, 2), (1, 1), 1), ((2, 1), (2, 2), 1)]
+# one 2-process launch: growing 1 -> 2 (ZeRO-1, ZeRO-3), staying 2 -> 2 (ZeRO-2, pipeline 2x1),
+# shrinking 2 -> 1 (ZeRO-2, ZeRO-3), the refusals both ways; 4 processes are in
+# tests/test_pipeline_dp.py (2x2 -> 2x1) and tests/test_multinode.py (2 nodes x 2 -> 1 x 2)
+CI_CELLS = [((1, 1), (2, 1), 1), ((1, 1), (2, 1), 3), ((2, 1), (2, 1), 2), ((2, 1), (1, 1), 2),
+            ((2, 1), (1, 1), 3), ((2, 2), (2, 2), 1), ((2, 2), (1, 1), 1), ((2, 1), (2, 2), 1)]
 
 
 def name(layout) -> str:
