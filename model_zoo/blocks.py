@@ -210,16 +210,33 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, mask: ReadyMask, impl: str, *, kv_input: Optional[Tensor] = None,
                 bias: Optional[PositionBias] = None, rope: Optional[tuple] = None, cache=None,
                 layer_idx: int = 0) -> Tensor:
+        """cache: self-attention, the KV cache the new keys join; cross-attention (kv_input given),
+        the cache that holds kv_input's keys and values once computed: the first decode step of a
+        generation fills it, every later step reads it (the encoder output does not change)."""
         b, t, _ = x.shape
-        src = x if kv_input is None else kv_input
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(src)), self._heads(self.v_proj(src))
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, layer_idx)  # (B, H, Tk, hd): cached keys + these
+        q = self._heads(self.q_proj(x))
+        if kv_input is not None:
+            k, v = self._cross_kv(kv_input, cache, layer_idx)
+        else:
+            k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(k, v, layer_idx)  # (B, H, Tk, hd): cached keys + these
         out = attend(q, k, v, mask, bias, self.scale, impl, self.record)  # (B, H, Tq, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _cross_kv(self, kv_input: Tensor, cache, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of the encoder output, (B, H, Ti, hd): from `cache` (a transformers
+        DynamicCache) when this layer's are there, else computed (and stored when a cache is given)."""
+        if cache is not None and cache.get_seq_length(layer_idx) > 0:
+            layer = cache.layers[layer_idx]
+            return layer.keys, layer.values
+        k, v = self._heads(self.k_proj(kv_input)), self._heads(self.v_proj(kv_input))
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        return k, v
 
 
 class Block(nn.Module):
@@ -249,17 +266,17 @@ class Block(nn.Module):
         mask = ctx.self_mask(layer_idx)
         if self.runner is None or ctx.cache is not None or self.self_attn.record is not None:
             return self.body(x, mask, ctx.impl, ctx.bias, ctx.rope, ctx.encoder_hidden, ctx.cross_mask, ctx.cache,
-                             layer_idx)
+                             layer_idx, ctx.cross_cache)
         return self.runner(x, mask, ctx.impl, ctx.bias, ctx.rope, ctx.encoder_hidden, ctx.cross_mask)
 
     def body(self, x: Tensor, mask: "ReadyMask", impl: str, bias: Optional[PositionBias], rope: Optional[tuple],
              encoder_hidden: Optional[Tensor], cross_mask: Optional["ReadyMask"], cache=None,
-             layer_idx: int = 0) -> Tensor:
+             layer_idx: int = 0, cross_cache=None) -> Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, impl, bias=bias, rope=rope, cache=cache,
                                             layer_idx=layer_idx))
         if encoder_hidden is not None:
             x = x + self.dropout(self.cross_attn(self.cross_attn_layernorm(x), cross_mask, impl,
-                                                 kv_input=encoder_hidden))
+                                                 kv_input=encoder_hidden, cache=cross_cache, layer_idx=layer_idx))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))  # (B, T, D)
 
 
@@ -273,7 +290,8 @@ class StackContext:
     layer_directions: list  # direction name of each layer
     bias: Optional[PositionBias] = None
     rope: Optional[tuple] = None
-    cache: object = None
+    cache: object = None  # self-attention KV cache
+    cross_cache: object = None  # cross-attention KV cache (the encoder output's keys and values)
     encoder_hidden: Optional[Tensor] = None
     cross_mask: Optional[ReadyMask] = None
 
@@ -323,7 +341,7 @@ class Stack(nn.Module):
     def build_context(self, hidden: Tensor, *, segments: Optional[Tensor], positions: Tensor,
                       bidirectional: Optional[Tensor], offset: int, cache=None,
                       encoder_hidden: Optional[Tensor] = None, encoder_segments: Optional[Tensor] = None,
-                      cross_segments: Optional[Tensor] = None) -> StackContext:
+                      cross_segments: Optional[Tensor] = None, cross_cache=None) -> StackContext:
         """Masks, position bias and RoPE for all layers of one forward pass.
 
         segments, positions, bidirectional: [B, Tk] over all keys (cached + new); the queries are
@@ -350,7 +368,7 @@ class Stack(nn.Module):
                             cross=True, cross_q_segments=cross_segments, n_heads=cfg.n_heads)
             cross_mask = prepare_mask(spec, impl, b, hidden.device, has_bias=False)
         return StackContext(impl=impl, masks=masks, layer_directions=directions, bias=bias, rope=rope, cache=cache,
-                            encoder_hidden=encoder_hidden, cross_mask=cross_mask)
+                            cross_cache=cross_cache, encoder_hidden=encoder_hidden, cross_mask=cross_mask)
 
     def run(self, hidden: Tensor, ctx: StackContext, positions: Tensor) -> Tensor:
         """positions [B, Tq]: of the new tokens (learned absolute positions)."""

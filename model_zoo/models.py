@@ -301,6 +301,8 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
         if not use_cache and use_cache is not None:
             cache = None
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        # the encoder output's keys and values, computed at the first decode step and reused after
+        cross_cache = cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else None
         b, t = decoder_input_ids.shape
         past = self_cache.get_seq_length() if self_cache is not None else 0
 
@@ -317,7 +319,7 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
         hidden = self.shared(decoder_input_ids)  # (B, To, D)
         ctx = self.decoder.build_context(hidden, segments=seg, positions=pos, bidirectional=None, offset=past,
                                          cache=self_cache, encoder_hidden=enc, encoder_segments=enc_seg,
-                                         cross_segments=cross_seg)
+                                         cross_segments=cross_seg, cross_cache=cross_cache)
         hidden = self.decoder.run(hidden, ctx, pos[:, past:])
         logits, loss, ce, z = self._head_and_loss(hidden, labels, shift=False)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z, encoder_last_hidden_state=enc)
