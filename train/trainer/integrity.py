@@ -47,7 +47,7 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint file", *, mmap: bo
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        detail = next((l.strip() for l in str(e).splitlines() if "Unsupported global" in l), "not tensors")
+        detail = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l), "not tensors")
         raise CheckpointError(f"{what} {path} refused: it pickles objects a weights-only load does not allow "
                               f"({detail[:160]}); it was not written by this trainer: do not load it") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
