@@ -137,10 +137,13 @@ def test_eval_then_report(sweep, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "nd-mlm-nca" in printed and "not compute-matched" in printed
     out = w / "sweep" / "report"
-    for f in ("report.html", "report.json", "loss.png", "zero_shot.png"):
+    for f in ("report.html", "report.json", "loss.png", "zero_shot.png", "report.md", "yardstick.png"):
         assert (out / f).is_file(), f
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and not re.search(r'src="(?!data:)', page)
+    assert page.count("data:image/png;base64,") == 3 and not re.search(r'src="(?!data:)', page)
+    assert "The common yardstick" in page and "continuation loss (nats/token)" in page
+    md = (out / "report.md").read_text()
+    assert "## Pairwise differences" in md and str(runs["cd-flm"]) in md  # every number names its runs
 
     rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["runs"]}
     assert set(rows) == {"cd-flm", "nd-mlm", "nd-mlm-nca", "nd-mlm-nca-mtf"}
