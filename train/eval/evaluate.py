@@ -1,9 +1,14 @@
-"""Zero-shot evaluation of CD / ND / ED checkpoints: rank classification and held-out loss.
+"""Zero-shot evaluation of CD / ND / ED checkpoints: the common yardstick, rank classification
+and held-out loss.
 
     archscale eval runs/cd-flm --tasks heldout/rte.jsonl heldout/cb.jsonl          # 25%, 50%, 100%
     archscale eval runs/cd-flm --tasks t.jsonl --steps all --corpus /data/c4-val.json.gz
 
 writes one JSON per evaluated checkpoint to RUN_DIR/eval/step-N.json (what `archscale report` reads).
+
+**The common yardstick** (train/eval/yardstick.py, docs/evaluation.md): continuation loss in nats
+per token and bits per byte, and zero-shot continuation choice, on windows of the run's held-out
+split (or of `--corpus`), the same measure for every cell; `--no-yardstick` skips it.
 
 **Log-likelihood of a continuation given a context**, as each architecture saw examples in training
 (the batch contract of `train/objectives/batch.py`):
@@ -171,7 +176,11 @@ def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overr
         data = replace(data, source="files", format="auto", train_files=list(corpus), eval_files=list(corpus),
                        eval_fraction=0.0)
     prepared = prepare(data, None)
-    ys = build_yardstick(prepared, ev, data, tok)
+    try:
+        ys = build_yardstick(prepared, ev, data, tok)
+    except ValueError as e:  # no window fits: say why, and score the rest
+        log.warning("no yardstick for %s: %s", cfg.run_dir, e)
+        return {"skipped": str(e)}
     if ys is None:
         return {"skipped": "no held-out split of documents in the run's data; pass --corpus FILES"}
     res = evaluate_model(model, ys, cfg.objective, tok, prepared.tokens, batch_size=batch_size or ev.score_batch_size)
