@@ -34,7 +34,7 @@ from .config import DecoderConfig, EncoderDecoderConfig
 from .loss import LMHead, lm_loss, resolve_impl, shift_labels  # noqa: F401 (lm_loss: public here too)
 
 # Keyword arguments that Hugging Face utilities pass and that these models accept and ignore.
-_IGNORED_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
+_IGNORED_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position",
                    "token_type_ids", "decoder_attention_mask", "head_mask", "decoder_head_mask",
                    "cross_attn_head_mask", "num_items_in_batch"}
 
@@ -102,6 +102,16 @@ class _PreTrained(PreTrainedModel):
     def _lm_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self._head_input(hidden))  # (B, T, V)
 
+    @staticmethod
+    def _keep(hidden: Tensor, labels: Optional[Tensor], logits_to_keep) -> Tensor:
+        """Without labels, only the last `logits_to_keep` positions (an int > 0; a 1-D tensor of
+        positions) need logits: generate asks for 1, so the prompt's [B, T, V] logits are never built."""
+        if labels is not None or logits_to_keep is None:
+            return hidden
+        if isinstance(logits_to_keep, int):
+            return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        return hidden[:, logits_to_keep]
+
     def _head_and_loss(self, hidden: Tensor, labels: Optional[Tensor], shift: bool):
         """(logits, loss, ce, z) of the final hidden states [B, T, D]. `shift`: decoder labels
         (position t predicts labels[t + 1]). In training mode with labels and a fused loss_impl
@@ -139,7 +149,8 @@ class DecoderLM(_PreTrained, GenerationMixin):
     """CD / ND decoder-only language model.
 
     forward(input_ids [B, T], labels=None [B, T], prefix_lengths=None [B], segment_ids=None [B, T],
-    position_ids=None [B, T], bidirectional=None [B, T] bool, attention_mask=None [B, T], cache=None)
+    position_ids=None [B, T], bidirectional=None [B, T] bool, attention_mask=None [B, T], cache=None,
+    logits_to_keep=None: without labels, logits of the last n positions only, as transformers passes it)
     * prefix_lengths: the first n tokens of each row are its bidirectional prefix (ND; CD ignores
       it). `bidirectional` is the general per-token form (several packed examples per row).
     * With a KV cache, segment_ids / attention_mask / bidirectional cover the whole sequence
@@ -179,7 +190,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
                 segment_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 bidirectional: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, cache=None,
-                past_key_values=None, use_cache: Optional[bool] = None, **kwargs) -> LMOutput:
+                past_key_values=None, use_cache: Optional[bool] = None, logits_to_keep=None, **kwargs) -> LMOutput:
         _check_kwargs(kwargs, "DecoderLM")
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
@@ -196,7 +207,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
         hidden = stack.embed_tokens(input_ids)  # (B, T, D)
         ctx = stack.build_context(hidden, segments=seg, positions=pos, bidirectional=bidir, offset=past, cache=cache)
         hidden = stack.run(hidden, ctx, pos[:, past:])
-        logits, loss, ce, z = self._head_and_loss(hidden, labels, shift=True)
+        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels, shift=True)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z)
 
     def generate(self, input_ids: Optional[Tensor] = None, **kwargs):
@@ -282,7 +293,7 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
                 segment_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 decoder_segment_ids: Optional[Tensor] = None, decoder_position_ids: Optional[Tensor] = None,
                 encoder_outputs=None, cache=None, past_key_values=None, use_cache: Optional[bool] = None,
-                **kwargs) -> LMOutput:
+                logits_to_keep=None, **kwargs) -> LMOutput:
         _check_kwargs(kwargs, "EncoderDecoderLM")
         if encoder_outputs is None:
             if input_ids is None:
@@ -321,5 +332,5 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
                                          cache=self_cache, encoder_hidden=enc, encoder_segments=enc_seg,
                                          cross_segments=cross_seg, cross_cache=cross_cache)
         hidden = self.decoder.run(hidden, ctx, pos[:, past:])
-        logits, loss, ce, z = self._head_and_loss(hidden, labels, shift=False)
+        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels, shift=False)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z, encoder_last_hidden_state=enc)

@@ -58,3 +58,28 @@ def test_cd_greedy_equals_hf_llama():
         a = ours.generate(input_ids=x, **GREEDY)
         b = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), **GREEDY)
     assert a.tolist() == b.tolist()
+
+
+def test_logits_to_keep_gives_the_last_positions_only():
+    torch.manual_seed(0)
+    model = model_zoo.build("cd", "debug").eval()
+    x = torch.randint(3, 500, (2, 8))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        torch.testing.assert_close(model(input_ids=x, logits_to_keep=1).logits, full[:, -1:], atol=1e-6, rtol=1e-5)
+        assert torch.equal(model(input_ids=x, logits_to_keep=0).logits, full)  # 0: all, as transformers means it
+        assert model(input_ids=x, labels=x, logits_to_keep=1).logits.shape == full.shape  # a loss needs them all
+
+
+@pytest.mark.slow  # ~10 s: four models timed against transformers' at the debug size
+def test_bench_generate_smoke(tmp_path, capsys):
+    import json
+
+    from bench.generate import main
+
+    assert main(["--smoke", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["ED generate", "ED train step", "CD generate", "CD train step"]
+    assert all(r["ratio"] > 0 and r["hf"] in ("T5ForConditionalGeneration", "LlamaForCausalLM") for r in rows)
+    assert "ratio" in capsys.readouterr().out
+    assert main(["--repeats", "0"]) == 2
