@@ -636,7 +636,7 @@ def test_reference_plan_shape():
     rows = {r["run"]: r for r in ref["rows"]}
     assert rows["ED:FLM"]["status"].startswith("not available")
     ok = [r for r in ref["rows"] if r["status"] == "ok"]
-    assert len(ok) == 8 + 1 + 9  # pretraining cells, NC-A, MT-F of each
+    assert len(ok) == 8 + 3 + 1 + 9  # pretraining cells, LM-A of the 3 MLM models, NC-A, MT-F of each pretrained + NC-A
     assert ref["total_gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in ok))
     assert all(r["peak_gib"] <= 80 * 0.9 for r in ok)
     assert rows["CD:FLM"]["tokens"] >= 168e9 and rows["CD:FLM -> NC-A (ND:MLM)"]["tokens"] >= 51e9

@@ -2,7 +2,7 @@
 
     archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run | --local-procs N]  train or resume one run
         [--overfit [--overfit-steps 200] [--overfit-threshold 0.5] | --determinism-check [--steps 5]]
-    archscale compare [--out DIR] [--steps N] ...           the small CD:FLM / ND:PLM / ED:MLM comparison
+    archscale compare [--out DIR] [--tokens N | --budget KIND=VALUE] ...  the small CD:FLM / ND:PLM / ED:MLM comparison
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
     archscale analyze RUN_DIR [--step N]                   attention rank per layer: causal vs bidirectional

@@ -12,7 +12,8 @@ REFERENCE_COMMON = ["optim.name=adafactor", "optim.lr=0.01", "schedule.name=inve
                     "model.z_loss=1e-4", "parallel.global_batch_size=2048", "parallel.micro_batch_size=8",
                     "parallel.zero_stage=0"]
 REFERENCE_CELLS = [(a, o) for a in ("cd", "nd", "ed") for o in ("flm", "plm", "mlm")]
-REFERENCE_TOKENS = {"pretrain": 168e9, "nc-a": 51e9, "mt-f": 13e9}
+# SCIENCE.md gives the adaptation length for NC-A (~51B tokens); LM-A is planned at the same length
+REFERENCE_TOKENS = {"pretrain": 168e9, "nc-a": 51e9, "lm-a": 51e9, "mt-f": 13e9}
 
 
 def _fits(arch: str, objective: str) -> bool:
@@ -24,6 +25,21 @@ def _model(arch: str) -> list[str]:
     return [f"model.arch={arch}", f"model.size={registry.get(arch).reference_size}"]
 
 
+def _lm_a_runs() -> list[dict]:
+    """LM-A: each MLM-pretrained model continued with the language-modelling objective its
+    architecture reads: FLM where the context is read causally (CD), else PLM (ND, ED)."""
+    runs = []
+    for arch in dict.fromkeys(a for a, _ in REFERENCE_CELLS):
+        if not _fits(arch, "mlm"):
+            continue
+        obj = "flm" if registry.get(arch).reads_context_causally else "plm"
+        runs.append({"run": f"{arch.upper()}:MLM -> LM-A ({arch.upper()}:{obj.upper()})", "phase": "adaptation",
+                     "arch": arch, "objective": obj,
+                     "overrides": _model(arch) + [f"objective.name={obj}",
+                                                  f"schedule.train_tokens={int(REFERENCE_TOKENS['lm-a'])}"]})
+    return runs
+
+
 def _reference_runs() -> list[dict]:
     """Every run of the reference experiment as (name, overrides), SCIENCE.md's numbers."""
     runs = []
@@ -31,6 +47,7 @@ def _reference_runs() -> list[dict]:
         runs.append({"run": f"{arch.upper()}:{obj.upper()}", "phase": "pretraining", "arch": arch, "objective": obj,
                      "overrides": _model(arch) + [f"objective.name={obj}",
                                                   f"schedule.train_tokens={int(REFERENCE_TOKENS['pretrain'])}"]})
+    runs.extend(_lm_a_runs())
     runs.append({"run": "CD:FLM -> NC-A (ND:MLM)", "phase": "adaptation", "arch": "nd", "objective": "mlm",
                  "overrides": _model("nd") + ["objective.name=mlm",
                                               f"schedule.train_tokens={int(REFERENCE_TOKENS['nc-a'])}"]})
@@ -48,8 +65,9 @@ def _reference_runs() -> list[dict]:
 def reference_plan(gpus: int = 64, gpu: str = "h100-80gb", *, mfu: Optional[float] = None,
                    bench_dir: Path = REPO / "bench", headroom: float = DEFAULT_HEADROOM) -> dict:
     """The reference experiment (SCIENCE.md) on `gpus` x `gpu`: every pretraining cell CD/ND/ED x
-    FLM/PLM/MLM at 168B tokens (ED:FLM does not exist: flm has no encoder input), NC-A
-    (CD:FLM -> ND:MLM, 51B tokens), and MT-F (13B tokens, dropout 0.1, lr 1e-3 constant) of every
+    FLM/PLM/MLM at 168B tokens (ED:FLM does not exist: flm has no encoder input), LM-A (each
+    X:MLM continued with FLM (CD) or PLM (ND, ED), 51B tokens as NC-A), NC-A (CD:FLM -> ND:MLM,
+    51B tokens), and MT-F (13B tokens, dropout 0.1, lr 1e-3 constant) of every
     pretrained model and of the NC-A model. Each run starts from the reference setup (Adafactor,
     ZeRO-0, micro-batch 8, global batch 2048) and takes the planner's first fix when it does not
     fit; when only flat-Adafactor layouts fit, it is planned with optim.allow_flat_adafactor=true
