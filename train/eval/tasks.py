@@ -21,6 +21,9 @@ def read_task_file(path: str | Path, limit: int = 0) -> list[dict]:
     from ..data.multitask import read_records
 
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task file {path} does not exist (or is not a file); pass prompted JSON Lines with "
+                         f"answer_choices and label (docs/data.md)")
     records = read_records([str(path)])  # validates every line; errors say file:line
     numbered = [(i + 1, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
     out = []
