@@ -38,10 +38,17 @@ from test_trainer import _write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
-# 6 stand-in GPUs a node: three 2-task-per-node jobs run side by side
-CLUSTER_ENV = {"ARCHSCALE_SLURM_DIR": "/tmp/archscale-slurm-multinode", "ARCHSCALE_SLURM_PORT": "6827",
-               "ARCHSCALE_SLURM_NET": "10.77.0", "ARCHSCALE_SLURM_NODE_PREFIX": "asnode", "ARCHSCALE_SLURM_GPUS": "6"}
 LONG = 30  # steps of the requeued run and of its uninterrupted twin
+# the 2-node training jobs compared with 1 process: name, arch, ZeRO stage, steps. CI: CD at ZeRO-2
+# (also the requeued run's uninterrupted twin) and ED at ZeRO-3; ARCHSCALE_MULTINODE=full adds
+# the other two corners (CD at ZeRO-3, ED at ZeRO-2)
+TRAIN_JOBS = [("cd-2x2", "cd", 2, LONG), ("ed-2x2", "ed", 3, 2)]
+if os.environ.get("ARCHSCALE_MULTINODE") == "full":
+    TRAIN_JOBS += [("cd-z3-2x2", "cd", 3, 2), ("ed-z2-2x2", "ed", 2, 2)]
+# stand-in GPUs a node: every job of the first wave (2 tasks a node each) runs side by side
+CLUSTER_ENV = {"ARCHSCALE_SLURM_DIR": "/tmp/archscale-slurm-multinode", "ARCHSCALE_SLURM_PORT": "6827",
+               "ARCHSCALE_SLURM_NET": "10.77.0", "ARCHSCALE_SLURM_NODE_PREFIX": "asnode",
+               "ARCHSCALE_SLURM_GPUS": str(2 * (len(TRAIN_JOBS) + 1))}
 JOB_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 LOSS_TOL = 1e-5
@@ -163,18 +170,17 @@ def runs(cluster, tmp_path_factory):
     t0 = time.perf_counter()
     out, times = {}, {}
     # the references, the same runs on 1 process, meanwhile in a process of their own
-    refs = [[sys.executable, "-m", "train", "train", str(cfgs[arch]), f"run_dir={work / f'ref-{arch}'}",
-             f"parallel.zero_stage={zero}", f"schedule.max_steps={steps}"] for arch, zero, steps in
-            (("cd", 2, LONG), ("ed", 3, 2))]
+    refs = [[sys.executable, "-m", "train", "train", str(cfgs[arch]), f"run_dir={work / f'ref-{name}'}",
+             f"parallel.zero_stage={zero}", f"schedule.max_steps={steps}"] for name, arch, zero, steps in TRAIN_JOBS]
     ref_log = open(work / "refs.log", "w")
     ref_proc = subprocess.Popen(["bash", "-c", " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in refs)],
                                 cwd=ROOT, env={**os.environ, **JOB_ENV, "TMPDIR": str(work)}, stdout=ref_log,
                                 stderr=subprocess.STDOUT)
-    # side by side: the uninterrupted CD run, its twin that is requeued twice, and ED at ZeRO-3
-    cd = ["parallel.zero_stage=2", f"schedule.max_steps={LONG}"]
-    jobs = {"cd-2x2": submit(cfgs["cd"], work / "cd-2x2", 2, cd),
-            "cd-2x2-requeued": submit(cfgs["cd"], work / "cd-2x2-requeued", 2, cd, max_restarts=4),
-            "ed-2x2": submit(cfgs["ed"], work / "ed-2x2", 2, ["parallel.zero_stage=3", "schedule.max_steps=2"])}
+    # side by side: the training jobs (the CD one is the uninterrupted twin) and the requeued run
+    jobs = {name: submit(cfgs[arch], work / name, 2, [f"parallel.zero_stage={zero}", f"schedule.max_steps={steps}"])
+            for name, arch, zero, steps in TRAIN_JOBS}
+    jobs["cd-2x2-requeued"] = submit(cfgs["cd"], work / "cd-2x2-requeued", 2,
+                                     ["parallel.zero_stage=2", f"schedule.max_steps={LONG}"], max_restarts=4)
     stops = requeue_twice(jobs["cd-2x2-requeued"], work / "cd-2x2-requeued")
     out["cd-2x2"] = (jobs["cd-2x2"], wait_job(jobs["cd-2x2"], work / "cd-2x2"))
     # the CD run's step-2 checkpoint continues as 1 node x 2 processes, 2 more steps
@@ -205,22 +211,21 @@ def test_srun_spreads_tasks_over_the_namespaced_nodes(cluster):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["cd", "ed"])
-def test_two_nodes_by_two_processes_train_like_one_process(arch, runs):
+@pytest.mark.parametrize("name,arch,zero,steps", TRAIN_JOBS, ids=[j[0] for j in TRAIN_JOBS])
+def test_two_nodes_by_two_processes_train_like_one_process(name, arch, zero, steps, runs):
     work, out, _ = runs
-    run = work / f"{arch}-2x2"
+    run = work / name
     job, st = out[run.name]
     assert st == "COMPLETED", job_log(run)
     log = job_log(run)
     assert "on asnode[1-2]" in log, log[-2000:]
     s = state(run)
-    steps = LONG if arch == "cd" else 2
-    assert (s["step"], s["world_size"]) == (steps, 4)
-    got, ref = losses(run), losses(work / f"ref-{arch}")
+    assert (s["step"], s["world_size"], s["config"]["parallel"]["zero_stage"]) == (steps, 4, zero)
+    got, ref = losses(run), losses(work / f"ref-{name}")
     assert sorted(got) == sorted(ref) == list(range(1, steps + 1))
     diff = max(abs(got[k] - ref[k]) for k in (1, 2, 3, 4) if k <= steps)
     drift = max(abs(got[k] - ref[k]) for k in got)
-    print(f"{arch.upper()} 2 nodes x 2 processes vs 1 process: max |loss diff| steps 1-{min(4, steps)} = {diff:.3g}, "
+    print(f"{arch.upper()} ZeRO-{zero} 2 nodes x 2 processes vs 1 process: max |loss diff| steps 1-{min(4, steps)} = {diff:.3g}, "
           f"all {steps} steps = {drift:.3g}")
     assert diff <= LOSS_TOL, (got, ref)
     assert drift <= 1e-4, (got, ref)  # fp32 reduction-order differences grow slowly over steps
@@ -237,7 +242,7 @@ def test_two_node_run_resumes_on_one_node(runs):
     assert (run / "checkpoints" / "step-00000002" / "engine_universal" / "COMPLETE").is_file()
     s = state(run)
     assert (s["step"], s["world_size"]) == (4, 2)
-    got, ref = losses(run), losses(work / "ref-cd")
+    got, ref = losses(run), losses(work / "ref-cd-2x2")
     diff = max(abs(got[k] - ref[k]) for k in (3, 4))
     print(f"CD 2x2 -> 1x2 resume: max |loss diff| vs uninterrupted, steps 3-4 = {diff:.3g}")
     assert sorted(got) == [3, 4] and diff <= LOSS_TOL, (got, ref)
