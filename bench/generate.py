@@ -28,8 +28,8 @@ from model_zoo.export import to_llama, to_t5
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=640, vocab_size=8192)
 SMOKE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128, vocab_size=512)
-# (row, arch, our options, converter): ED with the reference's T5 blocks, CD with Llama's
-MODELS = [("ED", "ed", {}, to_t5), ("CD", "cd", dict(position="rope", mlp="swiglu"), to_llama)]
+# (row, arch, our options, converter, encoder-decoder): ED with the reference's T5 blocks, CD with Llama's
+MODELS = [("ED", "ed", {}, to_t5, True), ("CD", "cd", dict(position="rope", mlp="swiglu"), to_llama, False)]
 
 
 def _sync(device) -> None:
@@ -57,7 +57,7 @@ def _median_pair(ours, hf, repeats: int, device, clock) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def _generate_fns(arch, ours, ref, args, device):
+def _generate_fns(arch, seq2seq, ours, ref, args, device):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(3, ours.config.vocab_size, (args.batch, args.prompt), generator=g).to(device)
     mask = torch.ones_like(x)
@@ -73,11 +73,11 @@ def _generate_fns(arch, ours, ref, args, device):
     return (lambda: run(ours)), (lambda: run(ref))
 
 
-def _train_fns(arch, ours, ref, args, device):
+def _train_fns(arch, seq2seq, ours, ref, args, device):
     g = torch.Generator().manual_seed(2)
     v = ours.config.vocab_size
     x = torch.randint(3, v, (args.batch, args.train_len), generator=g).to(device)
-    if arch == "ed":
+    if seq2seq:
         y = torch.randint(3, v, (args.batch, max(1, args.train_len // 4)), generator=g).to(device)
         batch = dict(input_ids=x, attention_mask=torch.ones_like(x), labels=y)
     else:
@@ -101,14 +101,14 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     shape = SMOKE if args.smoke else SHAPE
     rows = []
-    for name, arch, opts, convert in MODELS:
+    for name, arch, opts, convert, seq2seq in MODELS:
         torch.manual_seed(0)
         ours = model_zoo.build(arch, "debug", **shape, **opts).to(device).eval()
         ref = convert(ours).to(device).eval()
         for what, make in (("generate", _generate_fns), ("train step", _train_fns)):
             if args.only and args.only != what.split()[0]:
                 continue
-            a, b = make(arch, ours, ref, args, device)
+            a, b = make(arch, seq2seq, ours, ref, args, device)
             t_ours, t_hf = _median_pair(a, b, args.repeats, device, CLOCKS[args.clock])
             rows.append({"model": f"{name} {what}", "ours_s": t_ours, "hf_s": t_hf, "ratio": t_ours / t_hf,
                          "hf": type(ref).__name__})

@@ -29,13 +29,13 @@ def _lm_a_runs() -> list[dict]:
     """LM-A: each MLM-pretrained model continued with the language-modelling objective its
     architecture reads: FLM where the context is read causally (CD), else PLM (ND, ED)."""
     runs = []
-    for arch in dict.fromkeys(a for a, _ in REFERENCE_CELLS):
-        if not _fits(arch, "mlm"):
+    for a in dict.fromkeys(a for a, _ in REFERENCE_CELLS):
+        if not _fits(a, "mlm"):
             continue
-        obj = "flm" if registry.get(arch).reads_context_causally else "plm"
-        runs.append({"run": f"{arch.upper()}:MLM -> LM-A ({arch.upper()}:{obj.upper()})", "phase": "adaptation",
-                     "arch": arch, "objective": obj,
-                     "overrides": _model(arch) + [f"objective.name={obj}",
+        obj = "flm" if registry.get(a).reads_context_causally else "plm"
+        runs.append({"run": f"{a.upper()}:MLM -> LM-A ({a.upper()}:{obj.upper()})", "phase": "adaptation",
+                     "arch": a, "objective": obj,
+                     "overrides": _model(a) + [f"objective.name={obj}",
                                                   f"schedule.train_tokens={int(REFERENCE_TOKENS['lm-a'])}"]})
     return runs
 
