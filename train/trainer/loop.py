@@ -158,10 +158,13 @@ class Trainer:
         of the counts, the loss and the callbacks' stop votes."""
         from ..objectives import pop_counts
 
-        batch = next(self.stream)
-        counts = pop_counts(batch)
+        while True:
+            batch = next(self.stream)
+            counts = pop_counts(batch)
+            micro = eng.split_micro(batch, self.derived.micro_batch_size)
+            if not self._has_empty_micro(micro):
+                break
         batch_flops = self.arch.batch_flops(self.model.config, batch) if self.counts_here else 0.0
-        micro = eng.split_micro(batch, self.derived.micro_batch_size)
         for cb in callbacks:
             cb.pre_step(self)
         losses = (eng.pipeline_step(self.engine, micro, self.model.config) if self.piped
@@ -176,6 +179,18 @@ class Trainer:
         self.flops += red[2]
         self.loss = red[3] / self.dist.world_size
         self.step_losses, self.batch, self.stop_requested = losses, batch, red[4] > 0
+
+    def _has_empty_micro(self, micro: list[dict]) -> bool:
+        """Whether a micro-batch of this step, on any rank, has no target token: the padded tail of
+        an epoch can leave one (its mean loss is 0 / 0 = nan and would stop the run as non-finite).
+        Such a batch is skipped on every rank alike (the same stream position everywhere, so a
+        resume skips it again); found by the fault campaign's 960-step run (bench/faults)."""
+        empty = any(int((m["labels"] != -100).sum()) == 0 for m in micro if "labels" in m)
+        if self.dist.world_size > 1:
+            empty = eng.all_sum([1.0 if empty else 0.0], self.dist.device)[0] > 0
+        if empty and self.dist.is_rank0:
+            log.info("step %d: skipped a batch with a micro-batch of no target tokens (an epoch's tail)", self.step + 1)
+        return empty
 
     def finish(self) -> RunResult:
         r = self.result
