@@ -42,7 +42,7 @@ def _part(part: str, work, quick: bool, kills: int, log) -> Row:
         from .kills import kill_campaign
 
         if quick:
-            return kill_campaign(work, kills=5, in_save=2, at_start=1, steps=12, log=log)
+            return kill_campaign(work, kills=4, in_save=2, at_start=1, steps=12, log=log)
         return kill_campaign(work, kills=kills, in_save=max(5, kills // 3), at_start=3, steps=2 * kills + 8, log=log)
     if part == "signals":
         from .kills import signal_campaign

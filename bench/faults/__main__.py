@@ -17,7 +17,7 @@ from . import PARTS, format_table, run_parts
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__)
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: all)")
-    p.add_argument("--quick", action="store_true", help="CI size: 5 kills (2 inside a save) instead of 20")
+    p.add_argument("--quick", action="store_true", help="CI size: 4 kills (2 inside a save) instead of 20")
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs of the full campaign (default 20)")
     p.add_argument("--work", default=None, help="working directory (default: a fresh temporary one)")
     p.add_argument("--json", default=None, help="also write the rows and the machine here")

@@ -183,9 +183,14 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def fp32_weights(step_dir: Path) -> dict:
+    """The checkpoint's fp32 weights (zero_to_fp32's progress lines silenced)."""
+    import contextlib
+    import io
+
     from train.trainer.weights import engine_weights
 
-    return engine_weights(Path(step_dir))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return engine_weights(Path(step_dir))
 
 
 def same_run(ref: Path, run: Path, steps: int) -> str:

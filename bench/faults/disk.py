@@ -13,7 +13,7 @@ from pathlib import Path
 from .common import Row, fp32_weights, one_error_line, run_cli, run_overrides, same_run
 from .kills import reference
 
-STEPS, EVERY = 6, 2
+STEPS, EVERY = 12, 2
 SMALL = "3m"  # one checkpoint of the campaign's run is ~1.8 MB: the second save does not fit
 
 

@@ -19,18 +19,19 @@ from typing import Callable
 
 from .common import Row, diff_hashes, hashes, one_error_line, run_cli, run_overrides
 
-BASE_STEPS, CASE_STEPS = 4, 6
+BASE_STEPS, CASE_STEPS = 12, 14
 LAST = f"checkpoints/step-{BASE_STEPS:08d}"
 
 
 def make_base(work: Path) -> Path:
-    """The run every case copies: 4 steps (checkpoints 2 and 4), FINISHED removed: resumable to 6."""
+    """The run every case copies: the campaign's uninterrupted 12-step run (checkpoints 10 and 12,
+    kills.reference), FINISHED removed: resumable to 14."""
+    from .kills import reference
+
     base = work / "inputs-base"
     if not (base / LAST / "COMPLETE").is_file():
         shutil.rmtree(base, ignore_errors=True)
-        p = run_cli(["train", *run_overrides(work, base, BASE_STEPS, every=2)], work)
-        if p.returncode:
-            raise RuntimeError(f"the base run failed: {p.stderr[-2000:]}")
+        shutil.copytree(reference(work, BASE_STEPS, 2), base)
     (base / "FINISHED").unlink(missing_ok=True)
     return base
 
@@ -120,7 +121,7 @@ def _lock_holder(run: Path) -> subprocess.Popen:
     """Another process holding the run's lock (as a running trainer does)."""
     code = ("import fcntl, os, sys, time\n"
             f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d (a test holder)' % os.getpid())\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'pid %d (a test holder)' % os.getpid())\n"
             "print('locked', flush=True); time.sleep(600)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     p.stdout.readline()

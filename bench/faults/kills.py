@@ -144,7 +144,7 @@ def kill_campaign(work: Path, kills: int = 20, in_save: int = 6, at_start: int =
     return row
 
 
-def signal_campaign(work: Path, steps: int = 12, every: int = 4, log=print) -> Row:
+def signal_campaign(work: Path, steps: int = 12, every: int = 2, log=print) -> Row:
     """SIGUSR1, then SIGTERM, to the trainer's process group (as srun forwards Slurm's signal):
     each time the run saves the step it is at, says so in one line, exits 0 without FINISHED (the
     job script then requeues, docs/slurm.md), and the same command resumes; the end is bitwise

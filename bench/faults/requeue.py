@@ -37,23 +37,32 @@ def requeue_campaign(work: Path, cuts: int = 3, step_seconds: float = 0.25, log=
     import slurm
     from slurm import Resources
 
-    # a cut every ~50-80 s of a 2-minute limit: (cuts + 1) x 60 s of steps is cut `cuts` times or more
-    steps = int((cuts + 1) * 60 / step_seconds) // 10 * 10
+    # a cut every ~50-80 s of a 2-minute limit: (cuts + 2) x 80 s of steps at the fastest pace seen
+    # is cut `cuts` times or more; after the last cut the limit is raised so the rest ends in one go
+    step_s = min(step_seconds, _step_seconds(work))
+    steps = int((cuts + 2) * 80 / step_s) // 10 * 10
     every = 50
     run, ref = work / "requeued", work / "requeue-ref"
     ov = run_overrides(work, run, steps, every)
     e = {k: v for k, v in env(work).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
                                                    "PYTHONPATH", "TMPDIR")}
     sub = slurm.submit(None, [o for o in ov if not o.startswith("run_dir=")], run_dir=run, env=e,
-                       resources=Resources(time="2", signal_seconds=41, max_restarts=cuts + 6))
+                       resources=Resources(time="2", signal_seconds=41, max_restarts=3 * cuts + 6))
     refp = subprocess.Popen([*_cli(), "train", *run_overrides(work, ref, steps, every)], cwd=work, env=env(work),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log(f"  job {sub.job_id}: {steps} steps, checkpoint every {every}; the reference runs beside it")
-    end = time.monotonic() + 60 * (3 * cuts + 6)
-    state = None
+    log(f"  job {sub.job_id}: {steps} steps (~{step_s:.2f} s each), checkpoint every {every}; the reference runs beside it")
+    end = time.monotonic() + 60 * (3 * cuts + 10)
+    state, raised = None, False
     while time.monotonic() < end and state is None:
         time.sleep(2)
         state = _state(sub.job_id)
+        text = "".join(p.read_text(errors="replace") for p in (run / "slurm").glob("job-*.out"))
+        if not raised and text.count("stopped by SIGUSR1 at step") >= cuts:
+            r = subprocess.run(["scontrol", "update", f"JobId={sub.job_id}", "TimeLimit=30"], capture_output=True)
+            raised = r.returncode == 0
+            log(f"  {cuts} cuts seen; time limit raised to 30 min: {raised}")
+    if state is None:
+        subprocess.run(["scancel", sub.job_id], capture_output=True)
     refp.wait(timeout=900)
     out = "".join(p.read_text(errors="replace") for p in sorted((run / "slurm").glob("job-*.out")))
     stopped = [int(n) for n in re.findall(r"stopped by SIGUSR1 at step (\d+)", out)]
@@ -66,6 +75,19 @@ def requeue_campaign(work: Path, cuts: int = 3, step_seconds: float = 0.25, log=
     log(f"  state {state}; {requeues} requeues (stopped at steps {stopped}); comparison: {why or 'bitwise equal'}")
     row.notes = f"job {sub.job_id}, --time=2, USR1 41 s before; stopped at steps {stopped}, {requeues} requeues"
     return row
+
+
+def _step_seconds(work: Path) -> float:
+    """The median seconds per step of the campaign's 12-step reference run (made if missing)."""
+    import json
+    import statistics
+
+    from .kills import reference
+
+    recs = [json.loads(line) for line in (reference(work, 12, 2) / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r.get("tokens_per_s")]
+    dts = [(b["tokens_seen"] - a["tokens_seen"]) / b["tokens_per_s"] for a, b in zip(recs, recs[1:])]
+    return statistics.median(dts) if dts else 0.25
 
 
 def _cli() -> list[str]:

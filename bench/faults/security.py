@@ -82,7 +82,7 @@ def sbatch_injection(work: Path) -> list[str]:
     return problems
 
 
-def second_trainer(work: Path, steps: int = 6) -> str:
+def second_trainer(work: Path, steps: int = 12) -> str:
     """'' when a second trainer on a run directory in use is refused with one line and the first
     ends bitwise equal to its uninterrupted twin."""
     from .kills import reference
