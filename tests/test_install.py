@@ -8,6 +8,7 @@ import importlib.metadata as md
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,18 @@ def test_the_lock_pins_every_package_the_install_needs():
     assert not [n for n in pins if n.startswith("nvidia-") or n == "triton"]
 
 
-@pytest.mark.skipif(os.environ.get("ARCHSCALE_UNLOCKED") == "1", reason="installed unlocked on purpose")
 def test_this_environment_is_the_lock():
-    """CI installs from the lock: what runs the suite is what the lock says (torch aside, when
-    ARCHSCALE_TORCH chose another)."""
+    """CI installs from the lock: what runs the suite is what the lock says. How this venv was
+    installed is in setup.sh's stamp: unlocked on purpose, or not by setup.sh, skips; a torch
+    chosen with ARCHSCALE_TORCH is exempt."""
+    stamp = Path(sys.prefix) / ".archscale-installed"
+    how = stamp.read_text().split() if stamp.exists() else []
+    if "unlocked=0" not in how:
+        pytest.skip(f"this environment was not installed from the lock by scripts/setup.sh ({' '.join(how) or 'no stamp'})")
+    own_torch = "torch=lock" not in how
     wrong = [f"{n}: installed {md.version(n)}, locked {v}" for n, v in lock_pins().items()
-             if not (n == "torch" and os.environ.get("ARCHSCALE_TORCH")) and md.version(n) != v]
-    assert not wrong, "\n".join(wrong)
+             if not (n == "torch" and own_torch) and md.version(n) != v]
+    assert not wrong, "\n".join(wrong) + "\n(bash scripts/setup.sh installs the lock)"
 
 
 @pytest.fixture
