@@ -211,7 +211,7 @@ def test_run_directory_records_the_split(tmp_path):
 # ------------------------------------------------------------------ intervals
 def test_identical_runs_differ_by_zero_plus_minus_zero():
     runs = [2.5, 2.7, 2.6]
-    d = paired_difference(runs, runs, [window_difference_se([1.0, 2.0], [1.0, 2.0])] * 3)
+    d = paired_difference(runs, runs, [window_difference_se([1.0, 2.0], [1.0, 2.0], groups=[0, 1])] * 3)
     assert (d.mean, d.half_width, d.resolved) == (0.0, 0.0, False)
 
 
@@ -225,7 +225,20 @@ def test_textbook_intervals():
     assert t975(1) == 12.706 and t975(40) == pytest.approx(2.0211, abs=1e-4) and t975(120) == pytest.approx(1.9799, abs=1e-4)
     assert mean_std([1, 2, 3, 4]) == (2.5, pytest.approx(1.2910, abs=1e-4))
     assert binomial_se(32, 64) == pytest.approx(0.0625) and binomial_se(0, 0) is None
-    # two seeds that agree by chance: the windows' sampling error keeps the interval open
-    assert paired_difference([0.5, 0.5], [0.25, 0.25], [0.08, 0.08]).half_width == pytest.approx(12.706 * 0.08 / math.sqrt(2), rel=1e-6)
+    # two seeds that agree by chance: the windows' sampling error keeps the interval open, with
+    # its own degrees of freedom (all of the variance is the windows': df = df_w = 8, t = 2.306)
+    d = paired_difference([0.5, 0.5], [0.25, 0.25], [(0.08, 8), (0.08, 8)])
+    assert d.half_width == pytest.approx(2.306 * 0.08 / math.sqrt(2), rel=1e-6)
+    # Welch-Satterthwaite: v_s = 1/4 (sd 1, n 4), v_w = 0.25^2/4; df = (v_s+v_w)^2/(v_s^2/3 + v_w^2/5) = 3.88 -> 3
+    d = paired_difference([1, 2, 3, 4], [1.0 - 0.5, 2.5, 2.0, 4.0], [(0.25, 5)] * 4)
+    v_s, v_w = mean_std([0.5, -0.5, 1.0, 0.0])[1] ** 2 / 4, 0.25 ** 2 / 4
+    df = (v_s + v_w) ** 2 / (v_s ** 2 / 3 + v_w ** 2 / 5)
+    assert d.half_width == pytest.approx(t975(int(df)) * math.sqrt(v_s + v_w))
+    # clustered windows: 2 documents of 2 windows; residuals summed per document are -2 and +2,
+    # var = G/(G-1) * (4 + 4) / n^2 = 2 * 8 / 16 = 1
+    se, dfw = window_difference_se([1, 1, 3, 3], [0, 0, 0, 0], groups=["x", "x", "y", "y"])
+    assert dfw == 1 and se == pytest.approx(1.0)
+    se, dfw = window_difference_se([1, 2, 3, 4], [0, 0, 0, 0])  # independent: sd / sqrt(n), n - 1
+    assert dfw == 3 and se == pytest.approx(mean_std([1, 2, 3, 4])[1] / 2)
     with pytest.raises(ValueError, match="same, non-zero number of seeds"):
         paired_difference([1.0, 2.0], [1.0])

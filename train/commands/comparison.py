@@ -83,19 +83,21 @@ def pairs(cells: list[dict]) -> list[dict]:
     return out
 
 
-def window_se(ra: dict, rb: dict, key: str) -> Optional[float]:
-    """The windows' sampling error of one seed's difference on `key` (None unless both runs were
-    scored on the same windows and kept their per-window scores)."""
+def window_se(ra: dict, rb: dict, key: str) -> Optional[tuple[float, int]]:
+    """(se, df): the windows' sampling error of one seed's difference on `key`, clustered by
+    document (None unless both runs were scored on the same windows and kept per-window scores)."""
     import math
 
     wa, wb = ra.get("per_window"), rb.get("per_window")
     if not wa or not wb or ra.get("fingerprint") != rb.get("fingerprint") or len(wa["nll"]) != len(wb["nll"]):
         return None
-    n = len(wa["nll"])
+    n, docs = len(wa["nll"]), wa.get("docs")
     if key == "zero_shot_acc":
-        return None if wa["correct"] is None or wb["correct"] is None else window_difference_se(wa["correct"], wb["correct"])
+        if wa["correct"] is None or wb["correct"] is None:
+            return None
+        return window_difference_se(wa["correct"], wb["correct"], groups=docs)
     denom = sum(wa["tokens"]) if key == "yardstick_nats" else sum(wa["bytes"]) * math.log(2)
-    return window_difference_se(wa["nll"], wb["nll"], n / denom)  # a ratio of sums: the same bytes / tokens
+    return window_difference_se(wa["nll"], wb["nll"], n / denom, docs)  # a ratio of sums: the same bytes / tokens
 
 
 def pair_table(pair_rows: list[dict]) -> str:

@@ -6,8 +6,8 @@ the difference of two cells is taken seed by seed, d_i = a_i - b_i, and its inte
 paired t interval mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n) (Student's t with n-1 degrees of
 freedom; n = the seeds both cells have), widened by the windows' sampling error where the
 per-window scores are known (both cells scored on the same windows): a metric measured on 64
-windows is itself uncertain, which the seeds alone do not show (two seeds can agree by chance
-on a discrete accuracy). Two cells whose runs are identical give 0 ± 0. With one seed there is
+windows of a few documents is itself uncertain, which the seeds alone do not show (two seeds can
+agree by chance on a discrete accuracy). The windows' error is clustered by document. Two cells whose runs are identical give 0 ± 0. With one seed there is
 no interval (None): a single run cannot tell a difference from noise.
 """
 from __future__ import annotations
@@ -74,30 +74,54 @@ class Difference:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float],
-                      window_se: Optional[Sequence[float]] = None) -> Difference:
+                      window: Optional[Sequence[tuple[float, int]]] = None) -> Difference:
     """a_i - b_i over paired seeds (equal length), with the paired t 95% interval.
 
-    `window_se`: per seed, the standard error of that seed's difference from the finite set of
-    evaluation windows (`window_difference_se`); its mean square is added to the seeds' variance,
-    so the interval covers both the training noise (seeds) and the choice of windows:
-    mean(d) ± t(0.975, n-1) · sqrt(sd(d)² / n + mean(se²) / n). Identical runs give 0 ± 0."""
+    `window`: per seed, (se, df) of that seed's difference from the finite set of evaluation
+    windows (`window_difference_se`). Its mean square joins the seeds' variance, so the interval
+    covers both the training noise (seeds) and the choice of windows, with Welch-Satterthwaite's
+    degrees of freedom for the sum of the two variance components:
+        v_s = sd(d)² / n,  v_w = mean(se²) / n,  half width = t(0.975, df) · sqrt(v_s + v_w),
+        df = (v_s + v_w)² / (v_s² / (n - 1) + v_w² / df_w)   (floored; df = n - 1 without windows).
+    Identical runs give 0 ± 0."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired samples need the same, non-zero number of seeds; got {len(a)} and {len(b)}")
     d = [float(x) - float(y) for x, y in zip(a, b)]
     m, sd = mean_std(d)
-    if len(d) == 1:
+    n = len(d)
+    if n == 1:
         return Difference(m, None, 1)
-    extra = math.fsum(float(s) ** 2 for s in window_se) / len(window_se) if window_se else 0.0
-    return Difference(m, t975(len(d) - 1) * math.sqrt((sd ** 2 + extra) / len(d)), len(d))
+    v_s = sd ** 2 / n
+    v_w = math.fsum(float(se) ** 2 for se, _ in window) / len(window) / n if window else 0.0
+    if v_s + v_w == 0:
+        return Difference(m, 0.0, n)
+    df_w = min(df for _, df in window) if window else 1
+    df = (v_s + v_w) ** 2 / (v_s ** 2 / (n - 1) + (v_w ** 2 / df_w if v_w else 0.0))
+    return Difference(m, t975(max(1, int(df))) * math.sqrt(v_s + v_w), n)
 
 
-def window_difference_se(a: Sequence[float], b: Sequence[float], scale: float = 1.0) -> float:
-    """The standard error of mean_w(a_w - b_w) * scale over paired windows w (the same windows
-    scored by two models; 0 for identical scores): sd_w(a_w - b_w) / sqrt(n) * scale."""
+def window_difference_se(a: Sequence[float], b: Sequence[float], scale: float = 1.0,
+                         groups: Optional[Sequence] = None) -> tuple[float, int]:
+    """(standard error, degrees of freedom) of mean_w(a_w - b_w) * scale over paired windows w
+    (the same windows scored by two models; 0 for identical scores).
+
+    Windows cut from one document are not independent, so with `groups` (each window's document)
+    the error is the cluster-robust one (CR1: the residuals summed per document, G/(G-1) small-
+    sample factor) with G - 1 degrees of freedom; without, sd / sqrt(n) with n - 1."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired windows need the same, non-zero number of windows; got {len(a)} and {len(b)}")
-    _, sd = mean_std([float(x) - float(y) for x, y in zip(a, b)])
-    return sd / math.sqrt(len(a)) * abs(scale)
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    if groups is None or len(set(groups)) < 2:
+        _, sd = mean_std(diffs)
+        return sd / math.sqrt(n) * abs(scale), max(1, n - 1)
+    m = math.fsum(diffs) / n
+    sums: dict = {}
+    for g, x in zip(groups, diffs):
+        sums[g] = sums.get(g, 0.0) + (x - m)
+    G = len(sums)
+    var = G / (G - 1) * math.fsum(v ** 2 for v in sums.values()) / n ** 2
+    return math.sqrt(var) * abs(scale), G - 1
 
 
 def binomial_se(correct: int, n: int) -> Optional[float]:

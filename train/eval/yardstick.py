@@ -161,7 +161,8 @@ def score_yardstick(scorer, ys: Yardstick, objective, tokens) -> dict:
     choice, correct = _choice(scorer, ys, objective, tokens)
     per_window = {"nll": [math.fsum(nll[f][i] for f in range(len(ys.cuts))) for i in range(N)],
                   "tokens": [sum(ys.tokens.shape[1] - c for c in ys.cuts)] * N,
-                  "bytes": [sum(ys.bytes[f][i] for f in range(len(ys.cuts))) for i in range(N)], "correct": correct}
+                  "bytes": [sum(ys.bytes[f][i] for f in range(len(ys.cuts))) for i in range(N)], "correct": correct,
+                  "docs": list(ys.docs)}
     return {"continuation": {**total, "by_fraction": by_fraction}, "choice": choice, "way": way,
             "fingerprint": ys.fingerprint, "windows": N, "per_window": per_window,
             "seconds": round(time.perf_counter() - t0, 3)}
