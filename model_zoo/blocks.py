@@ -126,15 +126,20 @@ class ReadyMask:
     plain: Optional[str] = None  # "causal" | "full": flash SDPA, no mask tensor
     dense: Optional[Tensor] = None  # bool (B, H|1, Tq, Tk): reference / SDPA paths
     block: object = None  # flex BlockMask
+    q_scale: Optional[Tensor] = None  # (B, H|1, Tq, 1): entropy_scale's log_512(n) per query, applied to q
 
 
-def prepare_mask(spec: MaskSpec, impl: str, batch_size: int, device, has_bias: bool) -> ReadyMask:
+def prepare_mask(spec: MaskSpec, impl: str, batch_size: int, device, has_bias: bool,
+                 entropy_scale: bool = False, dtype=None) -> ReadyMask:
+    """The mask `impl` consumes; entropy_scale: also each query's log_512(keys it attends to)
+    (masks.MaskSpec.entropy_factor), which multiplies q and so every kernel's logits."""
+    q_scale = spec.entropy_factor(batch_size, device, dtype) if entropy_scale else None
     plain = None if has_bias else spec.plain()
     if plain is not None and impl != "reference":
-        return ReadyMask(plain=plain)
+        return ReadyMask(plain=plain, q_scale=q_scale)
     if impl == "flex":
-        return ReadyMask(block=spec.block_mask(batch_size, device))
-    return ReadyMask(dense=spec.dense(batch_size, device))
+        return ReadyMask(block=spec.block_mask(batch_size, device), q_scale=q_scale)
+    return ReadyMask(dense=spec.dense(batch_size, device), q_scale=q_scale)
 
 
 _compiled_flex = None
@@ -189,15 +194,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: ReadyMask, bias: Optional[Posi
 
 
 class Attention(nn.Module):
-    """Multi-head self- or cross-attention; no biases. RoPE (self-attention only) and the T5
-    bias come in from the stack; the kernel is chosen by `attend`."""
+    """Multi-head self- or cross-attention; no biases (`qk_bias`: q_proj and k_proj have one).
+    RoPE (self-attention only) and the T5 bias come in from the stack; the kernel is chosen by
+    `attend`. With `entropy_scale` the mask carries each query's log_512(n) factor, applied to q
+    after RoPE, so the logits are q.k x log_512(n) x scale on every kernel."""
 
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         inner = config.n_heads * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.q_proj = nn.Linear(config.d_model, inner, bias=config.qk_bias)
+        self.k_proj = nn.Linear(config.d_model, inner, bias=config.qk_bias)
         self.v_proj = nn.Linear(config.d_model, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
         self.scale = config.head_dim ** -0.5 if config.scale_attn else 1.0
@@ -224,6 +231,8 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, layer_idx)  # (B, H, Tk, hd): cached keys + these
+        if mask.q_scale is not None:
+            q = q * mask.q_scale  # entropy_scale: log_512(keys this query attends to)
         out = attend(q, k, v, mask, bias, self.scale, impl, self.record)  # (B, H, Tq, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -250,16 +259,25 @@ class Block(nn.Module):
     """
 
     runner = None  # Optional[Callable]: body, checkpointed and/or compiled (set from outside)
+    SHARED = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")  # what share_with reuses
 
-    def __init__(self, config, cross: bool):
+    def __init__(self, config, cross: bool, share_with: Optional["Block"] = None):
+        """share_with: another stack's block whose self-attention, MLP and their norms this block
+        runs (ED's share_encoder_decoder). They stay that block's submodules only (held here
+        without registering them), so the weights are stored, counted and updated once."""
         super().__init__()
-        self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config)
+        if share_with is not None:
+            for name in self.SHARED:
+                object.__setattr__(self, name, getattr(share_with, name))  # not a submodule here
+        else:  # (the order of creation is the order of initialisation: kept as it always was)
+            self.input_layernorm = make_norm(config)
+            self.self_attn = Attention(config)
         if cross:
             self.cross_attn_layernorm = make_norm(config)
             self.cross_attn = Attention(config)
-        self.post_attention_layernorm = make_norm(config)
-        self.mlp = make_mlp(config)
+        if share_with is None:
+            self.post_attention_layernorm = make_norm(config)
+            self.mlp = make_mlp(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, ctx: "StackContext", layer_idx: int) -> Tensor:
@@ -310,19 +328,24 @@ def positions_from_segments(segment_ids: Tensor) -> Tensor:
 
 
 class Stack(nn.Module):
-    """`n_layers` blocks and a final norm, with the stack's own position encoding.
+    """`n_layers` blocks (config.n_layers unless given) and a final norm, with the stack's own
+    position encoding.
 
     causal: decoder self-attention (CD / ND / ED decoder) or not (encoder).
     cross: blocks carry cross-attention (ED decoder).
+    share_with: a stack of as many blocks whose self-attention and MLP weights these blocks run.
     The bidirectional part of the mask comes from `bidirectional` flags (ND) or, for the
     encoder, is everything; its direction per layer / head is `config.bidirectional_mode`.
     """
 
-    def __init__(self, config, causal: bool, cross: bool, rel_bidirectional: bool):
+    def __init__(self, config, causal: bool, cross: bool, rel_bidirectional: bool, n_layers: Optional[int] = None,
+                 share_with: Optional["Stack"] = None):
         super().__init__()
         self.config = config
         self.causal = causal
-        self.layers = nn.ModuleList(Block(config, cross) for _ in range(config.n_layers))
+        n = config.n_layers if n_layers is None else n_layers
+        shared = [None] * n if share_with is None else list(share_with.layers)
+        self.layers = nn.ModuleList(Block(config, cross, shared[i]) for i in range(n))
         self.norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
         if config.position == "t5_bias":
@@ -334,8 +357,8 @@ class Stack(nn.Module):
         mode = self.config.bidirectional_mode
         if not has_bidirectional or mode == "full":
             return ["full"] * len(self.layers)
-        if mode == "mixed_heads":
-            return ["mixed_heads"] * len(self.layers)
+        if mode in ("mixed_heads", "forward"):
+            return [mode] * len(self.layers)
         return ["forward" if i % 2 == 0 else "backward" for i in range(len(self.layers))]
 
     def build_context(self, hidden: Tensor, *, segments: Optional[Tensor], positions: Tensor,
@@ -361,12 +384,14 @@ class Stack(nn.Module):
         for d in dict.fromkeys(directions):
             spec = MaskSpec(segments=segments, q_len=tq, kv_len=tk, causal=self.causal, bidir=bidirectional,
                             offset=offset, direction=d, n_heads=cfg.n_heads)
-            masks[d] = prepare_mask(spec, impl, b, hidden.device, has_bias=bias is not None)
+            masks[d] = prepare_mask(spec, impl, b, hidden.device, has_bias=bias is not None,
+                                    entropy_scale=cfg.entropy_scale, dtype=hidden.dtype)
         cross_mask = None
         if encoder_hidden is not None:
             spec = MaskSpec(segments=encoder_segments, q_len=tq, kv_len=encoder_hidden.shape[1], causal=False,
                             cross=True, cross_q_segments=cross_segments, n_heads=cfg.n_heads)
-            cross_mask = prepare_mask(spec, impl, b, hidden.device, has_bias=False)
+            cross_mask = prepare_mask(spec, impl, b, hidden.device, has_bias=False, entropy_scale=cfg.entropy_scale,
+                                      dtype=hidden.dtype)
         return StackContext(impl=impl, masks=masks, layer_directions=directions, bias=bias, rope=rope, cache=cache,
                             cross_cache=cross_cache, encoder_hidden=encoder_hidden, cross_mask=cross_mask)
 

@@ -18,7 +18,7 @@ from .loss import LOSS_IMPLS
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("geglu", "swiglu", "gelu")
 POSITIONS = ("rope", "t5_bias", "learned", "none")
-BIDIRECTIONAL_MODES = ("full", "mixed_heads", "mixed_layers")
+BIDIRECTIONAL_MODES = ("full", "forward", "mixed_heads", "mixed_layers")
 ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
 
 # Every option shared by both configs, with its default and meaning. The defaults are the
@@ -42,7 +42,9 @@ COMMON_DEFAULTS = dict(
     tie_embeddings=True,     # lm_head shares the input embedding matrix
     scale_tied_logits=True,  # tied: multiply final hidden by d_model**-0.5 before lm_head (T5/t5x)
     scale_attn=True,         # scores * head_dim**-0.5; T5 uses False (the scale lives in the init)
-    bidirectional_mode="full",  # how bidirectional attention runs: full | mixed_heads | mixed_layers
+    entropy_scale=False,     # control: scores also x log_512(n), n = keys the query attends to (its mask row)
+    qk_bias=False,           # control: q_proj and k_proj have a bias (RoPE + bias); v_proj / o_proj never
+    bidirectional_mode="full",  # how bidirectional attention runs: full | forward (causal) | mixed_heads | mixed_layers
     attn_impl="auto",        # auto (flex for training on CUDA; SDPA on CPU and for inference) | reference | sdpa | flex
     dropout=0.0,             # residual-branch and embedding dropout (reference: 0 pretrain, 0.1 MT-F)
     z_loss=0.0,              # coefficient of log(Z)^2 added to the loss (reference: 1e-4)
@@ -53,6 +55,22 @@ COMMON_DEFAULTS = dict(
     pad_token_id=0,
     eos_token_id=1,
 )
+
+# ED-only options (the controls of the encoder-decoder's structure).
+ED_DEFAULTS = dict(
+    n_encoder_layers=None,   # encoder depth (None: n_layers)
+    n_decoder_layers=None,   # decoder depth (None: n_layers)
+    share_encoder_decoder=False,  # decoder block i reuses encoder block i's self-attention, MLP and their norms
+)
+
+# Each control's default: a config whose controls all sit here computes what the model did before
+# they existed (export's native Llama / T5 forms are only written for such configs).
+CONTROL_DEFAULTS = dict(entropy_scale=False, qk_bias=False, bidirectional_mode="full", **ED_DEFAULTS)
+
+
+def _positive_or_none(name: str, v) -> None:
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise ValueError(f"{name}={v!r} must be a positive integer (or None for n_layers)")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -85,6 +103,9 @@ class _ArchscaleConfig(PretrainedConfig):
         _check_choice("mlp", self.mlp, MLPS)
         _check_choice("position", self.position, POSITIONS)
         _check_choice("bidirectional_mode", self.bidirectional_mode, BIDIRECTIONAL_MODES)
+        for name in ("entropy_scale", "qk_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "loss_chunk_size"):
@@ -120,25 +141,66 @@ class DecoderConfig(_ArchscaleConfig):
     def arch(self) -> str:
         return "nd" if self.prefix_attention else "cd"
 
+    @property
+    def decoder_depth(self) -> int:
+        return self.n_layers
+
 
 class EncoderDecoderConfig(_ArchscaleConfig):
-    """ED: bidirectional encoder, causal decoder with cross-attention; `n_layers` each.
+    """ED: bidirectional encoder, causal decoder with cross-attention; `n_layers` each unless
+    `n_encoder_layers` / `n_decoder_layers` say otherwise.
 
     The encoder uses bidirectional T5 buckets, the decoder unidirectional ones (as T5 does).
+    `share_encoder_decoder`: decoder block i runs encoder block i's self-attention, MLP and their
+    two norms (one set of weights, stored once under encoder.layers.i); the decoder's own
+    parameters are its cross-attention (with its norm), its final norm and its T5 bias table, so
+    the model has a decoder-only model's parameters plus those.
     """
 
     model_type = "archscale_ed"
 
-    def __init__(self, decoder_start_token_id: int | None = None, **kwargs):
+    def __init__(self, decoder_start_token_id: int | None = None, n_encoder_layers: int | None = None,
+                 n_decoder_layers: int | None = None, share_encoder_decoder: bool = False, **kwargs):
         kwargs.setdefault("is_encoder_decoder", True)
+        self.n_encoder_layers, self.n_decoder_layers = n_encoder_layers, n_decoder_layers
+        self.share_encoder_decoder = share_encoder_decoder
         super().__init__(**kwargs)
         self.decoder_start_token_id = self.pad_token_id if decoder_start_token_id is None else decoder_start_token_id
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        _positive_or_none("n_encoder_layers", self.n_encoder_layers)
+        _positive_or_none("n_decoder_layers", self.n_decoder_layers)
+        if not isinstance(self.share_encoder_decoder, bool):
+            raise ValueError(f"share_encoder_decoder={self.share_encoder_decoder!r} must be true or false")
+        if self.share_encoder_decoder and self.encoder_depth != self.decoder_depth:
+            raise ValueError(f"share_encoder_decoder needs as many encoder as decoder layers, got "
+                             f"{self.encoder_depth} and {self.decoder_depth}: set n_encoder_layers = n_decoder_layers")
+
+    @property
+    def encoder_depth(self) -> int:
+        return self.n_encoder_layers if self.n_encoder_layers is not None else self.n_layers
+
+    @property
+    def decoder_depth(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
 
     @property
     def arch(self) -> str:
         return "ed"
 
 
-def option_names() -> list[str]:
-    """All model options a user may set through `build(..., **overrides)`."""
-    return sorted(COMMON_DEFAULTS)
+def option_names(arch: str | None = None) -> list[str]:
+    """The model options a user may set through `build(arch, ..., **overrides)` (None: those of
+    every architecture)."""
+    return sorted(set(COMMON_DEFAULTS) | (set(ED_DEFAULTS) | {"decoder_start_token_id"} if arch == "ed" else set()))
+
+
+def non_default_controls(config) -> list[str]:
+    """'name=value' of each control option (CONTROL_DEFAULTS) away from its default.
+    bidirectional_mode counts only where the model attends bidirectionally (not CD, which has no
+    bidirectional tokens; ND and ED do)."""
+    bidirectional = getattr(config, "prefix_attention", True)
+    return [f"{name}={getattr(config, name)!r}" for name, default in CONTROL_DEFAULTS.items()
+            if hasattr(config, name) and getattr(config, name) != default
+            and (name != "bidirectional_mode" or bidirectional)]

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .config import DecoderConfig, EncoderDecoderConfig
+from .config import DecoderConfig, EncoderDecoderConfig, non_default_controls
 from .convert import t5_key
 
 # our modules the remote code needs, copied as they are (their imports are relative or torch/transformers)
@@ -35,6 +35,7 @@ def native_form(config) -> tuple[Optional[str], str]:
     """("llama" | "t5", "") when the config maps onto a transformers class exactly, else (None, why)."""
     c = config
     basics = [("norm", c.norm, "rmsnorm")]
+    controls = [f"{v} (a control transformers' class lacks)" for v in non_default_controls(c)]
     if isinstance(c, DecoderConfig):
         want = basics + [("position", c.position, "rope"), ("mlp", c.mlp, "swiglu")]
         why = [f"{k}={v!r} (Llama: {w!r})" for k, v, w in want if v != w]
@@ -42,12 +43,14 @@ def native_form(config) -> tuple[Optional[str], str]:
             why.insert(0, "prefix attention (ND; Llama is causal)")
         if c.n_heads and c.d_model % c.n_heads:
             why.append(f"d_model={c.d_model} is not a multiple of n_heads={c.n_heads} (Llama requires it)")
+        why += controls
         return ("llama", "") if not why else (None, "; ".join(why))
     if isinstance(c, EncoderDecoderConfig):
         want = basics + [("position", c.position, "t5_bias"), ("mlp", c.mlp, "geglu")]
         why = [f"{k}={v!r} (T5 v1.1: {w!r})" for k, v, w in want if v != w]
         if not c.tie_embeddings:
             why.append("untied embeddings (transformers' T5 always ties lm_head to the embedding)")
+        why += controls
         return ("t5", "") if not why else (None, "; ".join(why))
     return None, f"{type(c).__name__} is not an archscale config"
 

@@ -7,7 +7,8 @@ For a query token q and a key token k of one row (decoder self-attention):
                       else k <= q )                                         # causal everywhere else
 
 `direction` is `full` (always true), `forward` (k <= q: lower-triangular) or `backward`
-(k >= q: upper-triangular). Mixed-direction attention gives half of the heads (`mixed_heads`) or
+(k >= q: upper-triangular). bidirectional_mode="forward" gives every layer the forward direction
+(a causal encoder; an ND prefix read causally, i.e. CD's mask). Mixed-direction attention gives half of the heads (`mixed_heads`) or
 every other layer (`mixed_layers`) the backward direction, so each head's matrix over the prefix
 is triangular (full rank) while the block as a whole stays bidirectional. (This refines the
 formula in shared/DESIGN.md, `k <= q or (bidir and direction)`, under which a backward head would
@@ -137,8 +138,8 @@ class MaskSpec:
             return None
         if self.cross:
             return "full"
-        if not self.causal:
-            return "full" if self.direction == "full" else None
+        if not self.causal:  # encoder self-attention: full, or forward (a causal encoder)
+            return {"full": "full", "forward": "causal" if self.offset == 0 else None}.get(self.direction)
         if self.bidir is not None:
             return None
         # causal with a cache offset: SDPA's is_causal is top-left aligned, so only Tq == 1
@@ -177,6 +178,22 @@ class MaskSpec:
         k = torch.arange(self.kv_len, device=device).view(1, 1, 1, -1)
         m = self.mask_mod()(b, h, q, k)
         return m.expand(batch_size, n_h, self.q_len, self.kv_len)
+
+    def keys_per_query(self, batch_size: int, device) -> Tensor:
+        """(B, H|1, Tq) float: how many keys each query attends to (its mask row's count):
+        from the shape for plain causal / full attention, else counted on the dense mask."""
+        plain = self.plain()
+        if plain == "full":
+            return torch.full((batch_size, 1, self.q_len), float(self.kv_len), device=device)
+        if plain == "causal":  # no offset (plain() says so): query i sees keys 0..i
+            return torch.arange(1, self.q_len + 1, device=device, dtype=torch.float).expand(batch_size, 1, -1)
+        return self.dense(batch_size, device).sum(-1).float()
+
+    def entropy_factor(self, batch_size: int, device, dtype=None) -> Tensor:
+        """(B, H|1, Tq, 1): log_512(n) of each query's n = keys_per_query (the entropy-invariant
+        attention scale, Su 2021: logits x log_512(n) / sqrt(d); 1 at n = 512, 0 at n = 1)."""
+        n = self.keys_per_query(batch_size, device)
+        return (n.clamp(min=1).log() / math.log(512.0)).unsqueeze(-1).to(dtype or torch.float)
 
     def block_mask(self, batch_size: int, device):
         """flex-attention BlockMask (built once per forward pass and shared by the layers)."""

@@ -227,7 +227,7 @@ class Encoder(Stack):
     main_input_name = "input_ids"  # read by transformers' generate
 
     def __init__(self, config: EncoderDecoderConfig, embed: nn.Embedding):
-        super().__init__(config, causal=False, cross=False, rel_bidirectional=True)
+        super().__init__(config, causal=False, cross=False, rel_bidirectional=True, n_layers=config.encoder_depth)
         object.__setattr__(self, "_embed", embed)  # not a submodule: the parent owns `shared`
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -259,7 +259,9 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
         super().__init__(config)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config, self.shared)
-        self.decoder = Stack(config, causal=True, cross=True, rel_bidirectional=False)
+        # share_encoder_decoder: decoder block i runs encoder block i's self-attention and MLP
+        self.decoder = Stack(config, causal=True, cross=True, rel_bidirectional=False, n_layers=config.decoder_depth,
+                             share_with=self.encoder if config.share_encoder_decoder else None)
         self.lm_head = LMHead(config.d_model, config.vocab_size)
         self.post_init()
 

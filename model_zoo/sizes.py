@@ -8,7 +8,7 @@ option keeps the reference defaults (config.COMMON_DEFAULTS) unless overridden.
 """
 from __future__ import annotations
 
-from .config import COMMON_DEFAULTS, DecoderConfig, EncoderDecoderConfig
+from .config import DecoderConfig, EncoderDecoderConfig, option_names
 
 SIZES: dict[str, dict] = {
     # tiny, for tests and CPU debugging: seconds per step on a laptop
@@ -36,7 +36,7 @@ def make_config(arch: str, size: str = "debug", **overrides):
     key = ALIASES.get(size, size)
     if key not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(size_names())}")
-    valid = set(COMMON_DEFAULTS) | ({"decoder_start_token_id"} if arch == "ed" else set())
+    valid = set(option_names(arch))
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
@@ -70,27 +70,32 @@ def build(arch: str, size: str = "debug", *, device=None, dtype=None, **override
 
 
 # ------------------------------------------------------------------------------- parameters
-def _block_params(c, cross: bool) -> int:
+def _block_params(c, cross: bool, shared: bool = False) -> int:
+    """One block's own parameters; `shared`: an ED decoder block of share_encoder_decoder (its
+    self-attention, MLP and their norms are the encoder block's, so only its cross-attention counts)."""
     d, inner = c.d_model, c.n_heads * c.head_dim
     norm = d if c.norm == "rmsnorm" else 2 * d  # LayerNorm has a bias
-    attn = 4 * d * inner  # q, k, v, o
+    attn = 4 * d * inner + (2 * inner if c.qk_bias else 0)  # q, k, v, o (+ the q and k biases)
     mlp = (3 if c.mlp in ("geglu", "swiglu") else 2) * d * c.d_ff
-    return attn + mlp + 2 * norm + ((attn + norm) if cross else 0)
+    own = 0 if shared else attn + mlp + 2 * norm
+    return own + ((attn + norm) if cross else 0)
 
 
-def _stack_params(c, cross: bool) -> int:
+def _stack_params(c, n_layers: int, cross: bool, shared: bool = False) -> int:
     norm = c.d_model if c.norm == "rmsnorm" else 2 * c.d_model
     pos = {"t5_bias": c.rel_buckets * c.n_heads, "learned": c.max_position_embeddings * c.d_model}.get(c.position, 0)
-    return c.n_layers * _block_params(c, cross) + norm + pos
+    return n_layers * _block_params(c, cross, shared) + norm + pos
 
 
 def num_params(config) -> int:
-    """Parameters of the model `config` describes, counting tied matrices once."""
-    embed = config.vocab_size * config.d_model
-    head = 0 if config.tie_embeddings else embed
-    if config.arch == "ed":
-        return embed + head + _stack_params(config, cross=False) + _stack_params(config, cross=True)
-    return embed + head + _stack_params(config, cross=False)
+    """Parameters of the model `config` describes, counting tied (and shared) matrices once."""
+    c = config
+    embed = c.vocab_size * c.d_model
+    head = 0 if c.tie_embeddings else embed
+    if c.arch == "ed":
+        return (embed + head + _stack_params(c, c.encoder_depth, cross=False)
+                + _stack_params(c, c.decoder_depth, cross=True, shared=c.share_encoder_decoder))
+    return embed + head + _stack_params(c, c.n_layers, cross=False)
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -115,8 +120,11 @@ def train_flops(config, seq_len: int, prefix_len: int = 0, target_len: int = 0) 
     nothing; the LM head (V x D) counts for every token that produces logits (decoder tokens).
 
     Decoder (CD / ND): `seq_len` tokens, the first `prefix_len` bidirectional (ND; 0 for CD).
-    ED: `seq_len` encoder tokens and `target_len` decoder tokens; the decoder's cross-attention
-    K/V projections run on the encoder tokens once per decoder layer.
+    ED: `seq_len` encoder tokens through `n_encoder_layers` and `target_len` decoder tokens through
+    `n_decoder_layers`; the decoder's cross-attention K/V projections run on the encoder tokens
+    once per decoder layer. Shared encoder / decoder weights (share_encoder_decoder) cost the
+    same FLOPs: each token still passes through them. The bidirectional block counts all its pairs
+    whatever `bidirectional_mode` (a causal or mixed-direction block is computed as whole blocks).
     The same formula serves every architecture, so MFU and compute-matched comparisons agree.
     """
     c = config
@@ -128,9 +136,9 @@ def train_flops(config, seq_len: int, prefix_len: int = 0, target_len: int = 0) 
         fwd = 2 * (L * (attn_proj + mlp) + head) * seq_len
         fwd += 4 * L * inner * attended_pairs(seq_len, prefix_len if c.arch == "nd" else 0, causal=True)
         return 3.0 * fwd
-    ti, to = seq_len, target_len
-    enc = 2 * L * (attn_proj + mlp) * ti + 4 * L * inner * attended_pairs(ti, causal=False)
-    cross_kv = 2 * L * (2 * d * inner) * ti  # k, v projections of the encoder output
-    dec = 2 * (L * (attn_proj + 2 * d * inner + mlp) + head) * to  # self-attn, cross q/o, MLP, head
-    dec += 4 * L * inner * (attended_pairs(to, causal=True) + to * ti)  # self + cross attention
+    ti, to, le, ld = seq_len, target_len, c.encoder_depth, c.decoder_depth
+    enc = 2 * le * (attn_proj + mlp) * ti + 4 * le * inner * attended_pairs(ti, causal=False)
+    cross_kv = 2 * ld * (2 * d * inner) * ti  # k, v projections of the encoder output
+    dec = 2 * (ld * (attn_proj + 2 * d * inner + mlp) + head) * to  # self-attn, cross q/o, MLP, head
+    dec += 4 * ld * inner * (attended_pairs(to, causal=True) + to * ti)  # self + cross attention
     return 3.0 * (enc + cross_kv + dec)

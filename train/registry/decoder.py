@@ -56,19 +56,30 @@ class DecoderSpec(ArchSpec):
 
     def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
         """archscale analyze: the same weights with the causal mask (CD) and with the first
-        `prefix` tokens bidirectional (ND): only the mask differs."""
+        `prefix` tokens bidirectional (ND): only the mask differs. Whole matrices, then the
+        prefix block alone (where the low-rank argument applies) under the CD, ND and
+        mixed-direction ND masks (mixed_heads; mixed_layers for an odd number of heads)."""
         import torch
         from model_zoo.analysis import attention_spectra
 
-        was = model.config.prefix_attention
+        cfg = model.config
+        was = cfg.prefix_attention, cfg.bidirectional_mode
+        batch = {"input_ids": ids, "prefix_lengths": torch.full((ids.shape[0],), prefix)}
+        mixed = "mixed_heads" if cfg.n_heads % 2 == 0 else "mixed_layers"
+        views = {}
         try:
-            model.config.prefix_attention = False
-            causal = attention_spectra(model, {"input_ids": ids})
-            model.config.prefix_attention = True
-            bidir = attention_spectra(model, {"input_ids": ids, "prefix_lengths": torch.full((ids.shape[0],), prefix)})
+            for name, nd, mode, block in (
+                    ("causal (CD mask)", False, was[1], "segment"),
+                    (f"prefix {prefix} bidirectional (ND mask)", True, was[1], "segment"),
+                    (f"causal: prefix block {prefix} (CD mask)", False, was[1], "bidirectional"),
+                    (f"bidirectional: prefix block {prefix} (ND mask)", True, "full", "bidirectional"),
+                    (f"mixed-direction: prefix block {prefix} (ND {mixed})", True, mixed, "bidirectional")):
+                cfg.prefix_attention, cfg.bidirectional_mode = nd, mode
+                views[name] = attention_spectra(model, batch if nd or block != "segment" else {"input_ids": ids},
+                                                block=block)
         finally:
-            model.config.prefix_attention = was
-        return {"causal (CD mask)": causal, f"prefix {prefix} bidirectional (ND mask)": bidir}
+            cfg.prefix_attention, cfg.bidirectional_mode = was
+        return views
 
     def attention_full_rank(self, ids) -> int:
         """The rank a full attention matrix over `ids` rows can have."""

@@ -53,13 +53,25 @@ class EncoderDecoderSpec(ArchSpec):
 
     def attention_views(self, model, ids, prefix: int) -> dict[str, list[dict]]:
         """archscale analyze: the first half of each row to the encoder (bidirectional), the
-        second to the decoder (causal); `prefix` is not used."""
+        second to the decoder (causal); `prefix` is not used. Then the encoder (the bidirectional
+        block) of the same weights as a causal (forward) and as a mixed-direction encoder."""
         from model_zoo.analysis import attention_spectra
 
+        cfg = model.config
         half = ids.shape[1] // 2
-        rows = attention_spectra(model, {"input_ids": ids[:, :half], "decoder_input_ids": ids[:, half:]})
-        return {"bidirectional (encoder)": [r for r in rows if r["stack"] == "encoder"],
-                "causal (decoder)": [r for r in rows if r["stack"] == "decoder"]}
+        batch = {"input_ids": ids[:, :half], "decoder_input_ids": ids[:, half:]}
+        rows = attention_spectra(model, batch)
+        views = {"bidirectional (encoder)": [r for r in rows if r["stack"] == "encoder"],
+                 "causal (decoder)": [r for r in rows if r["stack"] == "decoder"]}
+        mixed = "mixed_heads" if cfg.n_heads % 2 == 0 else "mixed_layers"
+        was = cfg.bidirectional_mode
+        try:
+            for name, mode in (("causal: encoder (forward)", "forward"), (f"mixed-direction: encoder ({mixed})", mixed)):
+                cfg.bidirectional_mode = mode
+                views[name] = attention_spectra(model, batch, block="bidirectional")
+        finally:
+            cfg.bidirectional_mode = was
+        return views
 
     def attention_full_rank(self, ids) -> int:
         """Each stack sees half of a row."""
@@ -115,15 +127,16 @@ class EncoderDecoderSpec(ArchSpec):
         return total
 
     def num_layers(self, config) -> int:
-        """Encoder + decoder blocks."""
-        return 2 * config.n_layers
+        """Encoder + decoder blocks (n_encoder_layers + n_decoder_layers; n_layers each by default)."""
+        return config.encoder_depth + config.decoder_depth
 
     def pipeline_layers_layout(self, config):
         """The encoder stack, then the decoder stack reading the encoder output."""
         return encoder_decoder_layout(config)
 
     def describe_blocks(self, config) -> str:
-        return f"{config.n_layers} encoder + {config.n_layers} decoder layers"
+        shared = " (sharing their self-attention and MLP weights)" if config.share_encoder_decoder else ""
+        return f"{config.encoder_depth} encoder + {config.decoder_depth} decoder layers{shared}"
 
     def pipeline_carry_tokens(self, lengths: Lengths) -> int:
         """The residual stream and the encoder output, each bounded by the longer row."""

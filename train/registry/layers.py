@@ -4,7 +4,8 @@ Pure data (no torch, no deepspeed): train/engine/pipeline builds its LayerSpecs 
 train/commands/plan counts parameters and activations over it without building a model. A family's
 spec returns its layout (`ArchSpec.pipeline_layers_layout(config)`, `config` a model_zoo config).
 
-Layers (index: kind; the model_zoo key prefix of its parameters), L = n_layers:
+Layers (index: kind; the model_zoo key prefix of its parameters), L = n_layers (ED: E encoder
+layers, n_encoder_layers, and D decoder layers, n_decoder_layers; each n_layers by default):
 Decoder (CD / ND, `DecoderLM`):
     0          embed      model.embed_tokens.  (tied with the head when tie_embeddings)
     1          input      model.   (rel_bias.* / embed_positions.*, dropout, T5 table)
@@ -14,13 +15,13 @@ Decoder (CD / ND, `DecoderLM`):
 ED (`EncoderDecoderLM`):
     0          embed      shared.  (tied: also the decoder input and, tied, the head)
     1          input      encoder.
-    2 .. L+1   block i    encoder.layers.i.
-    L+2        norm       encoder.  -> encoder_hidden
-    L+3        embed      the tied embedding on decoder_input_ids
-    L+4        input      decoder.
-    L+5..2L+4  block i    decoder.layers.i. (with cross-attention)
-    2L+5       head_norm  decoder.
-    2L+6       head
+    2 .. E+1   block i    encoder.layers.i.
+    E+2        norm       encoder.  -> encoder_hidden
+    E+3        embed      the tied embedding on decoder_input_ids
+    E+4        input      decoder.
+    E+5..E+D+4 block i    decoder.layers.i. (with cross-attention)
+    E+D+5      head_norm  decoder.
+    E+D+6      head
 
 Each layer names the carry (the activation fields, in order) it receives and hands on; a layer
 passes on only what later layers need (the last block of a stack drops the T5 table and the
@@ -41,11 +42,17 @@ class StackKind:
     cross: bool  # its blocks cross-attend to the encoder output
     segments: str  # carry field of this stack's segment ids
     positions: str  # carry field of its position ids
+    depth_field: str  # the model_zoo config property that gives its number of blocks
+
+    def depth(self, config) -> int:
+        """The stack's number of blocks in the model `config` describes."""
+        return getattr(config, self.depth_field)
 
 
-DECODER = StackKind("decoder", True, True, False, "segment_ids", "position_ids")
-ENCODER = StackKind("encoder", False, True, False, "segment_ids", "position_ids")
-ED_DECODER = StackKind("ed_decoder", True, False, True, "decoder_segment_ids", "decoder_position_ids")
+DECODER = StackKind("decoder", True, True, False, "segment_ids", "position_ids", "decoder_depth")
+ENCODER = StackKind("encoder", False, True, False, "segment_ids", "position_ids", "encoder_depth")
+ED_DECODER = StackKind("ed_decoder", True, False, True, "decoder_segment_ids", "decoder_position_ids",
+                       "decoder_depth")
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def decoder_layout(config, bidirectional_prefix: bool) -> PipelineLayout:
     c_in, c_embedded, c_inner, c_last = ("input_ids", *ints), ("hidden", *ints), ("hidden", *table, *ints), ("hidden",)
     embed = ("model.embed_tokens.", "lm_head.") if tied else ("model.embed_tokens.",)
     layers = [PipelineLayer("embed", "decoder", DECODER, c_in, c_embedded, embed, tied=tied, field="input_ids")]
-    layers += _stack(DECODER, "decoder", config.n_layers, c_embedded, c_inner, c_last, "model.")
+    layers += _stack(DECODER, "decoder", DECODER.depth(config), c_embedded, c_inner, c_last, "model.")
     layers += [PipelineLayer("head_norm", "decoder", DECODER, c_last, c_last, ("model.",), field="hidden"),
                _head(config, "decoder", DECODER, embed)]
     keys = frozenset({"input_ids", "labels", "segment_ids", "position_ids", "bidirectional", "prefix_lengths"})
@@ -131,13 +138,15 @@ def encoder_decoder_layout(config) -> PipelineLayout:
     c_dec = ("hidden", *table, "encoder_hidden", "segment_ids", *dec_ints)
     c_last = ("hidden",)
     embed = ("shared.", "lm_head.") if config.tie_embeddings else ("shared.",)
-    L = config.n_layers
+    if config.share_encoder_decoder:
+        raise ValueError("share_encoder_decoder=true cannot be pipelined (decoder block i runs encoder block i's "
+                         "weights, which may sit on another stage): use parallel.pipeline_stages=1 (ZeRO shards it)")
     layers = [PipelineLayer("embed", "encoder", ENCODER, c_in, c_enc0, embed, tied=True, field="input_ids")]
-    layers += _stack(ENCODER, "encoder", L, c_enc0, c_enc, c_enc_last, "encoder.")
+    layers += _stack(ENCODER, "encoder", ENCODER.depth(config), c_enc0, c_enc, c_enc_last, "encoder.")
     layers += [PipelineLayer("norm", "encoder", ENCODER, c_enc_last, c_enc_out, ("encoder.",), field="encoder_hidden"),
                PipelineLayer("embed", "decoder", ED_DECODER, c_enc_out, c_dec0, embed, tied=True,
                              field="decoder_input_ids")]
-    layers += _stack(ED_DECODER, "decoder", L, c_dec0, c_dec, c_last, "decoder.")
+    layers += _stack(ED_DECODER, "decoder", ED_DECODER.depth(config), c_dec0, c_dec, c_last, "decoder.")
     layers += [PipelineLayer("head_norm", "decoder", ED_DECODER, c_last, c_last, ("decoder.",), field="hidden"),
                _head(config, "decoder", ED_DECODER, embed)]
     keys = frozenset({"input_ids", "labels", "segment_ids", "position_ids", *dec})

@@ -23,8 +23,8 @@ class _StackView:
     layer_directions = Stack.layer_directions
     build_context = Stack.build_context
 
-    def __init__(self, config, causal: bool):
-        self.config, self.causal, self.layers = config, causal, range(config.n_layers)
+    def __init__(self, config, causal: bool, n_layers: int):
+        self.config, self.causal, self.layers = config, causal, range(n_layers)
 
     def rel_bias(self, positions: Tensor, offset: int) -> PositionBias:
         return PositionBias(table=None, positions=positions, offset=offset, span=self.config.rel_max_distance)
@@ -83,7 +83,7 @@ def stack_context(config, kind: StackKind, x: Mapping[str, Tensor], cache: Optio
     enc_seg = x["segment_ids"] if kind.cross else None
 
     def build() -> StackContext:
-        view = _StackView(config, kind.causal)
+        view = _StackView(config, kind.causal, kind.depth(config))
         ctx = view.build_context(hidden, segments=seg.long(), positions=pos,
                                  bidirectional=bidir.bool() if bidir is not None else None, offset=0,
                                  encoder_hidden=enc, encoder_segments=enc_seg.long() if enc_seg is not None else None,
