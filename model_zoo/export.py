@@ -27,8 +27,14 @@ import torch
 from .config import DecoderConfig, EncoderDecoderConfig, non_default_controls
 from .convert import t5_key
 
-# our modules the remote code needs, copied as they are (their imports are relative or torch/transformers)
-REMOTE_MODULES = ("config.py", "models.py", "blocks.py", "masks.py", "loss.py")
+
+def remote_modules() -> list[Path]:
+    """Our files the remote code needs: models.py and every file it imports relatively, found as
+    transformers finds them when it loads the directory (their other imports: torch, transformers)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    models = Path(__file__).with_name("models.py")
+    return sorted({models, *map(Path, get_relative_import_files(str(models)))})
 
 
 def native_form(config) -> tuple[Optional[str], str]:
@@ -124,9 +130,8 @@ def write_remote_code(model, out: Path) -> None:
         model.save_pretrained(out)
     finally:
         del c.auto_map
-    here = Path(__file__).parent
-    for name in REMOTE_MODULES:
-        shutil.copy(here / name, out / name)
+    for f in remote_modules():
+        shutil.copy(f, out / f.name)
 
 
 def save_for_transformers(model, out, tokenizer=None) -> str:
