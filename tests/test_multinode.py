@@ -152,7 +152,7 @@ def requeue_twice(job: str, run_dir: Path, timeout: float = 420) -> list[int]:
         resumed_at = stops[-1] if stops else 0
         if started == len(stops) + 1 and max_step(run_dir) >= resumed_at + 3:
             subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
-            while f"stopped by SIGUSR1 at step" not in job_log(run_dir).split(f"start {len(stops)} ")[-1]:
+            while "stopped by SIGUSR1 at step" not in job_log(run_dir).split(f"start {len(stops)} ")[-1]:
                 assert time.monotonic() < deadline and job_state(job) not in ENDED, job_log(run_dir)[-3000:]
                 time.sleep(0.3)
             stops.append(int(re.findall(r"stopped by SIGUSR1 at step (\d+)", job_log(run_dir))[-1]))

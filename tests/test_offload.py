@@ -11,6 +11,7 @@ it first, outside the timed launch, and skips with the compiler's last line if i
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -78,8 +79,7 @@ def test_offload_trains_resumes_and_matches_no_offload(name, runs):
     print(f"{name}: max |loss diff| vs no offload = {diff:.3g} (losses {[round(got[s], 4) for s in sorted(got)]})")
     assert diff <= LOSS_TOL, (got, ref)
     assert got[STEPS] < got[1]
-    ds = (work / name / "ds_config.json").read_text()
-    zero = __import__("json").loads(ds)["zero_optimization"]
+    zero = json.loads((work / name / "ds_config.json").read_text())["zero_optimization"]
     assert ("offload_optimizer" in zero) == CASES[name][1] and ("offload_param" in zero) == CASES[name][2]
     assert state(work / name)["step"] == STEPS
     # the weights after 4 steps: the same as without offload, and they moved
