@@ -2,7 +2,8 @@
 
     archscale train [CONFIG.yaml] [a.b=c ...] [--dry-run | --local-procs N]  train or resume one run
         [--overfit [--overfit-steps 200] [--overfit-threshold 0.5] | --determinism-check [--steps 5]]
-    archscale compare [--out DIR] [--tokens N | --budget KIND=VALUE] ...  the small CD:FLM / ND:PLM / ED:MLM comparison
+    archscale compare [--out DIR] [--seeds N] [--tokens N | --budget KIND=VALUE] ...  cells on one yardstick
+    archscale reproduce NAME [--seeds N] [--size S] | --list  a published claim, judged by a stated rule
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
     archscale analyze RUN_DIR [--step N]                   attention rank per layer: causal vs bidirectional
@@ -152,6 +153,7 @@ COMMANDS = {
     "analyze": lambda argv: __import__("train.commands.analyze", fromlist=["main"]).main(argv),
     "eval": lambda argv: __import__("train.eval.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
     "report": lambda argv: __import__("train.commands.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
+    "reproduce": lambda argv: __import__("train.commands.reproduce", fromlist=["main"]).main(argv),  # archscale reproduce NAME
     "plan": lambda argv: __import__("train.commands.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),

@@ -1,0 +1,233 @@
+"""`archscale reproduce NAME`: a published claim, run as a comparison, judged by a rule stated in advance.
+
+    archscale reproduce --list
+    archscale reproduce su-gpt-vs-unilm [--size debug] [--seeds 2] [--tokens 160000] [--out DIR]
+    archscale reproduce su-ed-params --seeds 3 --results docs/results
+
+Each claim is a set of cells trained by `archscale compare` (the same held-out yardstick for
+every cell, `--seeds` runs per cell, paired 95% intervals; docs/evaluation.md) and a verdict
+rule on those intervals, written below before any run: "reproduced", "not reproduced" or
+"inconclusive". The command prints the claim, the table, the differences and the verdict, and
+writes RESULTS/NAME.md (the command, the machine, the date, the tables, the verdict's reasons)
+and RESULTS/NAME.png (the curves). Nothing is tuned for a claim: the cells use compare's
+settings; a claim that does not reproduce is reported as it is. At the default (debug) size
+these are smoke-scale reproductions: the page says so.
+
+Claims that need a control or a chain this stack does not run yet are listed with what they
+need, and refused.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+METRIC = "yardstick_nats"  # every rule reads the continuation loss (lower is better)
+
+
+def _pair(pairs: list[dict], a: str, b: str) -> dict:
+    """The a - b difference on METRIC (either order in the list; sign fixed to a - b)."""
+    for p in pairs:
+        if p["metric"] != METRIC:
+            continue
+        if (p["a"], p["b"]) == (a, b):
+            return p
+        if (p["a"], p["b"]) == (b, a):
+            flip = lambda v: None if v is None else -v  # noqa: E731
+            return {**p, "a": a, "b": b, "mean": -p["mean"], "low": flip(p["high"]), "high": flip(p["low"])}
+    raise KeyError(f"no {a} - {b} difference on {METRIC}")
+
+
+def better(p: dict) -> bool:
+    """a is resolved better (lower loss) than b."""
+    return p["resolved"] and p["mean"] < 0
+
+
+def worse(p: dict) -> bool:
+    return p["resolved"] and p["mean"] > 0
+
+
+def _describe(p: dict) -> str:
+    iv = "no interval" if p["low"] is None else f"[{p['low']:+.4f}, {p['high']:+.4f}]"
+    return f"{p['a']} - {p['b']} = {p['mean']:+.4f} nats/token, 95% {iv}"
+
+
+def rule_gpt_vs_unilm(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """Reproduced: ND is not resolved better than CD (no gain from the bidirectional prefix) and
+    the mixed-direction ND is resolved better than both. Not reproduced: ND resolved better than
+    CD, or mixed resolved worse than CD or ND. Otherwise inconclusive."""
+    nd_cd = _pair(pairs, names["nd"], names["cd"])
+    mix_nd, mix_cd = _pair(pairs, names["mixed"], names["nd"]), _pair(pairs, names["mixed"], names["cd"])
+    reasons = [_describe(nd_cd), _describe(mix_nd), _describe(mix_cd)]
+    if better(nd_cd) or worse(mix_nd) or worse(mix_cd):
+        return "not reproduced", reasons
+    if better(mix_nd) and better(mix_cd):
+        return "reproduced", reasons
+    return "inconclusive", reasons
+
+
+def rule_ed_params(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """Reproduced: ED at equal per-token FLOPs (2x the parameters) is resolved better than CD, and
+    ED at equal parameters (half depth) is not. Not reproduced: the parameter-matched ED is resolved
+    better than CD too (the advantage is not the parameters). Otherwise (no resolved advantage at
+    equal FLOPs to explain) inconclusive."""
+    flops, params = _pair(pairs, names["ed"], names["cd"]), _pair(pairs, names["ed-half"], names["cd"])
+    reasons = [_describe(flops), _describe(params)]
+    if better(params):
+        return "not reproduced", reasons
+    if better(flops):
+        return "reproduced", reasons
+    return "inconclusive", reasons
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    source: str
+    text: str
+    cells: Callable[[int], list[str]]  # grid cells for a size of n decoder layers
+    names: dict  # role -> the cell's name in compare's table
+    rule: Callable
+    needs: str = ""  # what is missing for it to run; "" = runnable
+    caveat: str = ("Smoke scale: the debug size (0.6M parameters, most of them embeddings) on ~160k tokens of "
+                   "this Python installation's own sources; the published claims were made at 100M-10B "
+                   "parameters on web text. A verdict here says what this scale shows, not what the paper's does.")
+    extra: list = field(default_factory=list)
+
+
+CLAIMS = {c.name: c for c in [
+    Claim("su-gpt-vs-unilm", "Su Jianlin, 'Why are current LLMs all decoder-only?' (2023); SCIENCE.md",
+          "CD vs ND with the same parameters and the same PLM data, only the mask over the prefix differs: the "
+          "bidirectional prefix brings no gain, and mixed-direction attention (half the heads lower-, half "
+          "upper-triangular over the prefix) does best.",
+          lambda n: ["cd:plm", "nd:plm", "{cell: 'nd:plm', label: nd-mixed, set: "
+                     "{model.overrides.bidirectional_mode: mixed_heads}}"],
+          {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_gpt_vs_unilm),
+    Claim("su-ed-params", "Su Jianlin (2023); SCIENCE.md ('ED has about 2x the parameters')",
+          "ED vs CD on the same PLM data at equal per-token FLOPs (ED: encoder and decoder each as deep as the "
+          "decoder, ~2x the parameters), and at equal parameters (ED at half depth each): ED's advantage comes "
+          "from its doubled parameters.",
+          lambda n: ["cd:plm", "ed:plm", f"{{cell: 'ed:plm', label: ed-half, set: {{model.overrides.n_layers: "
+                     f"{max(1, n // 2)}}}}}"],
+          {"cd": "CD:PLM", "ed": "ED:PLM", "ed-half": "ED:PLM (ed-half)"}, rule_ed_params),
+    Claim("su-low-rank", "Su Jianlin (2023)", "Bidirectional attention blocks are lower-rank than causal ones.",
+          lambda n: [], {}, None, needs="the prefix-block effective rank of `archscale analyze` (issue 17's analysis "
+                                        "control)"),
+    Claim("wang-nca", "Wang et al. 2022", "NC-A reaches from-scratch ND:MLM's final loss in ~1/3.3 of the tokens.",
+          lambda n: [], {}, None, needs="a pretrain -> adapt chain in one command (the README walkthrough runs it by "
+                                        "hand; `archscale report` measures the catch-up)"),
+    Claim("wang-zero-shot", "Wang et al. 2022", "CD:FLM is best zero-shot after pretraining; MLM-pretrained "
+          "models are best after multitask finetuning.", lambda n: [], {}, None,
+          needs="a multitask-finetuning stage after each cell"),
+    Claim("su-entropy-scale", "Su Jianlin (2021, 2023)", "The log_512(n) attention scale and RoPE + q/k bias "
+          "extrapolate better in length.", lambda n: [], {}, None,
+          needs="evaluation at 2n and 4n window lengths next to the entropy-scale and q/k-bias controls"),
+]}
+
+
+def _machine() -> str:
+    import os
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="archscale reproduce", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(CLAIMS)}")
+    p.add_argument("--list", action="store_true", help="the claims, their rules and what each needs")
+    p.add_argument("--size", default="debug", help="model size of every cell (model_zoo.SIZES)")
+    p.add_argument("--seeds", type=int, default=2, help="runs per cell")
+    p.add_argument("--tokens", type=int, default=160_000, help="tokens seen per run (the budget every cell matches)")
+    p.add_argument("--out", default=None, help="run directories (default: runs/reproduce/NAME)")
+    p.add_argument("--results", default="docs/results", help="where NAME.md and NAME.png are written")
+    p.add_argument("--set", nargs="*", default=[], metavar="a.b=c", help="more overrides for every cell")
+    a = p.parse_args(argv)
+    if a.list or not a.name:
+        for c in CLAIMS.values():
+            state = f"needs {c.needs}" if c.needs else "runnable"
+            print(f"{c.name}: {c.text}\n    rule: {' '.join((c.rule.__doc__ or '-').split()) if c.rule else '-'}"
+                  f"\n    {state}")
+        return 0 if a.list else 2
+    claim = CLAIMS.get(a.name)
+    if claim is None:
+        print(f"error: unknown claim {a.name!r}; choose one of {', '.join(CLAIMS)} (archscale reproduce --list)",
+              file=sys.stderr)
+        return 2
+    if claim.needs:
+        print(f"error: {claim.name} cannot run yet: it needs {claim.needs}", file=sys.stderr)
+        return 2
+    import model_zoo
+
+    from .compare import main as compare_main
+
+    if a.size not in model_zoo.SIZES:
+        print(f"error: --size {a.size!r} is not one of {', '.join(model_zoo.SIZES)}", file=sys.stderr)
+        return 2
+    out = Path(a.out or f"runs/reproduce/{claim.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    grid = out / "cells.yaml"
+    grid.write_text("cells:\n" + "".join(f"  - {c}\n" for c in claim.cells(model_zoo.SIZES[a.size]["n_layers"])))
+    argv_compare = ["--out", str(out), "--grid", str(grid), "--seeds", str(a.seeds), "--size", a.size,
+                    "--tokens", str(a.tokens)] + (["--set", *a.set] if a.set else [])
+    print(f"{claim.name}: {claim.text}\nrule: {' '.join(claim.rule.__doc__.split())}\n")
+    rc = compare_main(argv_compare)
+    if rc:
+        return rc
+    doc = json.loads((out / "comparison.json").read_text())
+    verdict, reasons = claim.rule(doc["pairs"], claim.names)
+    print(f"\nverdict: {verdict}\n" + "\n".join(f"  {r}" for r in reasons))
+    write_page(claim, a, doc, verdict, reasons, out)
+    return 0
+
+
+def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out: Path) -> Path:
+    from .comparison import cell_table, pair_table
+
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    png = results / f"{claim.name}.png"
+    shutil.copyfile(out / "curves.png", png)
+    command = " ".join(["archscale reproduce", claim.name, "--size", a.size, "--seeds", str(a.seeds), "--tokens",
+                        str(a.tokens)] + (["--set", *a.set] if a.set else []))
+    page = f"""# {claim.name}: {verdict}
+
+**Claim** ({claim.source}): {claim.text}
+
+**Rule, stated before the run**: {' '.join(claim.rule.__doc__.split())} The metric is the common
+yardstick's continuation loss in nats per token (docs/evaluation.md); intervals are paired by seed,
+95%, covering the seeds and the held-out windows.
+
+**Verdict: {verdict}.**
+{chr(10).join('- ' + r for r in reasons)}
+
+**Scale caveat.** {claim.caveat}
+
+Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
+{datetime.date.today().isoformat()}.
+
+## Cells
+
+{cell_table(doc["cells"])}
+
+## Differences
+
+{pair_table(doc["pairs"])}
+
+![curves]({png.name})
+"""
+    path = results / f"{claim.name}.md"
+    path.write_text(page)
+    print(f"{path}  {png}")
+    return path
