@@ -1,0 +1,47 @@
+"""archscale reproduce: the verdict rules on constructed differences, and the refusals."""
+from __future__ import annotations
+
+import pytest
+
+from train.commands import reproduce as R
+
+
+def pair(a, b, mean, half):
+    return {"a": a, "b": b, "metric": R.METRIC, "mean": mean, "half_width": half, "low": mean - half,
+            "high": mean + half, "resolved": abs(mean) > half, "seeds": [0, 1]}
+
+
+GPT = R.CLAIMS["su-gpt-vs-unilm"].names
+ED = R.CLAIMS["su-ed-params"].names
+
+
+@pytest.mark.parametrize("nd_cd,mix_nd,mix_cd,verdict", [
+    ((0.01, 0.02), (-0.05, 0.01), (-0.04, 0.01), "reproduced"),        # no gain from ND; mixed best
+    ((-0.05, 0.01), (-0.05, 0.01), (-0.1, 0.01), "not reproduced"),   # ND resolved better than CD
+    ((0.0, 0.02), (0.05, 0.01), (0.05, 0.01), "not reproduced"),      # mixed resolved worse
+    ((0.0, 0.02), (-0.01, 0.02), (-0.01, 0.02), "inconclusive"),      # mixed not resolved
+])
+def test_gpt_vs_unilm_rule(nd_cd, mix_nd, mix_cd, verdict):
+    # the table lists pairs in cell order (CD, ND, mixed): a - b with a earlier; the rule flips signs itself
+    pairs = [pair(GPT["cd"], GPT["nd"], -nd_cd[0], nd_cd[1]), pair(GPT["cd"], GPT["mixed"], -mix_cd[0], mix_cd[1]),
+             pair(GPT["nd"], GPT["mixed"], -mix_nd[0], mix_nd[1])]
+    got, reasons = R.rule_gpt_vs_unilm(pairs, GPT)
+    assert got == verdict and len(reasons) == 3 and reasons[0].startswith("ND:PLM - CD:PLM")
+
+
+@pytest.mark.parametrize("ed,half,verdict", [
+    ((-0.1, 0.02), (0.01, 0.02), "reproduced"),
+    ((-0.1, 0.02), (-0.1, 0.02), "not reproduced"),
+    ((0.0, 0.02), (0.01, 0.02), "inconclusive"),
+])
+def test_ed_params_rule(ed, half, verdict):
+    pairs = [pair(ED["ed"], ED["cd"], *ed), pair(ED["ed-half"], ED["cd"], *half)]
+    assert R.rule_ed_params(pairs, ED)[0] == verdict
+
+
+def test_refusals(capsys):
+    assert R.main(["--list"]) == 0
+    assert "su-gpt-vs-unilm" in capsys.readouterr().out
+    assert R.main(["nope"]) == 2 and "unknown claim 'nope'" in capsys.readouterr().err
+    assert R.main(["wang-nca"]) == 2 and "cannot run yet: it needs" in capsys.readouterr().err
+    assert R.main(["su-gpt-vs-unilm", "--size", "huge"]) == 2 and "--size 'huge'" in capsys.readouterr().err
