@@ -308,3 +308,43 @@ def test_spectra_restricted_to_the_bidirectional_block():
     assert {"bidirectional (encoder)", "causal: encoder (forward)", "mixed-direction: encoder (mixed_heads)"} \
         <= set(ed_views)
     assert all(r["numerical_rank"] == 8 for r in ed_views["causal: encoder (forward)"])
+
+
+# ------------------------------------------------------- a real run: train, export, load back
+@pytest.mark.slow  # two 3-step CPU runs: 1 to 3 min on the shared 2-core machine
+@pytest.mark.parametrize("zero,controls", [
+    (1, dict(n_encoder_layers=3, n_decoder_layers=1, bidirectional_mode="forward", entropy_scale=True,
+             position="rope", qk_bias=True)),
+    (3, dict(share_encoder_decoder=True, bidirectional_mode="mixed_layers")),
+])
+def test_controls_survive_training_checkpoints_and_export(tmp_path, zero, controls):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train.commands.export import main as export_main
+    from train.trainer.weights import checkpoint_dir, load_model
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TMPDIR": str(tmp_path)}
+    args = [sys.executable, "-m", "train", "train", f"run_dir={run}", "model.arch=ed", "objective.name=mlm",
+            "objective.seq_length=64", "objective.inputs_length=48", "objective.targets_length=12",
+            "data.tokenizer=builtin-bytes", "data.max_documents=30", f"data.cache_dir={tmp_path / 'cache'}",
+            "parallel.micro_batch_size=2", f"parallel.zero_stage={zero}", "schedule.max_steps=3",
+            "checkpoint.every_n_steps=3", "eval.every_n_steps=0", "eval.num_batches=1", "logging.tensorboard=false"]
+    args += [f"model.overrides.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in controls.items()]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_model(checkpoint_dir(run))[0].eval()
+    assert all(getattr(trained.config, k) == v for k, v in controls.items())
+    assert export_main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "archscale_export.json").read_text())["form"] == "remote-code"
+    model = model_zoo.load(tmp_path / "hf").eval()
+    assert all(getattr(model.config, k) == getattr(trained.config, k) for k in model_zoo.option_names("ed"))
+    ids = torch.randint(3, 200, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits,
+                                   trained(input_ids=ids, decoder_input_ids=ids[:, :5]).logits, atol=1e-5, rtol=1e-5)
