@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from .common import ROOT, Row, env, run_overrides, same_run
+from .common import DELAY_ENV, ROOT, Row, env, run_overrides, same_run
 
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+SAVE_SLEEP = 0.3  # seconds of sleep in each save of the job (callbacks.SAVE_DELAY_ENV)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -26,7 +28,7 @@ def _state(job_id: str):
     return word if word in ENDED else None
 
 
-def requeue_campaign(work: Path, cuts: int = 3, step_seconds: float = 0.25, log=print) -> Row:
+def requeue_campaign(work: Path, cuts: int = 3, log=print) -> Row:
     row = Row(f"Slurm requeue by time limit >= {cuts} times, final weights equal")
     up = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
     if up.returncode:
@@ -37,20 +39,27 @@ def requeue_campaign(work: Path, cuts: int = 3, step_seconds: float = 0.25, log=
     import slurm
     from slurm import Resources
 
-    # a cut every ~50-80 s of a 2-minute limit: (cuts + 2) x 80 s of steps at the fastest pace seen
-    # is cut `cuts` times or more; after the last cut the limit is raised so the rest ends in one go
-    step_s = min(step_seconds, _step_seconds(work))
-    steps = int((cuts + 2) * 80 / step_s) // 10 * 10
-    every = 50
+    # The job's pace is set by a sleep in every save (a checkpoint every step, SAVE_DELAY), so that
+    # it depends little on the machine's load: a cut every ~50-80 s of a 2-minute limit, and
+    # (cuts + 1) x 70 s of steps is cut `cuts` times or more; after the last cut the limit is
+    # raised so that the rest ends in one go. The reference runs the same steps without the sleep.
+    pace = SAVE_SLEEP + _step_seconds(work)
+    steps = int((cuts + 1) * 70 / pace) // 10 * 10
+    every = 1
     run, ref = work / "requeued", work / "requeue-ref"
-    ov = run_overrides(work, run, steps, every)
+    for d in (run, ref):
+        shutil.rmtree(d, ignore_errors=True)
+    ov = run_overrides(work, run, steps, every) + ["eval.every_n_steps=0"]
     e = {k: v for k, v in env(work).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
                                                    "PYTHONPATH", "TMPDIR")}
+    e[DELAY_ENV] = str(SAVE_SLEEP)
     sub = slurm.submit(None, [o for o in ov if not o.startswith("run_dir=")], run_dir=run, env=e,
                        resources=Resources(time="2", signal_seconds=41, max_restarts=3 * cuts + 6))
-    refp = subprocess.Popen([*_cli(), "train", *run_overrides(work, ref, steps, every)], cwd=work, env=env(work),
+    refp = subprocess.Popen([*_cli(), "train", *run_overrides(work, ref, steps, every), "eval.every_n_steps=0"],
+                            cwd=work, env=env(work),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log(f"  job {sub.job_id}: {steps} steps (~{step_s:.2f} s each), checkpoint every {every}; the reference runs beside it")
+    log(f"  job {sub.job_id}: {steps} steps (~{pace:.2f} s each: a checkpoint and a {SAVE_SLEEP} s sleep per step); "
+        f"the reference runs beside it")
     end = time.monotonic() + 60 * (3 * cuts + 10)
     state, raised = None, False
     while time.monotonic() < end and state is None:
