@@ -348,3 +348,10 @@ def test_controls_survive_training_checkpoints_and_export(tmp_path, zero, contro
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits,
                                    trained(input_ids=ids, decoder_input_ids=ids[:, :5]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_every_model_option_is_documented():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model_zoo.md").read_text()
+    assert [o for o in model_zoo.option_names("ed") if f"`{o}`" not in text] == []
