@@ -3,12 +3,14 @@
     archscale analyze runs/cd-flm [--step N] [--rows 4] [--seq-len 128] [--prefix 64] [--out DIR]
 
 Takes held-out text of the run's own data, and measures every self-attention matrix of the
-checkpoint's model, per layer and head (model_zoo.analysis): its effective rank and numerical
-rank. A decoder's weights are measured twice on the same rows, with the causal mask (CD) and with
-the first `--prefix` tokens bidirectional (ND; CD and ND share every parameter, so only the mask
-differs); an encoder-decoder's encoder (bidirectional) is compared with its decoder (causal).
-Prints a table per layer and writes RUN_DIR/plots/attention_rank.png and attention_rank.json
-(or under --out).
+checkpoint's model, per layer and head (model_zoo.analysis): its effective rank, singular-value
+entropy, threshold ranks and numerical rank. A decoder's weights are measured on the same rows
+with the causal mask (CD) and with the first `--prefix` tokens bidirectional (ND; CD and ND share
+every parameter, so only the mask differs), then on the prefix block alone (where the low-rank
+argument applies) under the CD, ND and mixed-direction ND masks; an encoder-decoder's encoder
+(bidirectional) is compared with its decoder (causal), and with itself as a causal and as a
+mixed-direction encoder (the registry's attention_views). Prints a table per view and layer and
+writes RUN_DIR/plots/attention_rank.png and attention_rank.json (or under --out).
 """
 from __future__ import annotations
 
@@ -47,25 +49,35 @@ def measure(model, ids: torch.Tensor, prefix: int) -> dict[str, list[dict]]:
     return registry.get(model.config.arch).attention_views(model, ids, prefix)
 
 
-def per_layer(rows: list[dict]) -> dict[int, float]:
+def per_layer(rows: list[dict], key: str = "effective_rank") -> dict[int, float]:
+    """The mean of `key` over heads, per layer."""
     layers: dict[int, list[float]] = {}
     for r in rows:
-        layers.setdefault(r["layer"], []).append(r["effective_rank"])
+        layers.setdefault(r["layer"], []).append(r[key])
     return {k: sum(v) / len(v) for k, v in sorted(layers.items())}
 
 
 def plot(results: dict[str, list[dict]], n: int, path: Path, title: str) -> None:
+    """Effective rank (with each view's full rank, dotted) and singular-value entropy per layer."""
     from .plots import pyplot, save
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_h) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, rows in results.items():
         layers = per_layer(rows)
-        ax.plot(list(layers), list(layers.values()), marker="o", label=name)
-    ax.axhline(n, color="gray", ls=":", label=f"full rank ({n})")
+        line, = ax.plot(list(layers), list(layers.values()), marker="o", label=name)
+        size = rows[0]["n"] if rows else n
+        if size != n:
+            ax.axhline(size, color=line.get_color(), ls=":", lw=0.8)
+        h = per_layer(rows, "sv_entropy")
+        ax_h.plot(list(h), list(h.values()), marker="o", color=line.get_color(), label=name)
+    ax.axhline(n, color="gray", ls=":", label=f"full rank ({n}; dotted: each block's)")
     ax.set(xlabel="layer", ylabel="mean effective rank over heads", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax_h.set(xlabel="layer", ylabel="mean singular-value entropy / ln n", ylim=(0, 1.02),
+             title="how spread the singular values are (1: flat)")
+    for a in (ax, ax_h):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     save(fig, path)
 
 
@@ -93,13 +105,15 @@ def main(argv=None) -> int:
     from .. import registry
 
     n = registry.get(model.config.arch).attention_full_rank(ids)
-    print(f"{cfg.model.arch.upper()} {step_dir}: {a.rows} held-out rows of {a.seq_len} tokens; effective rank "
-          f"(exp of the entropy of the normalised singular values) of each attention matrix, mean over heads")
-    layers = {name: per_layer(rows) for name, rows in results.items()}
-    names = list(layers)
-    print(f"{'layer':>5}  " + "  ".join(f"{nm:>34}" for nm in names))
-    for layer in next(iter(layers.values())):
-        print(f"{layer:>5}  " + "  ".join(f"{layers[nm][layer]:>34.2f}" for nm in names))
+    print(f"{cfg.model.arch.upper()} {step_dir}: {a.rows} held-out rows of {a.seq_len} tokens; per attention "
+          f"matrix (mean over heads): effective rank (exp of the entropy of the normalised singular values), "
+          f"that entropy over ln n, the 90%-energy rank")
+    print(f"{'view':52} {'layer':>5} {'n':>5} {'eff.rank':>9} {'sv.entropy':>10} {'rank_90':>8}")
+    for name, rows in results.items():
+        eff, ent, r90 = per_layer(rows), per_layer(rows, "sv_entropy"), per_layer(rows, "rank_90")
+        size = rows[0]["n"] if rows else 0
+        for layer in eff:
+            print(f"{name:52} {layer:>5} {size:>5} {eff[layer]:>9.2f} {ent[layer]:>10.3f} {r90[layer]:>8.2f}")
     out = Path(a.out) if a.out else Path(a.run_dir) / "plots"
     plot(results, n, out / "attention_rank.png", f"{cfg.model.arch.upper()} {step_dir.name}: attention rank per layer")
     (out / "attention_rank.json").write_text(json.dumps(results, indent=1) + "\n")
