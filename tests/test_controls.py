@@ -70,11 +70,16 @@ def test_ed_encoder_and_decoder_depths(tmp_path):
     assert (make("ed", n_layers=3).config.encoder_depth, make("ed", n_layers=3).config.decoder_depth) == (3, 3)
 
 
-def test_ed_depths_run_through_the_pipeline_layers():
+@pytest.mark.parametrize("arch,opts", [
+    ("ed", dict(n_encoder_layers=3, n_decoder_layers=1, bidirectional_mode="mixed_layers")),
+    ("ed", dict(entropy_scale=True, bidirectional_mode="forward")),
+    ("nd", dict(entropy_scale=True, position="rope", qk_bias=True)),
+])
+def test_controls_run_through_the_pipeline_layers(arch, opts):
     from train.engine.pipeline import LocalPipeline, batch_to_pipeline, pipeline_loss
     from tests.test_pipeline import model_and_batch
 
-    model, batch = model_and_batch("ed", n_encoder_layers=3, n_decoder_layers=1, bidirectional_mode="mixed_layers")
+    model, batch = model_and_batch(arch, **opts)
     with torch.no_grad():
         ref = model(**{k: v for k, v in batch.items() if not k.startswith("num_")})
         pipe = LocalPipeline(model.config)
@@ -355,3 +360,17 @@ def test_every_model_option_is_documented():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "model_zoo.md").read_text()
     assert [o for o in model_zoo.option_names("ed") if f"`{o}`" not in text] == []
+
+
+@pytest.mark.parametrize("arch,opts", [("nd", dict(entropy_scale=True, position="rope", qk_bias=True)),
+                                       ("ed", dict(entropy_scale=True, bidirectional_mode="forward")),
+                                       ("ed", dict(share_encoder_decoder=True, n_layers=3))])
+def test_generate_with_a_kv_cache_equals_without(arch, opts):
+    """The cache's offset enters every control (entropy_scale's n counts the cached keys)."""
+    model = make(arch, seed=1, **opts)
+    prompt = torch.randint(2, 500, (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    args = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, use_cache=True, **args), model.generate(prompt, use_cache=False, **args))
