@@ -53,10 +53,11 @@ def config_from_t5(t5_config, tied: bool | None = None) -> EncoderDecoderConfig:
     scale = getattr(c, "scale_decoder_outputs", bool(c.tie_word_embeddings))
     if not c.is_gated_act or c.dense_act_fn not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"only T5 v1.1 (feed_forward_proj='gated-gelu') converts; got {c.feed_forward_proj!r}")
-    if c.num_decoder_layers != c.num_layers:
-        raise ValueError("the encoder and decoder must have the same depth")
+    # a decoder of another depth than the encoder's: n_decoder_layers (None, the default, when equal)
+    n_dec = c.num_decoder_layers if c.num_decoder_layers != c.num_layers else None
     return EncoderDecoderConfig(
-        vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.num_layers, n_heads=c.num_heads, head_dim=c.d_kv,
+        vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.num_layers, n_decoder_layers=n_dec,
+        n_heads=c.num_heads, head_dim=c.d_kv,
         d_ff=c.d_ff, mlp="geglu", norm="rmsnorm", norm_eps=c.layer_norm_epsilon, position="t5_bias",
         rel_buckets=c.relative_attention_num_buckets, rel_max_distance=c.relative_attention_max_distance,
         tie_embeddings=tied, scale_tied_logits=scale, scale_attn=False,

@@ -374,3 +374,21 @@ def test_generate_with_a_kv_cache_equals_without(arch, opts):
     args = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, use_cache=True, **args), model.generate(prompt, use_cache=False, **args))
+
+
+def test_a_t5_with_a_shallower_decoder_converts_with_n_decoder_layers():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from model_zoo.convert import from_t5
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=1, num_heads=4,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                   decoder_start_token_id=0)
+    ref = T5ForConditionalGeneration(cfg).eval()
+    ours = from_t5(ref).eval()
+    assert (ours.config.encoder_depth, ours.config.decoder_depth) == (3, 1)
+    x, y = torch.randint(2, 300, (2, 20)), torch.randint(2, 300, (2, 9))
+    with torch.no_grad():
+        expected, got = ref(input_ids=x, labels=y), ours(input_ids=x, labels=y)
+    assert ((got.logits - expected.logits).abs().max() / expected.logits.abs().max()) < 1e-6
