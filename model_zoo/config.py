@@ -4,7 +4,9 @@
 only in `prefix_attention` (ND: tokens of an example's prefix attend to each other in both
 directions). A CD checkpoint therefore loads as ND unchanged (the NC-A adaptation).
 `EncoderDecoderConfig` is ED: a bidirectional encoder and a causal decoder with cross-attention,
-each `n_layers` deep, built from the same blocks.
+each `n_layers` deep (unless `n_encoder_layers` / `n_decoder_layers`), built from the same blocks.
+The controls (CONTROL_DEFAULTS: ED depths and shared weights, the entropy-invariant scale, q/k
+biases, a causal encoder) are off by default; docs/model_zoo.md "Controls".
 
 Every option is validated here, with the valid choices in the message, so that a typo fails at
 construction and not somewhere inside a forward pass.
@@ -27,7 +29,7 @@ ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
 COMMON_DEFAULTS = dict(
     vocab_size=32128,        # T5's SentencePiece vocabulary incl. 100 sentinels, padded to x128
     d_model=64,              # residual stream width
-    n_layers=2,              # decoder-only: layers; ED: layers of the encoder AND of the decoder
+    n_layers=2,              # decoder-only: layers; ED: layers of the encoder AND of the decoder (by default)
     n_heads=4,               # attention heads
     head_dim=16,             # width of one head (n_heads * head_dim need not equal d_model)
     d_ff=128,                # MLP hidden width (per branch for the gated MLPs)
