@@ -83,21 +83,33 @@ def sbatch_injection(work: Path) -> list[str]:
 
 
 def second_trainer(work: Path, steps: int = 12) -> str:
-    """'' when a second trainer on a run directory in use is refused with one line and the first
-    ends bitwise equal to its uninterrupted twin."""
+    """'' when a second trainer on a run directory in use is refused with one line and writes
+    nothing there, and the first run still ends bitwise equal to its uninterrupted twin. The first
+    trainer is held inside its first save (a long SAVE_DELAY after the engine files: it writes
+    nothing meanwhile), so every change while the second runs would be the second's; then it is
+    killed and the run resumed to its end."""
+    from .common import diff_hashes, hashes, kill_group
     from .kills import reference
 
     ref = reference(work, steps, 2)
     run = work / "locked"
     shutil.rmtree(run, ignore_errors=True)
     ov = run_overrides(work, run, steps, 2)
-    first = launch(["train", *ov], work, **{DELAY_ENV: 1.0})
-    if not wait_for(first, lambda: logged_step(run) >= 1):
-        return f"the first trainer did not start: {first.stdout.read()[-500:]}"
+    first = launch(["train", *ov], work, **{DELAY_ENV: 600})
+    saving = lambda: any((d / "engine").glob("*optim_states.pt") for d in (run / "checkpoints").glob("*.tmp"))  # noqa: E731
+    if not wait_for(first, saving):
+        return f"the first trainer did not reach its first save: {first.stdout.read()[-500:]}"
+    before = hashes([run])
     second = run_cli(["train", *ov], work)
-    first.wait(timeout=300)
-    return (one_error_line(second, "in use") or ("" if first.returncode == 0 else f"first trainer rc {first.returncode}")
-            or same_run(ref, run, steps))
+    changes = diff_hashes(before, hashes([run]))
+    alive = first.poll() is None
+    kill_group(first)
+    why = one_error_line(second, "in use") or (f"the second trainer wrote: {changes[:3]}" if changes else "") \
+        or ("" if alive else f"the first trainer ended (rc {first.returncode})")
+    if why:
+        return why
+    done = run_cli(["train", *ov], work)
+    return (f"the resume failed: {done.stderr[-300:]}" if done.returncode else "") or same_run(ref, run, steps)
 
 
 def security(work: Path, log=print) -> Row:
