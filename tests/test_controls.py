@@ -114,8 +114,12 @@ def test_shared_encoder_decoder_is_parameter_matched(tmp_path):
     roundtrip(model, tmp_path, batch)
     with pytest.raises(ValueError, match="share_encoder_decoder needs as many encoder as decoder layers"):
         make("ed", share_encoder_decoder=True, n_decoder_layers=1)
-    with pytest.raises(ValueError, match="share_encoder_decoder=true cannot be pipelined"):
-        registry.get("ed").pipeline_layers_layout(c)
+    from train.engine.pipeline import PipelineConfigError, check_pipeline
+
+    with pytest.raises(PipelineConfigError, match="share_encoder_decoder=true cannot be pipelined"):
+        check_pipeline(c, 2, 1)
+    check_pipeline(make("ed").config, 2, 1)  # the same model unshared
+    assert registry.get("ed").num_layers(c) == 2 * c.n_layers
 
 
 def test_causal_encoder_never_sees_a_later_token(tmp_path):
@@ -392,3 +396,13 @@ def test_a_t5_with_a_shallower_decoder_converts_with_n_decoder_layers():
     with torch.no_grad():
         expected, got = ref(input_ids=x, labels=y), ours(input_ids=x, labels=y)
     assert ((got.logits - expected.logits).abs().max() / expected.logits.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("arch,opts", [("ed", dict(n_encoder_layers=3, n_decoder_layers=1)),
+                                       ("ed", dict(share_encoder_decoder=True, qk_bias=True)),
+                                       ("cd", dict(qk_bias=True, position="rope"))])
+def test_the_planner_counts_the_controls_parameters(arch, opts):
+    from train.commands.plan.shapes import model_shapes, numel
+
+    model = make(arch, **opts)
+    assert numel(model_shapes(model.config)) == sum(p.numel() for p in model.parameters())

@@ -134,6 +134,14 @@ class EncoderDecoderSpec(ArchSpec):
         """The encoder stack, then the decoder stack reading the encoder output."""
         return encoder_decoder_layout(config)
 
+    def pipeline_refusal(self, config) -> str:
+        """Shared encoder / decoder weights: decoder block i runs encoder block i's, which may sit
+        on another stage (and the pipeline's layers load their weights by key prefix)."""
+        if config.share_encoder_decoder:
+            return ("share_encoder_decoder=true cannot be pipelined (decoder block i runs encoder block i's "
+                    "weights, which may sit on another stage): use parallel.pipeline_stages=1 (ZeRO shards it)")
+        return ""
+
     def describe_blocks(self, config) -> str:
         shared = " (sharing their self-attention and MLP weights)" if config.share_encoder_decoder else ""
         return f"{config.encoder_depth} encoder + {config.decoder_depth} decoder layers{shared}"

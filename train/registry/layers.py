@@ -125,7 +125,9 @@ def decoder_layout(config, bidirectional_prefix: bool) -> PipelineLayout:
 
 def encoder_decoder_layout(config) -> PipelineLayout:
     """ED (`EncoderDecoderLM`): the encoder stack, its output carried as `encoder_hidden` to every
-    decoder block; the token embedding is shared by the encoder, the decoder input and (tied) the head."""
+    decoder block; the token embedding is shared by the encoder, the decoder input and (tied) the head.
+    With share_encoder_decoder a decoder block's prefix holds only its cross-attention (the planner
+    counts right); a pipeline is refused (EncoderDecoderSpec.pipeline_refusal)."""
     table = ("bias_table",) if config.position == "t5_bias" else ()
     dec = ("decoder_input_ids", "decoder_segment_ids", "decoder_position_ids")
     dec_ints = dec[1:]
@@ -138,9 +140,6 @@ def encoder_decoder_layout(config) -> PipelineLayout:
     c_dec = ("hidden", *table, "encoder_hidden", "segment_ids", *dec_ints)
     c_last = ("hidden",)
     embed = ("shared.", "lm_head.") if config.tie_embeddings else ("shared.",)
-    if config.share_encoder_decoder:
-        raise ValueError("share_encoder_decoder=true cannot be pipelined (decoder block i runs encoder block i's "
-                         "weights, which may sit on another stage): use parallel.pipeline_stages=1 (ZeRO shards it)")
     layers = [PipelineLayer("embed", "encoder", ENCODER, c_in, c_enc0, embed, tied=True, field="input_ids")]
     layers += _stack(ENCODER, "encoder", ENCODER.depth(config), c_enc0, c_enc, c_enc_last, "encoder.")
     layers += [PipelineLayer("norm", "encoder", ENCODER, c_enc_last, c_enc_out, ("encoder.",), field="encoder_hidden"),

@@ -184,6 +184,11 @@ class ArchSpec:
         counts parameters and activations over it."""
         raise NotImplementedError
 
+    def pipeline_refusal(self, config) -> str:
+        """Why the model `config` describes cannot be split into pipeline stages ("" if it can):
+        check_pipeline raises it."""
+        return ""
+
     def describe_blocks(self, config) -> str:
         """family: the blocks a pipeline splits, in words (check_pipeline's message)."""
         raise NotImplementedError

@@ -20,14 +20,18 @@ def param_shapes(config) -> list[list[tuple[int, ...]]]:
     c = config
     d, inner, f = c.d_model, c.n_heads * c.head_dim, c.d_ff
     norm = [(d,)] if c.norm == "rmsnorm" else [(d,), (d,)]
-    attn = [(inner, d), (inner, d), (inner, d), (d, inner)]
+    attn = [(inner, d), (inner, d), (inner, d), (d, inner)] + ([(inner,), (inner,)] if c.qk_bias else [])
     mlp = [(f, d), (f, d), (d, f)] if c.mlp in ("geglu", "swiglu") else [(f, d), (d, f)]
     stack_in = {"t5_bias": [(c.rel_buckets, c.n_heads)],
                 "learned": [(c.max_position_embeddings, d)]}.get(c.position, [])
     embed = [(c.vocab_size, d)]
     head = embed if c.tie_embeddings else [(c.vocab_size, d)]
 
+    shared = getattr(c, "share_encoder_decoder", False)  # a cross block's self-attention / MLP: the encoder's
+
     def block(cross: bool):
+        if cross and shared:
+            return norm + attn
         return norm + attn + (norm + attn if cross else []) + norm + mlp
 
     by_kind = {"embed": embed, "input": stack_in, "norm": norm, "head_norm": norm, "head": head}

@@ -27,6 +27,9 @@ def check_pipeline(config, num_stages: int, zero_stage: int = 0, partition_metho
             f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism: DeepSpeed's pipeline engine "
             f"accepts ZeRO 0 or 1 only (it asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
             f"parallelism'); use ZeRO stage 1 with the pipeline, or no pipeline with ZeRO {zero_stage}")
+    refusal = arch_spec(config).pipeline_refusal(config)
+    if refusal:
+        raise PipelineConfigError(refusal)
     blocks = num_blocks(config)
     if num_stages > blocks:
         what = arch_spec(config).describe_blocks(config)
