@@ -406,3 +406,17 @@ def test_the_planner_counts_the_controls_parameters(arch, opts):
 
     model = make(arch, **opts)
     assert numel(model_shapes(model.config)) == sum(p.numel() for p in model.parameters())
+
+
+def test_analysis_cli_measures_the_bidirectional_block(tmp_path, capsys):
+    import json
+
+    from model_zoo.analysis import main
+
+    make("nd").save_pretrained(tmp_path / "nd")
+    assert main([str(tmp_path / "nd"), "--seq-len", "12", "--prefix", "5", "--batch", "2", "--block", "bidirectional",
+                 "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "sv.entropy" in out and "rank_90" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows and all(r["n"] == 5 for r in rows)

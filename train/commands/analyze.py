@@ -77,6 +77,7 @@ def plot(results: dict[str, list[dict]], n: int, path: Path, title: str) -> None
              title="how spread the singular values are (1: flat)")
     for a in (ax, ax_h):
         a.grid(alpha=0.3)
+        a.xaxis.get_major_locator().set_params(integer=True)  # layers
     ax.legend(fontsize=7)
     save(fig, path)
 
