@@ -268,3 +268,64 @@ def test_two_node_run_requeued_twice_ends_with_the_uninterrupted_weights(runs):
     b = fp32(str(twin / "checkpoints" / final), tag="engine")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
         max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ------------------------------------------------ ARCHSCALE_MULTINODE=full: real time limits
+# USR1 90-120 s after each start (60 s before the 3-minute limit; Slurm checks limits every 30 s):
+# 60-90 s of steps per start after the trainer's ~30 s start-up (~0.1 s a step here), so TL_STEPS
+# outlast two starts
+TIME_LIMIT, SIGNAL_SECONDS, TL_STEPS = "3", 60, 2500
+
+
+@pytest.fixture(scope="module")
+def time_limited(cluster, tmp_path_factory):
+    """A 2-node CD run cut by its time limit, requeued and resumed at least twice (its limit is
+    raised after the second cut so that it finishes), beside the same run uninterrupted."""
+    if os.environ.get("ARCHSCALE_MULTINODE") != "full":
+        pytest.skip("real time limits take ~7 minutes: ARCHSCALE_MULTINODE=full runs them")
+    work = tmp_path_factory.mktemp("multinode_timelimit")
+    _write_corpus(work / "corpus")
+    cfg = write_config(work, "cd")
+    ov = ["parallel.zero_stage=2", f"schedule.max_steps={TL_STEPS}", "checkpoint.every_n_steps=1000",
+          "logging.every_n_steps=10"]
+    cut, twin = work / "cd-2x2-timelimit", work / "cd-2x2-timelimit-twin"
+    t0 = time.perf_counter()
+    twin_job = submit(cfg, twin, 2, ov)
+    p = subprocess.run([sys.executable, "-m", "train", "submit", str(cfg), *ov, "--run-dir", str(cut), "--nodes", "2",
+                        "--gpus-per-node", "2", "--time", TIME_LIMIT, "--signal-seconds", str(SIGNAL_SECONDS),
+                        "--max-restarts", "8", *(f"--env={k}={v}" for k, v in JOB_ENV.items())],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = p.stdout.strip().split()[-1]
+    deadline = time.monotonic() + 900
+    while job_log(cut).count("requeueing (time limit or preemption notice)") < 2:  # one line a cut
+        assert job_state(job) not in ENDED, f"ended before two cuts ({TL_STEPS} steps): {job_log(cut)[-3000:]}"
+        assert time.monotonic() < deadline, job_log(cut)[-3000:]
+        time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], check=True, timeout=30)
+    states = (wait_job(job, cut, timeout=900), wait_job(twin_job, twin, timeout=900))
+    print(f"time-limited 2-node run: {TL_STEPS} steps, {time.perf_counter() - t0:.0f} s")
+    return cut, twin, states
+
+
+@pytest.mark.slow
+def test_two_node_run_cut_twice_by_its_time_limit_ends_with_the_uninterrupted_weights(time_limited):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as fp32
+
+    cut, twin, states = time_limited
+    log = job_log(cut)
+    assert states == ("COMPLETED", "COMPLETED"), (states, log[-3000:])
+    # one segment per start; a cut start ends with the stop line (printed by every rank) and the requeue
+    starts = re.split(r"\[archscale [^]]*\] job \S+: start \d+ ", log)[1:]
+    stops = [int(re.findall(r"stopped by SIGUSR1 at step (\d+)", seg)[0]) for seg in starts
+             if "requeueing (time limit or preemption notice)" in seg]
+    resumed = [int(re.findall(r"resumed \S+ at step (\d+)", seg)[0]) for seg in starts[1:]]
+    assert len(stops) >= 2 and len(starts) == len(stops) + 1, (stops, len(starts))  # cut at least twice, then done
+    assert resumed == stops, (stops, resumed)  # every start resumes where the cut before it stopped
+    assert 0 < stops[0] < stops[-1] < TL_STEPS, stops  # the cuts came mid-run, with progress between them
+    print(f"cut by its time limit at steps {stops} of {TL_STEPS}")
+    final = f"step-{TL_STEPS:08d}"
+    a = fp32(str(cut / "checkpoints" / final), tag="engine")
+    b = fp32(str(twin / "checkpoints" / final), tag="engine")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        max(float((a[k] - b[k]).abs().max()) for k in a)
