@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .common import DELAY_ENV, ROOT, Row, launch, logged_step, one_error_line, run_cli, run_overrides, same_run, wait_for
@@ -99,7 +100,13 @@ def second_trainer(work: Path, steps: int = 12) -> str:
     saving = lambda: any((d / "engine").glob("*optim_states.pt") for d in (run / "checkpoints").glob("*.tmp"))  # noqa: E731
     if not wait_for(first, saving):
         return f"the first trainer did not reach its first save: {first.stdout.read()[-500:]}"
-    before = hashes([run])
+    before, t0 = None, time.monotonic()
+    while time.monotonic() - t0 < 60:  # the engine files are complete: the first now only sleeps
+        now = hashes([run])
+        if now == before:
+            break
+        before = now
+        time.sleep(1.0)
     second = run_cli(["train", *ov], work)
     changes = diff_hashes(before, hashes([run]))
     alive = first.poll() is None
