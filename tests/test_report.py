@@ -198,7 +198,7 @@ def test_checkpoint_of_another_family_is_refused(sweep, tmp_path):
     state = json.loads((src / ckpt.STATE_FILE).read_text())
     state["config"]["model"]["arch"] = "ed"
     (fake / ckpt.STATE_FILE).write_text(json.dumps(state))
-    (fake / ckpt.COMPLETE).write_text("")
+    (fake / ckpt.COMPLETE).write_text("{}\n")  # a marker that lists no files (the JSON every save writes)
     with pytest.raises(ValueError, match=r"is a ED checkpoint \(encoder_decoder\); this run's architecture needs "
                                          r"a decoder checkpoint"):
         load_init_weights(model_zoo.build("cd", "debug"), str(fake.parent.parent), registry.get("cd"))
