@@ -64,6 +64,27 @@ def cell_table(cells: list[dict]) -> str:
     return _md(head, rows)
 
 
+BUDGET_KEYS = {"tokens-seen": "tokens_seen", "target-tokens": "target_tokens", "flops": "flops", "steps": "step"}
+
+
+def budget_lines(cells: list[dict], kind: str, value: float, tolerance: float = 0.05) -> list[str]:
+    """The cells whose measured budget (mean over seeds) is more than `tolerance` from `value`:
+    the schedule was planned from the registry's formulas (tokens per row, FLOPs per row), and a
+    cell whose rows carry more or less than planned misses the budget. Empty: every cell met it."""
+    key = BUDGET_KEYS[kind]
+    out = []
+    for c in cells:
+        got = values(c, key)
+        if not got:
+            continue
+        m, _ = mean_std(got)
+        if abs(m / value - 1) > tolerance:
+            out.append(f"budget not met: {c['name']} ran {m:,.4g} {kind} ({m / value:.0%} of {value:,.4g}); its "
+                       f"rows carried {'more' if m > value else 'less'} than the registry's per-row figure plans, "
+                       f"so compare it on the columns it matched")
+    return out
+
+
 def pairs(cells: list[dict]) -> list[dict]:
     """Every pair of cells and metric: the paired difference a - b over their common seeds."""
     out = []

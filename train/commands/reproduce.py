@@ -193,7 +193,12 @@ def main(argv=None) -> int:
 
 
 def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out: Path) -> Path:
-    from .comparison import cell_table, pair_table
+    from .comparison import budget_lines, cell_table, pair_table
+
+    gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
+    budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
+                   + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
+                      if gaps else "every cell met it within 5%."))
 
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -211,6 +216,8 @@ yardstick's continuation loss in nats per token (docs/evaluation.md); intervals 
 
 **Verdict: {verdict}.**
 {chr(10).join('- ' + r for r in reasons)}
+
+**Budget.** {budget_text}
 
 **Scale caveat.** {claim.caveat}
 

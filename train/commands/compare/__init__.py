@@ -216,7 +216,7 @@ def train_or_read(cfg, desc: str):
 
 
 def print_summary(summary: list[dict], args) -> None:
-    from ..comparison import cell_table, pair_table, pairs, plot_curves, resolved_lines
+    from ..comparison import budget_lines, cell_table, pair_table, pairs, plot_curves, resolved_lines
 
     out = Path(args.out)
     pair_rows = pairs(summary)
@@ -230,6 +230,8 @@ def print_summary(summary: list[dict], args) -> None:
           "accuracy (chance 1/eval.choices); mean ± std over seeds. MLM cells are scored the T5 way "
           "(docs/evaluation.md): their known handicap before adaptation.")
     print(cell_table(summary))
+    for line in budget_lines(summary, args.budget_obj.kind, args.budget_obj.value):
+        print(line)
     print()
     print("Pairwise differences (paired by seed; 95% t interval):")
     print(pair_table(pair_rows))
