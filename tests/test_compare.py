@@ -105,10 +105,10 @@ def test_compare_seeds_identical_cells_and_report(tmp_path, capsys):
     """Two labels of the same cell, two seeds each: every pairwise difference is exactly 0 ± 0;
     the table shows mean ± std, every budget column and the sizes; report groups the same runs
     into the same cells and prints the same table."""
+    from rehearse import inprocess
     from test_trainer import _write_corpus
     from train.commands.compare import main as compare_main
     from train.commands.report import report
-    from train.engine.runtime import teardown_distributed
 
     _write_corpus(tmp_path / "corpus")
     data = ["data.source=files", f"data.train_files={json.dumps([str(tmp_path / 'corpus' / '*.txt')])}",
@@ -117,11 +117,9 @@ def test_compare_seeds_identical_cells_and_report(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text("cells:\n  - {cell: cd:flm, label: a}\n  - {cell: cd:flm, label: b}\n")
     out = tmp_path / "out"
-    try:
+    with inprocess():  # the process group and the environment (MASTER_PORT, ...) are put back after
         rc = compare_main(["--out", str(out), "--grid", str(grid), "--seeds", "2", "--budget", "steps=3",
                            "--seq-len", "64", "--micro-batch", "2", "--eval-every", "2", "--set", *data])
-    finally:
-        teardown_distributed()
     assert rc == 0
     printed = capsys.readouterr().out
     assert "steps = 3" in printed and "±" in printed and "planned FLOPs/step" in printed

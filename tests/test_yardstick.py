@@ -186,6 +186,7 @@ def test_heldout_documents_never_reach_a_training_batch(tmp_path):
 
 
 def test_run_directory_records_the_split(tmp_path):
+    from rehearse import inprocess
     from test_trainer import _write_corpus
     from train.trainer.loop import train
 
@@ -196,7 +197,8 @@ def test_run_directory_records_the_split(tmp_path):
                              "data.eval_fraction=0.2", "objective.seq_length=64", "schedule.max_steps=2",
                              "parallel.micro_batch_size=2", "eval.window_tokens=32", "eval.windows=8",
                              "logging.progress_bar=false", "checkpoint.keep_last=0"])
-    r = train(cfg)
+    with inprocess():  # the process group and the environment (MASTER_PORT, ...) are put back after
+        r = train(cfg)
     rec = json.loads((tmp_path / "run" / "heldout.json").read_text())
     assert "eval_fraction=0.2" in rec["split"] and rec["eval_documents"] == len(rec["eval_doc_ids"]) > 0
     assert set(rec["yardstick"]["documents"]) <= set(rec["eval_doc_ids"])
