@@ -39,6 +39,18 @@ def test_ed_params_rule(ed, half, verdict):
     assert R.rule_ed_params(pairs, ED)[0] == verdict
 
 
+@pytest.mark.parametrize("nd_cd,nd_mix,verdict", [
+    ((-5.0, 1.0), (-4.0, 1.0), "reproduced"),
+    ((2.0, 1.0), (-4.0, 1.0), "not reproduced"),
+    ((-5.0, 1.0), (-0.5, 1.0), "inconclusive"),
+])
+def test_low_rank_rule(nd_cd, nd_mix, verdict):
+    names = R.CLAIMS["su-low-rank"].names
+    pairs = [{**pair(names["cd"], names["nd"], -nd_cd[0], nd_cd[1]), "metric": R.RANK},
+             {**pair(names["nd"], names["mixed"], *nd_mix), "metric": R.RANK}]
+    assert R.rule_low_rank(pairs, names)[0] == verdict
+
+
 def test_refusals(capsys):
     assert R.main(["--list"]) == 0
     assert "su-gpt-vs-unilm" in capsys.readouterr().out

@@ -31,17 +31,17 @@ from typing import Callable
 METRIC = "yardstick_nats"  # every rule reads the continuation loss (lower is better)
 
 
-def _pair(pairs: list[dict], a: str, b: str) -> dict:
-    """The a - b difference on METRIC (either order in the list; sign fixed to a - b)."""
+def _pair(pairs: list[dict], a: str, b: str, metric: str = METRIC) -> dict:
+    """The a - b difference on `metric` (either order in the list; sign fixed to a - b)."""
     for p in pairs:
-        if p["metric"] != METRIC:
+        if p["metric"] != metric:
             continue
         if (p["a"], p["b"]) == (a, b):
             return p
         if (p["a"], p["b"]) == (b, a):
             flip = lambda v: None if v is None else -v  # noqa: E731
             return {**p, "a": a, "b": b, "mean": -p["mean"], "low": flip(p["high"]), "high": flip(p["low"])}
-    raise KeyError(f"no {a} - {b} difference on {METRIC}")
+    raise KeyError(f"no {a} - {b} difference on {metric}")
 
 
 def better(p: dict) -> bool:
@@ -53,9 +53,9 @@ def worse(p: dict) -> bool:
     return p["resolved"] and p["mean"] > 0
 
 
-def _describe(p: dict) -> str:
+def _describe(p: dict, unit: str = "nats/token") -> str:
     iv = "no interval" if p["low"] is None else f"[{p['low']:+.4f}, {p['high']:+.4f}]"
-    return f"{p['a']} - {p['b']} = {p['mean']:+.4f} nats/token, 95% {iv}"
+    return f"{p['a']} - {p['b']} = {p['mean']:+.4f} {unit}, 95% {iv}"
 
 
 def rule_gpt_vs_unilm(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
@@ -86,6 +86,60 @@ def rule_ed_params(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     return "inconclusive", reasons
 
 
+RANK = "prefix_effective_rank"  # su-low-rank's metric: mean effective rank of the prefix block's attention
+
+
+def rule_low_rank(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """On held-out windows (the yardstick's first 16, prefix = the first 64 tokens), the mean
+    effective rank (exp of the singular values' entropy) of every layer's and head's attention
+    over the prefix block, each model under the mask it was trained with. Reproduced: ND's
+    bidirectional block is resolved lower-rank than CD's causal block and than the
+    mixed-direction ND's block. Not reproduced: it is resolved higher than either. Otherwise
+    inconclusive."""
+    nd_cd, nd_mix = _pair(pairs, names["nd"], names["cd"], RANK), _pair(pairs, names["nd"], names["mixed"], RANK)
+    reasons = [_describe(nd_cd, "effective rank"), _describe(nd_mix, "effective rank")]
+    if worse(nd_cd) or worse(nd_mix):
+        return "not reproduced", reasons
+    if better(nd_cd) and better(nd_mix):
+        return "reproduced", reasons
+    return "inconclusive", reasons
+
+
+def measure_low_rank(doc: dict, windows: int = 16, prefix: int = 64) -> list[dict]:
+    """Adds RANK (and prefix_numerical_rank) to every run of `doc` from its newest checkpoint;
+    returns the paired differences on RANK (comparison.pairs' format)."""
+    import torch
+    from model_zoo.analysis import attention_spectra
+
+    from ..data import prepare
+    from ..eval.stats import mean_std, paired_difference
+    from ..eval.yardstick import build_yardstick
+    from ..trainer import checkpointing as ckpt
+    from ..trainer.weights import load_model
+
+    ids = None
+    for cell in doc["cells"]:
+        for r in cell["runs"]:
+            model, tok, cfg = load_model(ckpt.newest_checkpoint(Path(r["run_dir"]) / "checkpoints"))
+            if ids is None:
+                ys = build_yardstick(prepare(cfg.data, None), cfg.eval, cfg.data, tok)
+                ids = torch.tensor(ys.tokens[:windows])
+            batch = {"input_ids": ids, "prefix_lengths": torch.full((ids.shape[0],), prefix)}
+            with torch.no_grad():
+                rows = attention_spectra(model, batch, block="bidirectional")
+            r[RANK] = mean_std([x["effective_rank"] for x in rows])[0]
+            r["prefix_numerical_rank"] = mean_std([x["numerical_rank"] for x in rows])[0]
+    out = []
+    for i, a in enumerate(doc["cells"]):
+        for b in doc["cells"][i + 1:]:
+            sa, sb = {r["seed"]: r for r in a["runs"]}, {r["seed"]: r for r in b["runs"]}
+            seeds = sorted(set(sa) & set(sb))
+            d = paired_difference([sa[k][RANK] for k in seeds], [sb[k][RANK] for k in seeds])
+            out.append({"a": a["name"], "b": b["name"], "metric": RANK, "seeds": seeds, "mean": d.mean,
+                        "half_width": d.half_width, "low": d.low, "high": d.high, "resolved": d.resolved})
+    return out
+
+
 @dataclass(frozen=True)
 class Claim:
     name: str
@@ -95,6 +149,7 @@ class Claim:
     names: dict  # role -> the cell's name in compare's table
     rule: Callable
     needs: str = ""  # what is missing for it to run; "" = runnable
+    measure: Callable = None  # doc -> extra pairs the rule reads (None: compare's pairs)
     caveat: str = ("Smoke scale: the debug size (0.6M parameters, most of them embeddings) on ~160k tokens of "
                    "this Python installation's own sources; the published claims were made at 100M-10B "
                    "parameters on web text. A verdict here says what this scale shows, not what the paper's does.")
@@ -116,9 +171,13 @@ CLAIMS = {c.name: c for c in [
           lambda n: ["cd:plm", "ed:plm", f"{{cell: 'ed:plm', label: ed-half, set: {{model.overrides.n_layers: "
                      f"{max(1, n // 2)}}}}}"],
           {"cd": "CD:PLM", "ed": "ED:PLM", "ed-half": "ED:PLM (ed-half)"}, rule_ed_params),
-    Claim("su-low-rank", "Su Jianlin (2023)", "Bidirectional attention blocks are lower-rank than causal ones.",
-          lambda n: [], {}, None, needs="the prefix-block effective rank of `archscale analyze` (issue 17's analysis "
-                                        "control)"),
+    Claim("su-low-rank", "Su Jianlin (2023); SCIENCE.md, the low-rank argument",
+          "A bidirectional attention block (ND's prefix) is lower-rank than a causal one, whose lower-triangular "
+          "matrix with a positive diagonal is full rank by construction, and than a mixed-direction block (every "
+          "head triangular).",
+          lambda n: ["cd:plm", "nd:plm", "{cell: 'nd:plm', label: nd-mixed, set: "
+                     "{model.overrides.bidirectional_mode: mixed_heads}}"],
+          {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_low_rank, measure=measure_low_rank),
     Claim("wang-nca", "Wang et al. 2022", "NC-A reaches from-scratch ND:MLM's final loss in ~1/3.3 of the tokens.",
           lambda n: [], {}, None, needs="a pretrain -> adapt chain in one command (the README walkthrough runs it by "
                                         "hand; `archscale report` measures the catch-up)"),
@@ -186,6 +245,8 @@ def main(argv=None) -> int:
     if rc:
         return rc
     doc = json.loads((out / "comparison.json").read_text())
+    if claim.measure is not None:
+        doc["pairs"] = claim.measure(doc) + doc["pairs"]
     verdict, reasons = claim.rule(doc["pairs"], claim.names)
     print(f"\nverdict: {verdict}\n" + "\n".join(f"  {r}" for r in reasons))
     write_page(claim, a, doc, verdict, reasons, out)
@@ -195,6 +256,16 @@ def main(argv=None) -> int:
 def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out: Path) -> Path:
     from .comparison import budget_lines, cell_table, pair_table
 
+    metric_text = ("Intervals are paired by seed, 95% (the seeds' spread only)." if claim.measure else
+                   "The metric is the common yardstick's continuation loss in nats per token (docs/evaluation.md); "
+                   "intervals are paired by seed, 95%, covering the seeds and the held-out windows.")
+    rank_table = ""
+    if any(RANK in r for c in doc["cells"] for r in c["runs"]):
+        rank_table = "## Prefix-block rank (each model under its own mask)\n\n| cell | seed | effective rank | numerical rank |\n|---|---|---|---|\n" + "".join(
+            f"| {c['name']} | {r['seed']} | {r[RANK]:.3f} | {r['prefix_numerical_rank']:.2f} |\n"
+            for c in doc["cells"] for r in c["runs"]) + "\n" + "\n".join(
+            f"- {_describe(p, 'effective rank')}{' (resolved)' if p['resolved'] else ''}"
+            for p in doc["pairs"] if p["metric"] == RANK) + "\n\n"
     gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
     budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
                    + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
@@ -205,14 +276,12 @@ def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out
     png = results / f"{claim.name}.png"
     shutil.copyfile(out / "curves.png", png)
     command = " ".join(["archscale reproduce", claim.name, "--size", a.size, "--seeds", str(a.seeds), "--tokens",
-                        str(a.tokens)] + (["--set", *a.set] if a.set else []))
+                        str(a.tokens)] + (["--out", a.out] if a.out else []) + (["--set", *a.set] if a.set else []))
     page = f"""# {claim.name}: {verdict}
 
 **Claim** ({claim.source}): {claim.text}
 
-**Rule, stated before the run**: {' '.join(claim.rule.__doc__.split())} The metric is the common
-yardstick's continuation loss in nats per token (docs/evaluation.md); intervals are paired by seed,
-95%, covering the seeds and the held-out windows.
+**Rule, stated before the run**: {' '.join(claim.rule.__doc__.split())} {metric_text}
 
 **Verdict: {verdict}.**
 {chr(10).join('- ' + r for r in reasons)}
@@ -228,9 +297,9 @@ Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
 
 {cell_table(doc["cells"])}
 
-## Differences
+{rank_table}## Differences
 
-{pair_table(doc["pairs"])}
+{pair_table([p for p in doc["pairs"] if p["metric"] != RANK])}
 
 ![curves]({png.name})
 """
