@@ -10,12 +10,7 @@ from model_zoo.export import to_llama, to_t5
 GREEDY = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_eval import one_thread  # noqa: E402,F401  (the module's one-thread fixture)
 
 
 @pytest.mark.parametrize("opts", [{}, dict(scale_attn=False, scale_tied_logits=False)])

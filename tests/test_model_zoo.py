@@ -16,6 +16,18 @@ def make(arch, seed=0, **kw):
     return model_zoo.build(arch, "debug", **kw).eval()
 
 
+def logits_per_kernel(model, batch) -> dict:
+    """{attn_impl: logits} of the same batch through the reference, SDPA and flex attention
+    (no grad); the model's attn_impl is put back after."""
+    was, out = model.config.attn_impl, {}
+    with torch.no_grad():
+        for impl in ("reference", "sdpa", "flex"):
+            model.config.attn_impl = impl
+            out[impl] = model(**batch).logits
+    model.config.attn_impl = was
+    return out
+
+
 # ----------------------------------------------------------------------------------- leakage
 # One row: example 1 (6 tokens, prefix 3), example 2 (7 tokens, prefix 4), 3 padding tokens.
 SEG = torch.tensor([[1] * 6 + [2] * 7 + [0] * 3])
@@ -201,11 +213,7 @@ def test_flex_and_sdpa_equal_reference(arch, mode):
         bidir = torch.zeros_like(seg, dtype=torch.bool)
         bidir[0, :4], bidir[0, 9:15], bidir[1, :11] = True, True, True
         batch = dict(input_ids=ids, segment_ids=seg, bidirectional=bidir)
-    out = {}
-    with torch.no_grad():
-        for impl in ("reference", "sdpa", "flex"):
-            model.config.attn_impl = impl
-            out[impl] = model(**batch).logits
+    out = logits_per_kernel(model, batch)
     torch.testing.assert_close(out["sdpa"], out["reference"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["flex"], out["reference"], atol=1e-5, rtol=1e-5)
 

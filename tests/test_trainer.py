@@ -86,19 +86,12 @@ def _env(work: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def inproc():
     """Runs of train() inside this process: one thread, and afterwards the process group and the
-    environment put back as they were (other test modules may launch processes of their own)."""
-    env, threads = dict(os.environ), torch.get_num_threads()
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"  # also on a machine with a GPU: compared with CPU processes
-    yield
-    torch.set_num_threads(threads)
-    if not had_group and torch.distributed.is_initialized():
-        from train.engine.runtime import teardown_distributed
+    environment put back as they were (other test modules may launch processes of their own;
+    DS_ACCELERATOR=cpu also on a machine with a GPU: compared with CPU processes)."""
+    from rehearse import inprocess  # rehearse imports this module: import it when the fixture runs
 
-        teardown_distributed()
-    os.environ.clear()
-    os.environ.update(env)
+    with inprocess():
+        yield
 
 
 def run_inproc(overrides: list[str], **kw):

@@ -25,15 +25,9 @@ from train.eval.yardstick import Yardstick, _choices, score_yardstick
 from train.objectives import ObjectiveConfig, TokenInfo
 from train.objectives.scoring import continuation_request
 
+from test_eval import one_thread  # noqa: E402,F401  (the module's one-thread fixture)
+
 TOKENS = TokenInfo(vocab_size=300, pad_id=0, eos_id=1, sentinel_ids=(299, 298), mode_ids=(("[S2S]", 297),))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_ys(n=6, w=24, fractions=(0.5,), k=3, seed=0) -> Yardstick:

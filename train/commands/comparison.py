@@ -85,19 +85,20 @@ def budget_lines(cells: list[dict], kind: str, value: float, tolerance: float = 
     return out
 
 
-def pairs(cells: list[dict]) -> list[dict]:
-    """Every pair of cells and metric: the paired difference a - b over their common seeds."""
+def pairs(cells: list[dict], metrics: tuple = PAIR_METRICS) -> list[dict]:
+    """Every pair of cells and metric: the paired difference a - b over their common seeds (the
+    yardstick's metrics with their windows' sampling error, any other run key over seeds alone)."""
     out = []
     for a, b in itertools.combinations(cells, 2):
         by_seed_a = {r["seed"]: r for r in a["runs"]}
         by_seed_b = {r["seed"]: r for r in b["runs"]}
         seeds = sorted(set(by_seed_a) & set(by_seed_b))
-        for key in PAIR_METRICS:
+        for key in metrics:
             xa = [by_seed_a[s].get(key) for s in seeds]
             xb = [by_seed_b[s].get(key) for s in seeds]
             if not seeds or any(v is None for v in xa + xb):
                 continue
-            se = [window_se(by_seed_a[s], by_seed_b[s], key) for s in seeds]
+            se = [window_se(by_seed_a[s], by_seed_b[s], key) if key in PAIR_METRICS else None for s in seeds]
             d = paired_difference(xa, xb, None if None in se else se)
             out.append({"a": a["name"], "b": b["name"], "metric": key, "seeds": seeds, "mean": d.mean,
                         "half_width": d.half_width, "low": d.low, "high": d.high, "resolved": d.resolved})

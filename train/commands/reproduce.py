@@ -112,10 +112,11 @@ def measure_low_rank(doc: dict, windows: int = 16, prefix: int = 64) -> list[dic
     from model_zoo.analysis import attention_spectra
 
     from ..data import prepare
-    from ..eval.stats import mean_std, paired_difference
+    from ..eval.stats import mean_std
     from ..eval.yardstick import build_yardstick
     from ..trainer import checkpointing as ckpt
     from ..trainer.weights import load_model
+    from .comparison import pairs
 
     ids = None
     for cell in doc["cells"]:
@@ -129,15 +130,7 @@ def measure_low_rank(doc: dict, windows: int = 16, prefix: int = 64) -> list[dic
                 rows = attention_spectra(model, batch, block="bidirectional")
             r[RANK] = mean_std([x["effective_rank"] for x in rows])[0]
             r["prefix_numerical_rank"] = mean_std([x["numerical_rank"] for x in rows])[0]
-    out = []
-    for i, a in enumerate(doc["cells"]):
-        for b in doc["cells"][i + 1:]:
-            sa, sb = {r["seed"]: r for r in a["runs"]}, {r["seed"]: r for r in b["runs"]}
-            seeds = sorted(set(sa) & set(sb))
-            d = paired_difference([sa[k][RANK] for k in seeds], [sb[k][RANK] for k in seeds])
-            out.append({"a": a["name"], "b": b["name"], "metric": RANK, "seeds": seeds, "mean": d.mean,
-                        "half_width": d.half_width, "low": d.low, "high": d.high, "resolved": d.resolved})
-    return out
+    return pairs(doc["cells"], (RANK,))
 
 
 @dataclass(frozen=True)
