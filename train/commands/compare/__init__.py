@@ -149,11 +149,11 @@ def plan_cells(cells: list[Cell], args) -> None:
         args.schedules[c.label] = schedule_overrides(b, cfg)
 
 
-def run_record(cell: Cell, seed_index: int, cfg, result: dict) -> dict:
+def run_record(cell: Cell, seed_index: int, cfg, result: dict, flops_per_token: float) -> dict:
     """One run's line of the comparison (comparison.py's run record)."""
     flat = result.get("yardsticks", [])[-1] if result.get("yardsticks") else {}
     return {"run_dir": str(cfg.run_dir), "seed": seed_index, "params": result["params"],
-            "flops_per_token": cell_facts(cfg)["flops_per_token"], "step": result["step"],
+            "flops_per_token": flops_per_token, "step": result["step"],
             "tokens_seen": result["tokens_seen"], "target_tokens": result["target_tokens"], "flops": result["flops"],
             "eval_loss": result["eval_loss"], "tokens_per_s": result["tokens_per_s"],
             "planned_flops_per_step": result["planned_flops_per_step"],
@@ -187,13 +187,14 @@ def main(argv=None) -> int:
     summary = []
     for c in cells:
         runs = []
+        per_token = cell_facts(configs[(c.label, 0)])["flops_per_token"]  # the seeds share the model and objective
         for i in range(args.seeds):
             result = train_or_read(configs[(c.label, i)], f"{c.name} seed {i}")
             if result is None:
                 print(f"stopped by a signal during {c.name} seed {i}; run the same command again to resume",
                       file=sys.stderr)
                 return 1
-            runs.append(run_record(c, i, configs[(c.label, i)], result))
+            runs.append(run_record(c, i, configs[(c.label, i)], result, per_token))
         summary.append({"label": c.label, "name": c.name, "spec": c.spec, "arch": c.arch, "objective": c.objective,
                         "overrides": args.matched.get(c.label, []) + c.overrides, "runs": runs})
     print_summary(summary, args)
