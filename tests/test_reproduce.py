@@ -57,3 +57,35 @@ def test_refusals(capsys):
     assert R.main(["nope"]) == 2 and "unknown claim 'nope'" in capsys.readouterr().err
     assert R.main(["wang-nca"]) == 2 and "cannot run yet: it needs" in capsys.readouterr().err
     assert R.main(["su-gpt-vs-unilm", "--size", "huge"]) == 2 and "--size 'huge'" in capsys.readouterr().err
+
+
+ENT = R.CLAIMS["su-entropy-scale"].names
+
+
+@pytest.mark.parametrize("logn,bias,verdict", [
+    ((-0.1, 0.02), (-0.05, 0.02), "reproduced"),
+    ((-0.1, 0.02), (0.05, 0.02), "not reproduced"),     # q/k bias extrapolates resolved worse
+    ((-0.1, 0.02), (-0.01, 0.02), "inconclusive"),
+])
+def test_entropy_scale_rule_reads_the_4n_loss(logn, bias, verdict):
+    key = R.length_metric(4)
+    pairs = [{**pair(ENT["rope"], ENT["logn"], -logn[0], logn[1]), "metric": key},
+             {**pair(ENT["qkbias"], ENT["rope"], *bias), "metric": key},
+             # the same differences at n point the other way: the rule must not read them
+             {**pair(ENT["logn"], ENT["rope"], 1.0, 0.01), "metric": R.length_metric(1)}]
+    got, reasons = R.rule_entropy_scale(pairs, ENT)
+    assert got == verdict and all(r.endswith("at 4n") for r in reasons)
+
+
+@pytest.mark.slow
+def test_entropy_scale_reproduction_runs_end_to_end(tmp_path, capsys):
+    """A real (tiny) run of the claim: three CD:FLM cells trained at n, each scored at n, 2n, 4n."""
+    res = tmp_path / "results"
+    assert R.main(["su-entropy-scale", "--seeds", "1", "--tokens", "3000", "--out", str(tmp_path / "runs"),
+                   "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: inconclusive" in out  # one seed resolves nothing
+    page = (res / "su-entropy-scale.md").read_text()
+    assert "| nats/token at 1n | nats/token at 2n | nats/token at 4n |" in page and (res / "su-entropy-scale.png").exists()
+    rows = [line for line in page.splitlines() if line.startswith("| CD:FLM (rope") and line.count("|") == 6]
+    assert len(rows) == 3 and all(8.0 < float(v) < 10.0 for r in rows for v in r.strip("|").split("|")[2:])

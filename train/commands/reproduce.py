@@ -133,6 +133,61 @@ def measure_low_rank(doc: dict, windows: int = 16, prefix: int = 64) -> list[dic
     return pairs(doc["cells"], (RANK,))
 
 
+LENGTHS = (1, 2, 4)  # su-entropy-scale: evaluation windows of n, 2n and 4n tokens (n = the training length)
+
+
+def length_metric(m: int) -> str:
+    return f"nats_at_{m}n"
+
+
+def rule_entropy_scale(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """On held-out windows 4n tokens long (n = the training length), the mean next-token loss of
+    each window's last n/2 tokens (nats/token; the same count at every length, so windows of n,
+    2n and 4n differ only in how far past the trained length those tokens sit). Reproduced: the
+    log_512(n)-scaled RoPE model and the RoPE + q/k-bias model are each resolved lower at 4n
+    than plain RoPE. Not reproduced: either is resolved higher at 4n. Otherwise inconclusive."""
+    key = length_metric(LENGTHS[-1])
+    logn, bias = _pair(pairs, names["logn"], names["rope"], key), _pair(pairs, names["qkbias"], names["rope"], key)
+    reasons = [_describe(logn) + f" at {LENGTHS[-1]}n", _describe(bias) + f" at {LENGTHS[-1]}n"]
+    if worse(logn) or worse(bias):
+        return "not reproduced", reasons
+    if better(logn) and better(bias):
+        return "reproduced", reasons
+    return "inconclusive", reasons
+
+
+def measure_lengths(doc: dict, windows: int = 32) -> list[dict]:
+    """Adds length_metric(m) for m in LENGTHS to every run of `doc` (newest checkpoint; the same
+    held-out windows for every run, cut from documents of at least 4n tokens); returns their
+    paired differences (comparison.pairs' format, seeds' spread only)."""
+    import dataclasses
+
+    from ..data import prepare
+    from ..eval.scoring import Scorer
+    from ..eval.yardstick import build_yardstick
+    from ..trainer import checkpointing as ckpt
+    from ..trainer.weights import load_model
+    from .comparison import pairs
+
+    sets = {}
+    for cell in doc["cells"]:
+        for r in cell["runs"]:
+            model, tok, cfg = load_model(ckpt.newest_checkpoint(Path(r["run_dir"]) / "checkpoints"))
+            n = int(cfg.objective.seq_length)
+            if not sets:
+                prepared = prepare(cfg.data, None)
+                for m in LENGTHS:
+                    ev = dataclasses.replace(cfg.eval, window_tokens=m * n, windows=windows)
+                    sets[m] = build_yardstick(prepared, ev, cfg.data, tok).tokens.tolist()
+            scorer = Scorer(model, batch_size=cfg.eval.score_batch_size)
+            for m in LENGTHS:
+                lls = scorer.loglikelihoods([(w[:1], w[1:]) for w in sets[m]])
+                tail = [-lp for ll in lls for lp in ll.token_logprobs[-(n // 2):]]
+                r[length_metric(m)] = sum(tail) / len(tail)
+            r["trained_length"] = n
+    return pairs(doc["cells"], tuple(length_metric(m) for m in LENGTHS))
+
+
 @dataclass(frozen=True)
 class Claim:
     name: str
@@ -143,6 +198,8 @@ class Claim:
     rule: Callable
     needs: str = ""  # what is missing for it to run; "" = runnable
     measure: Callable = None  # doc -> extra pairs the rule reads (None: compare's pairs)
+    measured: tuple = ()  # (run key, column title) of what `measure` adds to each run, for the page
+    measured_title: str = ""
     caveat: str = ("Smoke scale: the debug size (0.6M parameters, most of them embeddings) on ~160k tokens of "
                    "this Python installation's own sources; the published claims were made at 100M-10B "
                    "parameters on web text. A verdict here says what this scale shows, not what the paper's does.")
@@ -170,16 +227,27 @@ CLAIMS = {c.name: c for c in [
           "head triangular).",
           lambda n: ["cd:plm", "nd:plm", "{cell: 'nd:plm', label: nd-mixed, set: "
                      "{model.overrides.bidirectional_mode: mixed_heads}}"],
-          {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_low_rank, measure=measure_low_rank),
+          {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_low_rank, measure=measure_low_rank,
+          measured=((RANK, "effective rank"), ("prefix_numerical_rank", "numerical rank")),
+          measured_title="Prefix-block rank (each model under its own mask)"),
     Claim("wang-nca", "Wang et al. 2022", "NC-A reaches from-scratch ND:MLM's final loss in ~1/3.3 of the tokens.",
           lambda n: [], {}, None, needs="a pretrain -> adapt chain in one command (the README walkthrough runs it by "
                                         "hand; `archscale report` measures the catch-up)"),
     Claim("wang-zero-shot", "Wang et al. 2022", "CD:FLM is best zero-shot after pretraining; MLM-pretrained "
           "models are best after multitask finetuning.", lambda n: [], {}, None,
           needs="a multitask-finetuning stage after each cell"),
-    Claim("su-entropy-scale", "Su Jianlin (2021, 2023)", "The log_512(n) attention scale and RoPE + q/k bias "
-          "extrapolate better in length.", lambda n: [], {}, None,
-          needs="evaluation at 2n and 4n window lengths next to the entropy-scale and q/k-bias controls"),
+    Claim("su-entropy-scale", "Su Jianlin (2021, 2023); SCIENCE.md (JL lemma / entropy-invariant attention, "
+          "RoPE + bias)",
+          "Trained at length n and evaluated at n, 2n and 4n: RoPE attention with the entropy-invariant scale "
+          "log_512(n) / sqrt(d), and RoPE with a bias on the q and k projections, each extrapolate in length "
+          "better than plain RoPE.",
+          lambda n: [f"{{cell: 'cd:flm', label: {label}, set: {{model.overrides.position: rope{extra}}}}}"
+                     for label, extra in (("rope", ""), ("rope-logn", ", model.overrides.entropy_scale: true"),
+                                          ("rope-qkbias", ", model.overrides.qk_bias: true"))],
+          {"rope": "CD:FLM (rope)", "logn": "CD:FLM (rope-logn)", "qkbias": "CD:FLM (rope-qkbias)"},
+          rule_entropy_scale, measure=measure_lengths,
+          measured=tuple((length_metric(m), f"nats/token at {m}n") for m in LENGTHS),
+          measured_title="Loss at n, 2n and 4n (each window's last n/2 tokens; n = the training length)"),
 ]}
 
 
@@ -252,13 +320,16 @@ def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out
     metric_text = ("Intervals are paired by seed, 95% (the seeds' spread only)." if claim.measure else
                    "The metric is the common yardstick's continuation loss in nats per token (docs/evaluation.md); "
                    "intervals are paired by seed, 95%, covering the seeds and the held-out windows.")
+    measured_keys = {k for k, _ in claim.measured}
     rank_table = ""
-    if any(RANK in r for c in doc["cells"] for r in c["runs"]):
-        rank_table = "## Prefix-block rank (each model under its own mask)\n\n| cell | seed | effective rank | numerical rank |\n|---|---|---|---|\n" + "".join(
-            f"| {c['name']} | {r['seed']} | {r[RANK]:.3f} | {r['prefix_numerical_rank']:.2f} |\n"
-            for c in doc["cells"] for r in c["runs"]) + "\n" + "\n".join(
-            f"- {_describe(p, 'effective rank')}{' (resolved)' if p['resolved'] else ''}"
-            for p in doc["pairs"] if p["metric"] == RANK) + "\n\n"
+    if claim.measured and any(k in r for c in doc["cells"] for r in c["runs"] for k in measured_keys):
+        unit = claim.measured[0][1] if claim.measure is measure_low_rank else "nats/token"
+        rank_table = (f"## {claim.measured_title}\n\n| cell | seed | " + " | ".join(t for _, t in claim.measured)
+                      + " |\n|---|---|" + "---|" * len(claim.measured) + "\n" + "".join(
+                          f"| {c['name']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k, _ in claim.measured)
+                          + " |\n" for c in doc["cells"] for r in c["runs"]) + "\n" + "\n".join(
+            f"- {p['metric']}: {_describe(p, unit)}{' (resolved)' if p['resolved'] else ''}"
+            for p in doc["pairs"] if p["metric"] in measured_keys) + "\n\n")
     gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
     budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
                    + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
@@ -292,7 +363,7 @@ Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
 
 {rank_table}## Differences
 
-{pair_table([p for p in doc["pairs"] if p["metric"] != RANK])}
+{pair_table([p for p in doc["pairs"] if p["metric"] not in measured_keys])}
 
 ![curves]({png.name})
 """
