@@ -145,6 +145,20 @@ def render_array(manifest: str | pathlib.Path, indices: list[int], res: Resource
         "python": shlex.quote(python or sys.executable)})
 
 
+def render_tokenize(command: list[str], tasks: int, shards_per_task: int, res: Resources = Resources(), *,
+                    log_dir: str | pathlib.Path, job_name: str = "archscale-tokenize",
+                    concurrency: int | None = None, after: str | None = None) -> str:
+    """The batch script of a tokenization job array (tokenize.sh.tmpl): task T runs `command
+    --shard-range T*K:(T+1)*K` (train/commands/tokenize.py)."""
+    log_dir = pathlib.Path(log_dir).absolute()
+    check_path(log_dir, "log directory")
+    array = f"0-{tasks - 1}" + (f"%{concurrency}" if concurrency else "")
+    lines = sbatch_lines(res, job_name=job_name, output=f"{log_dir}/tokenize-%A_%a.out", array=array, after=after)
+    return _fill((HERE / "tokenize.sh.tmpl").read_text(), {
+        "sbatch": "\n".join(lines), "shards_per_task": str(int(shards_per_task)),
+        "command": shlex.join(str(c) for c in command)})
+
+
 def compress(indices) -> list[str]:
     """[0, 1, 2, 5, 7, 8] -> ['0-2', '5', '7-8'] (Slurm's --array syntax)."""
     out, idx = [], sorted(set(indices))

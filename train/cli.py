@@ -8,6 +8,7 @@
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
     archscale analyze RUN_DIR [--step N]                   attention rank per layer: causal vs bidirectional
     archscale plan [CONFIG.yaml] [a.b=c ...] [--gpus N]     will it fit, how long, what it costs
+    archscale tokenize [CONFIG.yaml] [a.b=c ...] [--shard-range A:B | --submit]  cached shards, here or a job array
     archscale eval RUN_DIR --tasks F.jsonl | report RUNS    zero-shot evaluation, the comparison report
     archscale submit | sweep | status ...                   Slurm (see docs/slurm.md)
 """
@@ -155,6 +156,7 @@ COMMANDS = {
     "report": lambda argv: __import__("train.commands.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "reproduce": lambda argv: __import__("train.commands.reproduce", fromlist=["main"]).main(argv),  # archscale reproduce NAME
     "plan": lambda argv: __import__("train.commands.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
+    "tokenize": lambda argv: __import__("train.commands.tokenize", fromlist=["main"]).main(argv),
     "submit": _slurm("submit"),
     "sweep": _slurm("sweep"),
     "chain": _slurm("chain"),

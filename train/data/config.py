@@ -67,8 +67,14 @@ class DataConfig:
     """flm / plm: end every document with EOS (mlm and ul2 end inputs and targets with EOS as T5)."""
     cache_dir: str = ""
     """Tokenizers, datasets and tokenized caches. '' = $ARCHSCALE_CACHE or ~/.cache/archscale."""
-    num_proc: int = 1
-    """Processes for tokenization (datasets.map). 1 = in process."""
+    num_proc: int = 0
+    """Processes for tokenization: 0 = one per core this process may run on (its CPU affinity:
+    os.sched_getaffinity, e.g. a Slurm task's CPUs); 1 = in this process. At most one per shard
+    left to do. The tokens are the same whatever the number."""
+    shard_documents: int = 10000
+    """Tokenization shard: documents [i*N, (i+1)*N) are tokenized by one process and cached as one
+    file, written atomically; a killed tokenization resumes from the shards written, and
+    `archscale tokenize --submit` runs shard ranges as a Slurm job array. Changing it re-tokenizes."""
     seed: int = 1234
     """Seed of the data order, the PLM split points and the noise masks. Separate from the run's
     `seed` (initialisation, dropout), so every cell of a comparison sees the same data in the same
@@ -126,10 +132,12 @@ class DataConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         for name, low in (("max_documents", 0), ("bpe_vocab_size", 300), ("num_sentinels", 0),
-                          ("max_vocab_size", 0), ("num_proc", 1), ("pack_lookahead", 1), ("prefetch", 0)):
+                          ("max_vocab_size", 0), ("num_proc", 0), ("shard_documents", 1),
+                          ("pack_lookahead", 1), ("prefetch", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"data.{name}={v!r} must be an integer >= {low}")
+                hint = " (0 = one process per available core)" if name == "num_proc" else ""
+                raise ValueError(f"data.{name}={v!r} must be an integer >= {low}{hint}")
         if self.tokenizer not in BUILTIN_TOKENIZERS and not os.path.isdir(os.path.expanduser(self.tokenizer)):
             raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither one of {BUILTIN_TOKENIZERS} nor an "
                              f"existing local directory (save one with tokenizer.save_pretrained(DIR))")

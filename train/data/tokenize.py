@@ -1,9 +1,10 @@
-"""Tokenization with `datasets.map(batched=True)` (cached), and zero-copy access to the result.
+"""Tokenization (parallel, cached in shards, resumable: train/data/shards.py), and zero-copy access to the result.
 
 The tokenized dataset has `input_ids` (list of int32) and `length` (int32; -1 marks a row whose
 text field was missing / null when data.bad_rows='skip'). For prompted multitask data it has
 `input_ids` / `target_ids` / `length` / `target_length`. The cache is keyed by the source
-dataset's fingerprint and the tokenizer's fingerprint, so a second run (or another rank) reuses it.
+dataset's fingerprint and the tokenizer's fingerprint, so a second run (or another rank) reuses it,
+and a killed tokenization resumes from the shards already written.
 `TokenStore` reads the token ids straight from the Arrow buffers (memory-mapped cache files):
 fetching a piece of a document is a numpy slice, whatever the corpus size.
 """
@@ -27,8 +28,9 @@ def _tokenize_texts(tok, texts):
     return tok(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)["input_ids"]
 
 
-def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data"):
-    """Tokenize a document dataset (column data.text_field) into input_ids / length, cached."""
+def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data", shard_range=None):
+    """Tokenize a document dataset (column data.text_field) into input_ids / length, cached in
+    shards; `shard_range` (A, B): only those shards (a job-array task; returns None)."""
     import datasets
 
     field = cfg.text_field
@@ -49,10 +51,10 @@ def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data"):
 
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "length": datasets.Value("int32")})
-    return _map(ds, fn, features, tok, cfg, [field], what)
+    return _map(ds, fn, features, tok, cfg, [field], what, shard_range)
 
 
-def tokenize_prompted(ds, tok, cfg: DataConfig, what: str = "data"):
+def tokenize_prompted(ds, tok, cfg: DataConfig, what: str = "data", shard_range=None):
     """Tokenize validated prompted records (input / target) into input_ids / target_ids, cached."""
     import datasets
 
@@ -65,20 +67,22 @@ def tokenize_prompted(ds, tok, cfg: DataConfig, what: str = "data"):
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "target_ids": datasets.List(datasets.Value("int32")),
                                   "length": datasets.Value("int32"), "target_length": datasets.Value("int32")})
-    return _map(ds, fn, features, tok, cfg, ["input", "target"], what)
+    return _map(ds, fn, features, tok, cfg, ["input", "target"], what, shard_range)
 
 
-def _map(ds, fn, features, tok, cfg: DataConfig, fields, what):
+def _map(ds, fn, features, tok, cfg: DataConfig, fields, what, shard_range=None):
+    """ds tokenized by fn in shards (train/data/shards.py: parallel, cached, resumable)."""
+    from . import shards
+
+    # the tokens' identity: unchanged by the sharding (a checkpoint's stream fingerprint stays valid)
     fp = hashlib.sha256(f"{TOKENIZE_VERSION}|{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{fields}|"
                         f"{cfg.bad_rows}|{fn.__qualname__}".encode()).hexdigest()[:16]
-    t0 = time.perf_counter()
-    out = ds.map(fn, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
-                 features=features, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                 new_fingerprint=fp, desc=f"tokenizing {what}")
-    dt = time.perf_counter() - t0
+    out, dt, tokenized = shards.run(ds, fn, features, fields, fp, cfg, what, shard_range)
+    if out is None:
+        return None
     n = int(np.maximum(out.data.table.column("length").to_numpy(), 0).sum())
     log.info("%s: %d documents, %d tokens (%.1fs%s)", what, len(out), n, dt,
-             f", {n / dt:,.0f} tokens/s" if dt > 0.5 else ", cached")
+             f", {n / dt:,.0f} tokens/s" if tokenized and dt > 0.5 else ", cached" if not tokenized else "")
     return out
 
 
