@@ -170,3 +170,26 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, words):
 def test_num_proc_below_zero_is_refused():
     with pytest.raises(ValueError, match=r"data.num_proc=-2 must be an integer >= 0"):
         DataConfig(num_proc=-2)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_sigkilled_tokenization_resumes(corpus, serial, tmp_path, num_proc):
+    """A real SIGKILL of `archscale tokenize` after its 2nd shard: the shards written survive (with a
+    pool, its orphaned workers may finish more; a half-written .tmp file is never counted), and the
+    rerun tokenizes the rest."""
+    import signal
+    import subprocess
+    import sys
+
+    ref, _ = serial
+    code = ("import os, signal, sys\nfrom train.data import shards\nseen = []\n"
+            "def hook(i):\n    seen.append(i)\n    if len(seen) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "shards.after_shard = hook\nfrom train.cli import main\nsys.exit(main(['tokenize', *sys.argv[1:]]))\n")
+    p = subprocess.run([sys.executable, "-c", code, *_overrides(corpus, tmp_path), f"data.num_proc={num_proc}"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    done = _shard_files(tmp_path)
+    assert len(done) == 2 if num_proc == 1 else 2 <= len(done) <= 7, done
+    _same(_tokens(prepare(_cfg(corpus, tmp_path, num_proc=2))), ref)
+    assert len(_shard_files(tmp_path)) == 7
