@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 from train.data import DataConfig, prepare  # noqa: E402
 from train.data import shards  # noqa: E402
+from test_slurm import final_state, slurm_cluster, wait_for  # noqa: E402,F401  (the real local cluster: a fixture)
 
 WORDS = "the quick brown fox jumps over a lazy dog def return import class 0 1 2 ( ) [ ] \n".split(" ")
 N_DOCS, SHARD = 700, 100
@@ -147,7 +148,7 @@ def test_submit_dry_run_renders_the_array(corpus, tmp_path, capsys):
     assert "-m train tokenize" in out and '--shard-range "$A:$((A + K))"' in out and "data.shard_documents=100" in out
     assert "7 shard(s) of 100, 3 task(s)" in out
     assert not (tmp_path / "tokenized").exists()  # a dry run tokenizes and writes nothing
-    assert len([line for line in out.splitlines() if not line.startswith("#") and line.strip()]) <= 5  # thin
+    assert len([line for line in out.splitlines() if not line.startswith("#") and line.strip()]) <= 6  # thin
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -193,3 +194,26 @@ def test_sigkilled_tokenization_resumes(corpus, serial, tmp_path, num_proc):
     assert len(done) == 2 if num_proc == 1 else 2 <= len(done) <= 7, done
     _same(_tokens(prepare(_cfg(corpus, tmp_path, num_proc=2))), ref)
     assert len(_shard_files(tmp_path)) == 7
+
+
+@pytest.mark.slow
+def test_submit_runs_the_array_on_the_local_cluster(slurm_cluster, corpus, serial, tmp_path, capsys):
+    """`archscale tokenize --submit` on the real local Slurm cluster (tests/test_slurm.py's fixture):
+    3 array tasks of 3 shards write the 7 shards; the training-side prepare then tokenizes nothing."""
+    ref, _ = serial
+    ov = _overrides(corpus, tmp_path)
+    assert _cli(*ov, "--submit", "--shards-per-task", "3", "--time", "10") == 0
+    job = capsys.readouterr().out.split()[-1]
+    tasks = [f"{job}_{t}" for t in range(3)]
+    logs = tmp_path / "tokenized" / "slurm"
+    states = wait_for(lambda: (lambda s: s if all(s) else None)([final_state(t) for t in tasks]), 180,
+                      "the tokenize array", logs)
+    assert states == ["COMPLETED"] * 3, states
+    assert len(_shard_files(tmp_path)) == 7
+    seen = []
+    shards.after_shard = seen.append
+    try:
+        _same(_tokens(prepare(_cfg(corpus, tmp_path))), ref)
+    finally:
+        shards.after_shard = None
+    assert seen == []

@@ -127,8 +127,8 @@ def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[in
     done = (hi - lo) - len(todo)
     procs = min(processes(cfg.num_proc), len(todo)) or 1
     if todo:
-        log.info("%s: %d documents in %d shard(s) of %d; %d already done, tokenizing %d with %d process(es)",
-                 what, n_docs, hi - lo, size, done, len(todo), procs)
+        log.info("%s: %d documents, shards %d:%d of %d (%d documents each): %d already done, tokenizing %d "
+                 "with %d process(es)", what, n_docs, lo, hi, n, size, done, len(todo), procs)
     t0 = time.perf_counter()
     tables = {}
     _JOB = (ds, fn, features, size, n_docs)
