@@ -55,7 +55,7 @@ def test_refusals(capsys):
     assert R.main(["--list"]) == 0
     assert "su-gpt-vs-unilm" in capsys.readouterr().out
     assert R.main(["nope"]) == 2 and "unknown claim 'nope'" in capsys.readouterr().err
-    assert R.main(["wang-nca"]) == 2 and "cannot run yet: it needs" in capsys.readouterr().err
+    assert R.main(["wang-zero-shot"]) == 2 and "cannot run yet: it needs" in capsys.readouterr().err
     assert R.main(["su-gpt-vs-unilm", "--size", "huge"]) == 2 and "--size 'huge'" in capsys.readouterr().err
 
 
@@ -89,3 +89,54 @@ def test_entropy_scale_reproduction_runs_end_to_end(tmp_path, capsys):
     assert "| nats/token at 1n | nats/token at 2n | nats/token at 4n |" in page and (res / "su-entropy-scale.png").exists()
     rows = [line for line in page.splitlines() if line.startswith("| CD:FLM (rope") and line.count("|") == 6]
     assert len(rows) == 3 and all(8.0 < float(v) < 10.0 for r in rows for v in r.strip("|").split("|")[2:])
+
+
+NCA = R.CLAIMS["wang-nca"].names
+
+
+def nca_doc(scratch_losses, nca_losses):
+    """Runs with (step, tokens, flops, held-out loss) curves: scratch ends at step 100."""
+    curve = lambda losses: [(10 * (i + 1), 0, 0.0, x) for i, x in enumerate(losses)]  # noqa: E731
+    return {"cells": [{"name": NCA["scratch"], "runs": [{"seed": s, "eval_losses": curve(scratch_losses)}
+                                                        for s in (0, 1)]},
+                      {"name": NCA["nca"], "runs": [{"seed": s, "eval_losses": curve(nca_losses[s])} for s in (0, 1)]}]}
+
+
+@pytest.mark.parametrize("nca,verdict,speedups", [
+    (([5.0, 4.0, 3.0], [5.0, 2.9, 2.0]), "reproduced", [100 / 30, 100 / 20]),   # 3.3x and 5x
+    (([5.0, 4.0, 3.0], [5.0, 5.0, 5.0]), "not reproduced", [100 / 30, None]),    # seed 1 never gets there
+    (([9.0] * 5 + [3.0], [9.0] * 7 + [3.0]), "not reproduced", [100 / 60, 100 / 80]),  # mean 1.46x < 1.5
+    (([5.0, 4.0, 3.0], [9.0] * 5 + [3.0]), "inconclusive", [100 / 30, 100 / 60]),  # one seed at 1.7x
+])
+def test_nca_rule_reads_the_catch_up_per_seed(nca, verdict, speedups):
+    doc = nca_doc([6.0] * 9 + [3.0], nca)  # scratch's final held-out loss 3.0 at step 100
+    got, reasons = R.rule_nca(R.measure_catch_up(doc, NCA), NCA)
+    runs = doc["cells"][1]["runs"]
+    assert got == verdict and [r[R.SPEEDUP] for r in runs] == pytest.approx(speedups)
+    assert all(r["target_loss"] == 3.0 and r["scratch_steps"] == 100 for r in runs) and "speed-up per seed" in reasons[0]
+
+
+def test_compare_fills_out_and_seed_in_a_cells_own_values():
+    from types import SimpleNamespace
+
+    from train.commands.compare import cell_overrides
+    from train.commands.compare.cells import Cell
+
+    args = SimpleNamespace(out="runs/x", tokens=1000, size="debug", seq_len=128, micro_batch=8, accumulation=1,
+                           lr=3e-3, eval_every=40, eval_batches=4, checkpoint_every=100, set=[], seed=0)
+    cell = Cell("nd", "mlm", ["init.from_checkpoint={out}/cd-flm/seed-{seed}"], "nca")
+    assert "init.from_checkpoint=runs/x/cd-flm/seed-1" in cell_overrides(cell, args, seed_index=1)
+
+
+@pytest.mark.slow
+def test_nca_reproduction_continues_each_seed_of_the_causal_decoder(tmp_path, capsys):
+    """A real (tiny) NC-A chain: CD:FLM, ND:MLM from scratch, and ND:MLM started from CD:FLM's run."""
+    import yaml
+
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    assert R.main(["wang-nca", "--seeds", "1", "--tokens", "3000", "--out", str(runs), "--results", str(res)]) == 0
+    assert "speed-up per seed" in capsys.readouterr().out
+    cfg = yaml.safe_load((runs / "nd-mlm-nca" / "seed-0" / "config.yaml").read_text())
+    assert cfg["init"]["from_checkpoint"] == str(runs / "cd-flm" / "seed-0") and cfg["model"]["arch"] == "nd"
+    page = (res / "wang-nca.md").read_text()
+    assert "| ND:MLM (nd-mlm-nca) | 0 |" in page and "speed-up" in page

@@ -105,7 +105,7 @@ def rule_low_rank(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     return "inconclusive", reasons
 
 
-def measure_low_rank(doc: dict, windows: int = 16, prefix: int = 64) -> list[dict]:
+def measure_low_rank(doc: dict, names: dict, windows: int = 16, prefix: int = 64) -> list[dict]:
     """Adds RANK (and prefix_numerical_rank) to every run of `doc` from its newest checkpoint;
     returns the paired differences on RANK (comparison.pairs' format)."""
     import torch
@@ -156,7 +156,18 @@ def rule_entropy_scale(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     return "inconclusive", reasons
 
 
-def measure_lengths(doc: dict, windows: int = 32) -> list[dict]:
+def reading_lengths(doc: dict, names: dict) -> str:
+    """Whether plain RoPE fails to extrapolate at all here (the claim's premise)."""
+    runs = next(c for c in doc["cells"] if c["name"] == names["rope"])["runs"]
+    first, last = (sum(r[length_metric(m)] for r in runs) / len(runs) for m in (LENGTHS[0], LENGTHS[-1]))
+    if last > first:
+        return ""
+    return (f"Plain RoPE shows no extrapolation failure at this scale: its loss on the same last n/2 tokens is "
+            f"{last:.3f} at {LENGTHS[-1]}n against {first:.3f} at n (more context still helps), so there is no "
+            f"failure for either control to repair, and this run cannot test the claim.")
+
+
+def measure_lengths(doc: dict, names: dict, windows: int = 32) -> list[dict]:
     """Adds length_metric(m) for m in LENGTHS to every run of `doc` (newest checkpoint; the same
     held-out windows for every run, cut from documents of at least 4n tokens); returns their
     paired differences (comparison.pairs' format, seeds' spread only)."""
@@ -188,6 +199,46 @@ def measure_lengths(doc: dict, windows: int = 32) -> list[dict]:
     return pairs(doc["cells"], tuple(length_metric(m) for m in LENGTHS))
 
 
+SPEEDUP = "catch_up_speedup"  # wang-nca: from-scratch steps / the adapted run's steps to the same held-out loss
+NCA_EVAL_EVERY = 10  # wang-nca: both ND:MLM cells evaluate their held-out loss this often (the catch-up's grain)
+
+
+def rule_nca(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """Per seed: the from-scratch ND:MLM run's final held-out MLM loss (own objective) is the
+    target; the speed-up is its step count divided by the first step at which the NC-A run (seed i
+    of CD:FLM, continued as ND:MLM on the same batches per step) reaches that loss (evaluated every
+    NCA_EVAL_EVERY steps, so a lower bound). Reproduced: a speed-up of at least 2 on every seed (the
+    paper's is 3.3). Not reproduced: some seed's NC-A run never reaches the target in its budget,
+    or the mean speed-up is below 1.5. Otherwise inconclusive."""
+    p = next(q for q in pairs if q["metric"] == SPEEDUP)
+    per_seed = p["per_seed"]
+    reasons = [f"{p['a']} vs {p['b']}: speed-up per seed "
+               + ", ".join("never reached" if x is None else f"{x:.2f}x" for x in per_seed)
+               + (f"; mean {p['mean']:.2f}x" if None not in per_seed else "")]
+    if None in per_seed or p["mean"] < 1.5:
+        return "not reproduced", reasons
+    if min(per_seed) >= 2:
+        return "reproduced", reasons
+    return "inconclusive", reasons
+
+
+def measure_catch_up(doc: dict, names: dict) -> list[dict]:
+    """Adds the catch-up (target loss, steps) to every NC-A run; returns the speed-up as one entry
+    of the pairs list (metric SPEEDUP, per_seed: None where the target was not reached)."""
+    cells = {c["name"]: c for c in doc["cells"]}
+    scratch = {r["seed"]: r for r in cells[names["scratch"]]["runs"]}
+    per_seed = []
+    for r in cells[names["nca"]]["runs"]:
+        ref = scratch[r["seed"]]["eval_losses"][-1]  # (step, tokens, flops, loss)
+        step = next((st for st, _, _, loss in r["eval_losses"] if loss <= ref[3]), None)
+        r["target_loss"], r["catch_up_step"], r["scratch_steps"] = ref[3], step, ref[0]
+        r[SPEEDUP] = None if step is None else ref[0] / step
+        per_seed.append(r[SPEEDUP])
+    mean = None if None in per_seed else sum(per_seed) / len(per_seed)
+    return [{"a": names["nca"], "b": names["scratch"], "metric": SPEEDUP, "per_seed": per_seed, "mean": mean,
+             "low": None, "high": None, "resolved": False, "seeds": [r["seed"] for r in cells[names["nca"]]["runs"]]}]
+
+
 @dataclass(frozen=True)
 class Claim:
     name: str
@@ -200,6 +251,7 @@ class Claim:
     measure: Callable = None  # doc -> extra pairs the rule reads (None: compare's pairs)
     measured: tuple = ()  # (run key, column title) of what `measure` adds to each run, for the page
     measured_title: str = ""
+    reading: Callable = None  # doc, names -> a sentence the numbers support about the test itself ("" = none)
     caveat: str = ("Smoke scale: the debug size (0.6M parameters, most of them embeddings) on ~160k tokens of "
                    "this Python installation's own sources; the published claims were made at 100M-10B "
                    "parameters on web text. A verdict here says what this scale shows, not what the paper's does.")
@@ -230,9 +282,17 @@ CLAIMS = {c.name: c for c in [
           {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_low_rank, measure=measure_low_rank,
           measured=((RANK, "effective rank"), ("prefix_numerical_rank", "numerical rank")),
           measured_title="Prefix-block rank (each model under its own mask)"),
-    Claim("wang-nca", "Wang et al. 2022", "NC-A reaches from-scratch ND:MLM's final loss in ~1/3.3 of the tokens.",
-          lambda n: [], {}, None, needs="a pretrain -> adapt chain in one command (the README walkthrough runs it by "
-                                        "hand; `archscale report` measures the catch-up)"),
+    Claim("wang-nca", "Wang et al. 2022, 'What language model architecture and pretraining objective work best "
+          "for zero-shot generalization?'; SCIENCE.md",
+          "Non-causal MLM adaptation (NC-A): a CD:FLM model continued as ND:MLM reaches the from-scratch ND:MLM "
+          "model's final loss in about 1/3.3 of the tokens.",
+          lambda n: ["cd:flm", f"{{cell: 'nd:mlm', label: nd-mlm, set: {{eval.every_n_steps: {NCA_EVAL_EVERY}}}}}",
+                     f"{{cell: 'nd:mlm', label: nd-mlm-nca, set: {{init.from_checkpoint: '{{out}}/cd-flm/seed-{{seed}}',"
+                     f" eval.every_n_steps: {NCA_EVAL_EVERY}}}}}"],
+          {"scratch": "ND:MLM", "nca": "ND:MLM (nd-mlm-nca)"}, rule_nca, measure=measure_catch_up,
+          measured=(("target_loss", "target (scratch's final held-out loss)"), ("catch_up_step", "NC-A's step there"),
+                    ("scratch_steps", "scratch's steps"), (SPEEDUP, "speed-up")),
+          measured_title="Catch-up of the adapted model (held-out MLM loss, own objective)"),
     Claim("wang-zero-shot", "Wang et al. 2022", "CD:FLM is best zero-shot after pretraining; MLM-pretrained "
           "models are best after multitask finetuning.", lambda n: [], {}, None,
           needs="a multitask-finetuning stage after each cell"),
@@ -245,7 +305,7 @@ CLAIMS = {c.name: c for c in [
                      for label, extra in (("rope", ""), ("rope-logn", ", model.overrides.entropy_scale: true"),
                                           ("rope-qkbias", ", model.overrides.qk_bias: true"))],
           {"rope": "CD:FLM (rope)", "logn": "CD:FLM (rope-logn)", "qkbias": "CD:FLM (rope-qkbias)"},
-          rule_entropy_scale, measure=measure_lengths,
+          rule_entropy_scale, measure=measure_lengths, reading=reading_lengths,
           measured=tuple((length_metric(m), f"nats/token at {m}n") for m in LENGTHS),
           measured_title="Loss at n, 2n and 4n (each window's last n/2 tokens; n = the training length)"),
 ]}
@@ -307,11 +367,15 @@ def main(argv=None) -> int:
         return rc
     doc = json.loads((out / "comparison.json").read_text())
     if claim.measure is not None:
-        doc["pairs"] = claim.measure(doc) + doc["pairs"]
+        doc["pairs"] = claim.measure(doc, claim.names) + doc["pairs"]
     verdict, reasons = claim.rule(doc["pairs"], claim.names)
     print(f"\nverdict: {verdict}\n" + "\n".join(f"  {r}" for r in reasons))
     write_page(claim, a, doc, verdict, reasons, out)
     return 0
+
+
+def _cell_value(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out: Path) -> Path:
@@ -326,15 +390,17 @@ def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out
         unit = claim.measured[0][1] if claim.measure is measure_low_rank else "nats/token"
         rank_table = (f"## {claim.measured_title}\n\n| cell | seed | " + " | ".join(t for _, t in claim.measured)
                       + " |\n|---|---|" + "---|" * len(claim.measured) + "\n" + "".join(
-                          f"| {c['name']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k, _ in claim.measured)
-                          + " |\n" for c in doc["cells"] for r in c["runs"]) + "\n" + "\n".join(
+                          f"| {c['name']} | {r['seed']} | " + " | ".join(_cell_value(r.get(k)) for k, _ in claim.measured)
+                          + " |\n" for c in doc["cells"] for r in c["runs"] if measured_keys & set(r)) + "\n" + "\n".join(
             f"- {p['metric']}: {_describe(p, unit)}{' (resolved)' if p['resolved'] else ''}"
-            for p in doc["pairs"] if p["metric"] in measured_keys) + "\n\n")
+            for p in doc["pairs"] if p["metric"] in measured_keys and "per_seed" not in p) + "\n\n")
     gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
     budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
                    + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
                       if gaps else "every cell met it within 5%."))
 
+    reading = claim.reading(doc, claim.names) if claim.reading else ""
+    reading = f"\n\n**Reading.** {reading}" if reading else ""
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     png = results / f"{claim.name}.png"
@@ -352,7 +418,7 @@ def write_page(claim: Claim, a, doc: dict, verdict: str, reasons: list[str], out
 
 **Budget.** {budget_text}
 
-**Scale caveat.** {claim.caveat}
+**Scale caveat.** {claim.caveat}{reading}
 
 Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
 {datetime.date.today().isoformat()}.

@@ -71,6 +71,9 @@ def cell_overrides(cell: Cell | str, args, seed_index: int = 0, data_seed: int =
     if schedule is None:  # plan_cells did not run (a caller of this function alone): no probe needed
         schedule = schedule_overrides(budget, None)
     ov = base_overrides(cell, args, schedule + list(getattr(args, "matched", {}).get(cell.label, [])))
+    if cell.overrides:  # the cell's own overrides come last; fill in their {out} and {seed}
+        ov[-len(cell.overrides):] = [o.replace("{out}", str(args.out)).replace("{seed}", str(seed_index))
+                                     for o in cell.overrides]
     return ov + [f"seed={args.seed + seed_index}", f"data.seed={data_seed + seed_index}",
                  f"run_dir={Path(args.out) / cell.label / f'seed-{seed_index}'}"]
 
@@ -160,7 +163,8 @@ def run_record(cell: Cell, seed_index: int, cfg, result: dict, flops_per_token: 
             **{k: flat.get(k) for k in ("yardstick_nats", "yardstick_bpb", "zero_shot_acc", "zero_shot_se")},
             "fingerprint": (result.get("yardstick") or {}).get("fingerprint"),
             "per_window": (result.get("yardstick") or {}).get("per_window"),
-            "curve": result.get("yardsticks", []), "losses": result.get("losses", [])}
+            "curve": result.get("yardsticks", []), "losses": result.get("losses", []),
+            "eval_losses": result.get("eval_losses", [])}
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,13 @@ A grid file (`--grid cells.yaml`):
     match_to: cd:flm                    # as --match-to
 
 Each cell's overrides come after compare's own settings and `--set`, so a cell can change its
-size, depth, lengths or any option.
+size, depth, lengths or any option. In a cell's own values, `{out}` is compare's --out and
+`{seed}` the seed index of the run, so a cell can start from another cell's run of the same
+seed (cells train in the order given):
+
+      - cell: nd:mlm
+        label: nd-mlm-nca               # NC-A: each seed continues seed i of the cd-flm cell
+        set: {init.from_checkpoint: '{out}/cd-flm/seed-{seed}'}
 """
 from __future__ import annotations
 
