@@ -13,6 +13,7 @@ SAMPLE_BY = ("document", "paragraph", "line")
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 BUILTIN_TOKENIZERS = ("builtin-bpe", "builtin-bytes")
 BAD_ROWS = ("error", "skip")
+EPOCH_ORDERS = ("permutation", "feistel")
 
 
 @dataclass
@@ -81,6 +82,13 @@ class DataConfig:
     order whatever its initialisation."""
     shuffle: bool = True
     """Training order: a permutation of documents drawn from (seed, epoch); False = file order."""
+    epoch_order: str = "permutation"
+    """How an epoch's order is held (train/data/plan.py, docs/data.md): permutation = a numpy
+    permutation of the split's document ids (int64 arrays: ~32 bytes per document per process; the
+    pinned golden order); feistel = a keyed Feistel bijection of the document index, evaluated per
+    chunk of positions, the split as the held-out hash predicate and the lengths read zero-copy
+    from the Arrow column, so a process's memory does not grow with the corpus. Another order:
+    a state saved with one does not load into the other."""
     pack_lookahead: int = 64
     """Packing: up to this many examples that fit no row of the current global batch wait for the
     next one (the only packer state, saved in the stream position). Capped at the global batch."""
@@ -119,6 +127,7 @@ class DataConfig:
         choice("text_sample_by", SAMPLE_BY)
         choice("encoding_errors", ENCODING_ERRORS)
         choice("bad_rows", BAD_ROWS)
+        choice("epoch_order", EPOCH_ORDERS)
         for name in ("train_files", "eval_files", "mode_tokens"):
             v = getattr(self, name)
             if isinstance(v, str) or not all(isinstance(x, str) for x in v):
