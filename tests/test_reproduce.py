@@ -140,3 +140,17 @@ def test_nca_reproduction_continues_each_seed_of_the_causal_decoder(tmp_path, ca
     assert cfg["init"]["from_checkpoint"] == str(runs / "cd-flm" / "seed-0") and cfg["model"]["arch"] == "nd"
     page = (res / "wang-nca.md").read_text()
     assert "| ND:MLM (nd-mlm-nca) | 0 |" in page and "speed-up" in page
+
+
+def test_submit_dry_run_plans_every_run_and_chains_nca_after_its_parent(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert R.main(["wang-nca", "--submit", "--dry-run", "--gpus-per-node", "2", "--tokens", "1000000",
+                   "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "plan on 2 x h100-80gb per run" in text and "GPU-hours" in text.split("total:")[1]
+    assert text.count("GPU-hours") == 7  # six runs and the total
+    assert "nd-mlm-nca seed 1: dry run (after cd-flm seed 1, afterok)" in text
+    assert "nd-mlm seed 0: dry run\n" in text  # from scratch: no dependency
+    assert "#SBATCH --gpus-per-node=2" in text and not list(out.glob("*/seed-*/slurm/job.sh"))
+    assert R.main(["wang-nca", "--submit", "--dry-run", "--gpus-per-node", "0", "--out", str(out)]) == 2
+    assert "world size 0 must be >= 1" in capsys.readouterr().err

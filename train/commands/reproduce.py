@@ -200,14 +200,14 @@ def measure_lengths(doc: dict, names: dict, windows: int = 32) -> list[dict]:
 
 
 SPEEDUP = "catch_up_speedup"  # wang-nca: from-scratch steps / the adapted run's steps to the same held-out loss
-NCA_EVAL_EVERY = 10  # wang-nca: both ND:MLM cells evaluate their held-out loss this often (the catch-up's grain)
+NCA_EVAL_EVERY = 10  # wang-nca: both ND:MLM cells evaluate their held-out loss this often (rule_nca says 10)
 
 
 def rule_nca(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     """Per seed: the from-scratch ND:MLM run's final held-out MLM loss (own objective) is the
     target; the speed-up is its step count divided by the first step at which the NC-A run (seed i
-    of CD:FLM, continued as ND:MLM on the same batches per step) reaches that loss (evaluated every
-    NCA_EVAL_EVERY steps, so a lower bound). Reproduced: a speed-up of at least 2 on every seed (the
+    of CD:FLM, continued as ND:MLM on the same batches per step) reaches that loss (both ND:MLM
+    cells evaluate every 10 steps, so the speed-up is a lower bound). Reproduced: a speed-up of at least 2 on every seed (the
     paper's is 3.3). Not reproduced: some seed's NC-A run never reaches the target in its budget,
     or the mean speed-up is below 1.5. Otherwise inconclusive."""
     p = next(q for q in pairs if q["metric"] == SPEEDUP)
@@ -333,6 +333,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="run directories (default: runs/reproduce/NAME)")
     p.add_argument("--results", default="docs/results", help="where NAME.md and NAME.png are written")
     p.add_argument("--set", nargs="*", default=[], metavar="a.b=c", help="more overrides for every cell")
+    g = p.add_argument_group("cluster (--submit)")
+    g.add_argument("--submit", action="store_true",
+                   help="submit every run to Slurm instead of training here (one job each; a run that starts from "
+                        "another cell's run waits for it); then run the same command without --submit to judge")
+    g.add_argument("--dry-run", action="store_true", help="with --submit: print the plan and the job scripts only")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="with --submit: GPUs per job (default 8)")
+    g.add_argument("--nodes", type=int, default=1, help="with --submit: nodes per job (default 1)")
+    g.add_argument("--gpu", default="h100-80gb", help="with --submit: the GPU the planner sizes for (archscale plan)")
+    g.add_argument("--time", default=None, help="with --submit: each job's time limit (default: the partition's)")
+    g.add_argument("--partition", default=None, help="with --submit: the partition (default: the cluster's)")
     a = p.parse_args(argv)
     if a.list or not a.name:
         for c in CLAIMS.values():
@@ -362,6 +372,8 @@ def main(argv=None) -> int:
     argv_compare = ["--out", str(out), "--grid", str(grid), "--seeds", str(a.seeds), "--size", a.size,
                     "--tokens", str(a.tokens)] + (["--set", *a.set] if a.set else [])
     print(f"{claim.name}: {claim.text}\nrule: {' '.join(claim.rule.__doc__.split())}\n")
+    if a.submit:
+        return submit_claim(a, argv_compare, out)
     rc = compare_main(argv_compare)
     if rc:
         return rc
@@ -371,6 +383,63 @@ def main(argv=None) -> int:
     verdict, reasons = claim.rule(doc["pairs"], claim.names)
     print(f"\nverdict: {verdict}\n" + "\n".join(f"  {r}" for r in reasons))
     write_page(claim, a, doc, verdict, reasons, out)
+    return 0
+
+
+def submit_claim(a, argv_compare: list[str], out: Path) -> int:
+    """--submit: every run of the claim's cells as one Slurm job (compare's overrides, its run
+    directory), after the planner's memory and GPU-hours on the jobs' GPUs. A cell whose settings
+    name another cell's run (`{out}/LABEL/seed-{seed}`, NC-A's init) waits for that run's job."""
+    from slurm.cluster import SlurmError
+    from slurm.render import Resources
+    from slurm.submit import submit
+
+    from .compare import parse_args, plan_runs
+    from .plan.planner import plan
+
+    gpus = a.gpus_per_node * a.nodes
+    try:
+        cells, runs = plan_runs(parse_args(argv_compare), world_size=gpus)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total, rows = 0.0, []
+    for (label, i), (ov, _) in runs.items():
+        p = plan(None, ov, gpus=gpus, gpu=a.gpu)
+        if not p["memory"]["fits"]:
+            print(f"error: {label} seed {i} does not fit on {gpus} x {a.gpu} (peak {p['memory']['peak_gib']:.1f} "
+                  f"GiB of {p['memory']['usable_gib']:.1f}); `archscale plan` with its overrides shows a fix "
+                  f"(pass it with --set)", file=sys.stderr)
+            return 2
+        total += p["time"]["gpu_hours"]
+        rows.append(f"  {label} seed {i}: {p['model']['parameters'] / 1e6:,.1f}M params, peak "
+                    f"{p['memory']['peak_gib']:.1f} GiB, {p['time']['wall_hours']:.2f} h wall, "
+                    f"{p['time']['gpu_hours']:.1f} GPU-hours")
+    print(f"plan on {gpus} x {a.gpu} per run (archscale plan's model):\n" + "\n".join(rows)
+          + f"\n  total: {total:,.1f} GPU-hours")
+    resources = Resources(nodes=a.nodes, gpus_per_node=a.gpus_per_node, time=a.time, partition=a.partition)
+    jobs: dict = {}
+    try:
+        for c in cells:
+            parents = [d for d in jobs if f"{{out}}/{d[0]}/" in " ".join(c.overrides)]
+            for i in range(a.seeds):
+                parent = next((d for d in parents if d[1] == i), None)
+                after = jobs[parent] if parent else None
+                ov = [o for o in runs[(c.label, i)][0] if not o.startswith("run_dir=")]  # submit's own argument
+                sub = submit(None, ov, run_dir=out / c.label / f"seed-{i}", resources=resources,
+                             after=after, dry_run=a.dry_run, job_name=f"{a.name}-{c.label}-{i}")
+                jobs[(c.label, i)] = sub.job_id
+                print(f"{c.label} seed {i}: " + (f"job {sub.job_id}" if sub.job_id else "dry run")
+                      + (f" (after {parent[0]} seed {i}" + (f": job {after}" if after else "") + ", afterok)" if parent else ""))
+                if a.dry_run and len(jobs) == 1:
+                    print(sub.script + "(the other jobs' scripts differ in their run directory and overrides)")
+    except SlurmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not a.dry_run:
+        cmd = " ".join(["archscale reproduce", a.name, "--size", a.size, "--seeds", str(a.seeds), "--tokens",
+                        str(a.tokens), "--out", str(out)])
+        print(f"when they have finished (archscale status {out}), judge them here: {cmd}")
     return 0
 
 

@@ -167,27 +167,36 @@ def run_record(cell: Cell, seed_index: int, cfg, result: dict, flops_per_token: 
             "eval_losses": result.get("eval_losses", [])}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def plan_runs(args, world_size: int = 1) -> tuple[list[Cell], dict]:
+    """The cells and every run's (overrides, config), each checked for a world of `world_size`
+    before any run trains. Raises CellError, BudgetError, or ValueError naming the cell."""
     from ...config import ConfigError, load_config
     from ...trainer.loop import check
 
+    cells = resolve_cells(args)
+    plan_cells(cells, args)
+    data_seeds = {c.label: load_config(None, base_overrides(c, args)).data.seed for c in cells}
+    runs = {}
+    for c in cells:
+        for i in range(args.seeds):
+            ov = cell_overrides(c, args, i, data_seeds[c.label])
+            try:
+                cfg = load_config(None, ov)
+                check(cfg, world_size)
+            except (ConfigError, ValueError) as e:
+                raise ValueError(f"cell {c.spec!r}: {e}") from None
+            runs[(c.label, i)] = (ov, cfg)
+    return cells, runs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        cells = resolve_cells(args)
-        plan_cells(cells, args)
-        data_seeds = {c.label: load_config(None, base_overrides(c, args)).data.seed for c in cells}
-        configs = {}  # every run's config is checked before any run trains
-        for c in cells:
-            for i in range(args.seeds):
-                cfg = load_config(None, cell_overrides(c, args, i, data_seeds[c.label]))
-                check(cfg, 1)  # compare trains each run in this process: a world of one
-                configs[(c.label, i)] = cfg
-    except (CellError, BudgetError) as e:
+        cells, runs = plan_runs(args)  # compare trains each run in this process: a world of one
+    except ValueError as e:  # CellError, BudgetError, a config error naming its cell
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, ValueError) as e:
-        print(f"error: cell {c.spec!r}: {e}", file=sys.stderr)
-        return 2
+    configs = {k: cfg for k, (_, cfg) in runs.items()}
     summary = []
     for c in cells:
         runs = []
