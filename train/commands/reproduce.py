@@ -222,6 +222,17 @@ def rule_nca(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     return "inconclusive", reasons
 
 
+def reading_nca(doc: dict, names: dict) -> str:
+    """Where the adapted run starts and ends next to the from-scratch run (mean over seeds)."""
+    cells = {c["name"]: c["runs"] for c in doc["cells"]}
+    mean = lambda runs, j: sum(r["eval_losses"][j][3] for r in runs) / len(runs)  # noqa: E731
+    nca, scratch = cells[names["nca"]], cells[names["scratch"]]
+    first = nca[0]["eval_losses"][0][0]
+    return (f"At its first evaluation (step {first}) the NC-A run's held-out loss is {mean(nca, 0):.3f} against "
+            f"{mean(scratch, 0):.3f} from scratch; at the end it is {mean(nca, -1):.3f} against "
+            f"{mean(scratch, -1):.3f} (means over seeds; each run has its own warm-up and cosine schedule).")
+
+
 def measure_catch_up(doc: dict, names: dict) -> list[dict]:
     """Adds the catch-up (target loss, steps) to every NC-A run; returns the speed-up as one entry
     of the pairs list (metric SPEEDUP, per_seed: None where the target was not reached)."""
@@ -232,6 +243,7 @@ def measure_catch_up(doc: dict, names: dict) -> list[dict]:
         ref = scratch[r["seed"]]["eval_losses"][-1]  # (step, tokens, flops, loss)
         step = next((st for st, _, _, loss in r["eval_losses"] if loss <= ref[3]), None)
         r["target_loss"], r["catch_up_step"], r["scratch_steps"] = ref[3], step, ref[0]
+        r["final_loss"] = r["eval_losses"][-1][3]
         r[SPEEDUP] = None if step is None else ref[0] / step
         per_seed.append(r[SPEEDUP])
     mean = None if None in per_seed else sum(per_seed) / len(per_seed)
@@ -290,9 +302,10 @@ CLAIMS = {c.name: c for c in [
                      f"{{cell: 'nd:mlm', label: nd-mlm-nca, set: {{init.from_checkpoint: '{{out}}/cd-flm/seed-{{seed}}',"
                      f" eval.every_n_steps: {NCA_EVAL_EVERY}}}}}"],
           {"scratch": "ND:MLM", "nca": "ND:MLM (nd-mlm-nca)"}, rule_nca, measure=measure_catch_up,
-          measured=(("target_loss", "target (scratch's final held-out loss)"), ("catch_up_step", "NC-A's step there"),
+          measured=(("target_loss", "target (scratch's final held-out loss)"), ("final_loss", "NC-A's final loss"),
+                    ("catch_up_step", "NC-A's step there"),
                     ("scratch_steps", "scratch's steps"), (SPEEDUP, "speed-up")),
-          measured_title="Catch-up of the adapted model (held-out MLM loss, own objective)"),
+          measured_title="Catch-up of the adapted model (held-out MLM loss, own objective)", reading=reading_nca),
     Claim("wang-zero-shot", "Wang et al. 2022", "CD:FLM is best zero-shot after pretraining; MLM-pretrained "
           "models are best after multitask finetuning.", lambda n: [], {}, None,
           needs="a multitask-finetuning stage after each cell"),
@@ -504,5 +517,32 @@ Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
 """
     path = results / f"{claim.name}.md"
     path.write_text(page)
+    write_index(results)
     print(f"{path}  {png}")
     return path
+
+
+def write_index(results: Path) -> Path:
+    """RESULTS/README.md: every claim, and the verdict, command and date of its page in RESULTS
+    (read back from the pages, so the index says what the runs printed)."""
+    import re
+
+    rows = []
+    for c in CLAIMS.values():
+        page = results / f"{c.name}.md"
+        if not page.exists():
+            rows.append(f"| {c.name} | not run | {'needs ' + c.needs if c.needs else '-'} | - |")
+            continue
+        text = page.read_text()
+        verdict = text.splitlines()[0].split(": ", 1)[-1]
+        command = re.search(r"Command: `([^`]*)`", text)
+        date = re.search(r"Date:\s*(\S+)\.", text)
+        rows.append(f"| [{c.name}]({page.name}) | {verdict} | `{command.group(1) if command else '?'}` | "
+                    f"{date.group(1) if date else '?'} |")
+    index = results / "README.md"
+    index.write_text("# Reproductions\n\nThe published claims the project's brief lists (SCIENCE.md, in `../shared/` beside "
+                     "the repository), each run by `archscale reproduce NAME` and judged by the rule its page "
+                     "states. This index is written by the command from the pages; the machine and the scale "
+                     "caveat are on each page.\n\n| claim | verdict | command | date |\n|---|---|---|---|\n"
+                     + "\n".join(rows) + "\n")
+    return index
