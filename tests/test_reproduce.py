@@ -55,7 +55,6 @@ def test_refusals(capsys):
     assert R.main(["--list"]) == 0
     assert "su-gpt-vs-unilm" in capsys.readouterr().out
     assert R.main(["nope"]) == 2 and "unknown claim 'nope'" in capsys.readouterr().err
-    assert R.main(["wang-zero-shot"]) == 2 and "cannot run yet: it needs" in capsys.readouterr().err
     assert R.main(["su-gpt-vs-unilm", "--size", "huge"]) == 2 and "--size 'huge'" in capsys.readouterr().err
 
 
@@ -154,3 +153,44 @@ def test_submit_dry_run_plans_every_run_and_chains_nca_after_its_parent(tmp_path
     assert "#SBATCH --gpus-per-node=2" in text and not list(out.glob("*/seed-*/slurm/job.sh"))
     assert R.main(["wang-nca", "--submit", "--dry-run", "--gpus-per-node", "0", "--out", str(out)]) == 2
     assert "world size 0 must be >= 1" in capsys.readouterr().err
+
+
+ZS = R.CLAIMS["wang-zero-shot"].names
+
+
+@pytest.mark.parametrize("cd_nd,cd_ed,ed_cd_after,verdict", [
+    ((-0.1, 0.02), (-0.1, 0.02), (-0.1, 0.02), "reproduced"),
+    ((-0.1, 0.02), (0.1, 0.02), (-0.1, 0.02), "not reproduced"),    # CD:FLM resolved worse than ED:MLM before
+    ((-0.1, 0.02), (-0.1, 0.02), (0.1, 0.02), "not reproduced"),    # ED:MLM resolved worse after MT-F
+    ((-0.1, 0.02), (-0.01, 0.02), (-0.1, 0.02), "inconclusive"),
+])
+def test_zero_shot_rule_reads_the_yardstick_before_and_after_mtf(cd_nd, cd_ed, ed_cd_after, verdict):
+    pairs = [pair(ZS["cd"], ZS["nd"], *cd_nd), pair(ZS["cd"], ZS["ed"], *cd_ed),
+             {**pair(ZS["cd"], ZS["ed"], -ed_cd_after[0], ed_cd_after[1]), "metric": "mtf_nats"}]
+    got, reasons = R.rule_zero_shot(pairs, ZS)
+    assert got == verdict and reasons[2].startswith("ED:MLM - CD:FLM") and reasons[2].endswith("after MT-F")
+
+
+def test_toy_tasks_hold_out_a_prompt_the_mixture_never_trains_on(tmp_path):
+    from train.commands.reproduce.measures import write_toy_tasks
+    from train.eval.tasks import read_task_file
+
+    mixture, heldout = write_toy_tasks(tmp_path)
+    train_tasks = {r["task"] for r in read_task_file(mixture)}
+    held = read_task_file(heldout)
+    assert train_tasks == {"parity/is_even", "parity/odd_or_even", "order/larger"}
+    assert {r["task"] for r in held} == {"order_heldout/smaller"} and len(held) == 200
+    assert all(int(r["answer_choices"][r["label"]]) == min(map(int, r["answer_choices"])) for r in held)
+    assert write_toy_tasks(tmp_path / "again")[1].read_text() == heldout.read_text()  # fixed seed
+
+
+@pytest.mark.slow
+def test_zero_shot_reproduction_finetunes_every_pretrained_run(tmp_path, capsys):
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    assert R.main(["wang-zero-shot", "--seeds", "1", "--tokens", "2000", "--out", str(runs), "--results", str(res)]) == 0
+    assert "after MT-F" in capsys.readouterr().out
+    for label in ("cd-flm", "nd-plm", "ed-mlm"):
+        assert (runs / f"{label}-mtf" / "seed-0" / "FINISHED").exists()
+    page = (res / "wang-zero-shot.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith(("| CD:FLM | 0 |", "| ND:PLM | 0 |", "| ED:MLM | 0 |"))]
+    assert len(rows) >= 3 and all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in rows[-3:])

@@ -105,3 +105,86 @@ def measure_catch_up(doc: dict, names: dict) -> list[dict]:
     mean = None if None in per_seed else sum(per_seed) / len(per_seed)
     return [{"a": names["nca"], "b": names["scratch"], "metric": SPEEDUP, "per_seed": per_seed, "mean": mean,
              "low": None, "high": None, "resolved": False, "seeds": [r["seed"] for r in cells[names["nca"]]["runs"]]}]
+
+
+def write_toy_tasks(directory: Path) -> tuple[Path, Path]:
+    """The toy prompted tasks of docs/evaluation.md (fixed seed): a training mixture of two parity
+    prompts and one ordering prompt, and a held-out ordering prompt never trained on. They
+    exercise the mechanics of multitask finetuning, not a small model's reasoning."""
+    import json
+    import random
+
+    from ...data.mixture import build_mixture
+
+    directory.mkdir(parents=True, exist_ok=True)
+    r = random.Random(0)
+
+    def even():
+        n = r.randrange(1000)
+        return {"input": f"Is {n} an even number?", "answer_choices": ["yes", "no"], "label": n % 2,
+                "task": "parity/is_even"}
+
+    def odd_or_even():
+        n = r.randrange(1000)
+        return {"input": f"{n}: odd or even?", "answer_choices": ["even", "odd"], "label": n % 2,
+                "task": "parity/odd_or_even"}
+
+    def pair(word, task, bigger):
+        a, b = r.sample(range(1000), 2)
+        return {"input": f"Which is {word}, {a} or {b}?", "answer_choices": [str(a), str(b)],
+                "label": int((b > a) == bigger), "task": task}
+
+    files = {"parity_even.jsonl": (even, 2000), "parity_odd.jsonl": (odd_or_even, 300),
+             "order.jsonl": (lambda: pair("larger", "order/larger", True), 2000),
+             "heldout.jsonl": (lambda: pair("smaller", "order_heldout/smaller", False), 200)}
+    for name, (make, n) in files.items():
+        (directory / name).write_text("".join(json.dumps(make()) + "\n" for _ in range(n)))
+    mixture = directory / "mixture.jsonl"
+    build_mixture([directory / n for n in ("parity_even.jsonl", "parity_odd.jsonl", "order.jsonl")], mixture, cap=1000)
+    return mixture, directory / "heldout.jsonl"
+
+
+MTF_STEPS = 50  # wang-zero-shot: multitask finetuning steps of each pretrained run (configs/mtf.yaml's settings)
+
+
+def measure_zero_shot(doc: dict, names: dict) -> list[dict]:
+    """For every pretrained run: the yardstick and the held-out toy task (rank classification)
+    before MT-F, then MT-F (configs/mtf.yaml from the run's checkpoint, MTF_STEPS steps on the toy
+    mixture, run directory OUT/LABEL-mtf/seed-I) and both again on the same windows, the finetuned
+    model asked the prompted way. Adds pre_*/mtf_* keys to each run; returns their differences."""
+    from ...config import load_config
+    from ...data import prepare
+    from ...eval.tasks import read_task_file
+    from ...eval.yardstick import build_yardstick, evaluate_model, flat_metrics
+    from ...trainer import checkpointing as ckpt
+    from ...trainer.weights import load_model
+    from ..compare import train_or_read
+    from ..comparison import pairs
+    from ..plan.hardware import REPO
+
+    out = Path(doc["cells"][0]["runs"][0]["run_dir"]).parent.parent
+    mixture, heldout = write_toy_tasks(out / "tasks")
+    records, ys = read_task_file(heldout), None
+    for cell in doc["cells"]:
+        for r in cell["runs"]:
+            run = Path(r["run_dir"])
+            model, tok, cfg = load_model(ckpt.newest_checkpoint(run / "checkpoints"))
+            prepared = prepare(cfg.data, None)
+            ys = ys or build_yardstick(prepared, cfg.eval, cfg.data, tok)
+            score = lambda m, objective: flat_metrics(evaluate_model(  # noqa: E731
+                m, ys, objective, tok, prepared.tokens, batch_size=cfg.eval.score_batch_size, task_records=records))
+            pre = score(model, cfg.objective)
+            mtf = load_config(REPO / "configs" / "mtf.yaml", [
+                f"model.arch={cfg.model.arch}", f"model.size={cfg.model.size}", f"seed={cfg.seed}",
+                "parallel.zero_stage=0", f"parallel.micro_batch_size={cfg.parallel.micro_batch_size}",
+                "schedule.train_tokens=null", f"schedule.max_steps={MTF_STEPS}", "data.format=multitask",
+                f"data.train_files=[{mixture}]", "objective.seq_length=128", "objective.inputs_length=104",
+                "objective.targets_length=24", f"init.from_checkpoint={run}", f"checkpoint.every_n_steps={MTF_STEPS}",
+                f"run_dir={run.parent.parent / (run.parent.name + '-mtf') / run.name}"])
+            if train_or_read(mtf, f"{cell['name']} seed {r['seed']} MT-F") is None:
+                raise RuntimeError("stopped by a signal during MT-F; run the same command again to resume")
+            tuned, _, mcfg = load_model(ckpt.newest_checkpoint(Path(mtf.run_dir) / "checkpoints"))
+            post = score(tuned, mcfg.objective)
+            for when, m in (("pre", pre), ("mtf", post)):
+                r[f"{when}_nats"], r[f"{when}_tasks_acc"] = m["yardstick_nats"], m.get("tasks_acc")
+    return pairs(doc["cells"], ("mtf_nats", "pre_tasks_acc", "mtf_tasks_acc"))

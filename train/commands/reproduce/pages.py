@@ -39,7 +39,8 @@ def write_page(claim, a, doc: dict, verdict: str, reasons: list[str], out: Path)
                       + " |\n|---|---|" + "---|" * len(claim.measured) + "\n" + "".join(
                           f"| {c['name']} | {r['seed']} | " + " | ".join(_cell_value(r.get(k)) for k, _ in claim.measured)
                           + " |\n" for c in doc["cells"] for r in c["runs"] if measured_keys & set(r)) + "\n" + "\n".join(
-            f"- {p['metric']}: {_describe(p, unit)}{' (resolved)' if p['resolved'] else ''}"
+            f"- {p['metric']}: {_describe(p, 'accuracy' if p['metric'].endswith('acc') else unit)}"
+            f"{' (resolved)' if p['resolved'] else ''}"
             for p in doc["pairs"] if p["metric"] in measured_keys and "per_seed" not in p) + "\n\n")
     gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
     budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
@@ -93,7 +94,7 @@ def write_index(results: Path, claims: dict) -> Path:
     for c in claims.values():
         page = results / f"{c.name}.md"
         if not page.exists():
-            rows.append(f"| {c.name} | not run | {'needs ' + c.needs if c.needs else '-'} | - |")
+            rows.append(f"| {c.name} | not run here yet | `archscale reproduce {c.name}` | - |")
             continue
         text = page.read_text()
         verdict = text.splitlines()[0].split(": ", 1)[-1]

@@ -125,3 +125,21 @@ def rule_nca(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     if min(per_seed) >= 2:
         return "reproduced", reasons
     return "inconclusive", reasons
+
+
+def rule_zero_shot(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
+    """On the common yardstick's continuation loss: before multitask finetuning (each pretrained
+    model, asked the way its objective is; windows' and seeds' error), and after it (the same
+    windows, each finetuned model asked the prompted way; seeds' error). Reproduced: CD:FLM is
+    resolved lower than ND:PLM and than ED:MLM before MT-F, and ED:MLM is resolved lower than
+    CD:FLM after. Not reproduced: CD:FLM is resolved higher than either before, or ED:MLM is
+    resolved higher than CD:FLM after. Otherwise inconclusive. The held-out toy task's accuracy
+    (rank classification, chance 0.5) is reported, not judged."""
+    cd_nd, cd_ed = _pair(pairs, names["cd"], names["nd"]), _pair(pairs, names["cd"], names["ed"])
+    ed_cd = _pair(pairs, names["ed"], names["cd"], "mtf_nats")
+    reasons = [_describe(cd_nd) + " before MT-F", _describe(cd_ed) + " before MT-F", _describe(ed_cd) + " after MT-F"]
+    if worse(cd_nd) or worse(cd_ed) or worse(ed_cd):
+        return "not reproduced", reasons
+    if better(cd_nd) and better(cd_ed) and better(ed_cd):
+        return "reproduced", reasons
+    return "inconclusive", reasons
