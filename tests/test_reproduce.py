@@ -194,3 +194,17 @@ def test_zero_shot_reproduction_finetunes_every_pretrained_run(tmp_path, capsys)
     page = (res / "wang-zero-shot.md").read_text()
     rows = [line for line in page.splitlines() if line.startswith(("| CD:FLM | 0 |", "| ND:PLM | 0 |", "| ED:MLM | 0 |"))]
     assert len(rows) >= 3 and all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in rows[-3:])
+
+
+def test_low_rank_reading_and_picture_compare_init_with_trained(tmp_path):
+    from train.commands.reproduce.measures import plot_ranks, reading_low_rank
+
+    names = R.CLAIMS["su-low-rank"].names
+    run = lambda trained, init: {R.RANK: trained, R.RANK_INIT: init}  # noqa: E731
+    doc = {"cells": [{"name": names["cd"], "runs": [run(20.0, 21.0), run(22.0, 21.0)]},
+                     {"name": names["nd"], "runs": [run(3.0, 2.0), run(5.0, 2.0)]},
+                     {"name": names["mixed"], "runs": [run(19.0, 21.0)]}]}
+    text = reading_low_rank(doc, names)
+    assert "at init ND's prefix block has effective rank 2.00 against CD's 21.00" in text
+    assert "after training 4.00 against 21.00" in text
+    assert plot_ranks(doc, tmp_path / "r.png").stat().st_size > 1000

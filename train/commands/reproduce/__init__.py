@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from .measures import (MTF_STEPS, measure_catch_up, measure_lengths, measure_low_rank, measure_zero_shot,
-                       reading_lengths, reading_nca)
+                       reading_low_rank, reading_lengths, reading_nca)
 from .pages import write_index, write_page
-from .rules import (LENGTHS, METRIC, NCA_EVAL_EVERY, RANK, SPEEDUP, better, length_metric, rule_ed_params,  # noqa: F401
-                    rule_entropy_scale, rule_gpt_vs_unilm, rule_low_rank, rule_nca, rule_zero_shot, worse)
+from .rules import (LENGTHS, METRIC, NCA_EVAL_EVERY, RANK, RANK_INIT, SPEEDUP, better, length_metric,  # noqa: F401
+                    rule_ed_params, rule_entropy_scale, rule_gpt_vs_unilm, rule_low_rank, rule_nca, rule_zero_shot,
+                    worse)
 
 @dataclass(frozen=True)
 class Claim:
@@ -45,6 +46,7 @@ class Claim:
     measure: Callable = None  # doc -> extra pairs the rule reads (None: compare's pairs)
     measured: tuple = ()  # (run key, column title) of what `measure` adds to each run, for the page
     measured_title: str = ""
+    picture: str = ""  # a picture the measure writes into the runs' directory, shown on the page
     reading: Callable = None  # doc, names -> a sentence the numbers support about the test itself ("" = none)
     caveat: str = ("Smoke scale: the debug size (0.6M parameters, most of them embeddings) on ~160k tokens of "
                    "this Python installation's own sources; the published claims were made at 100M-10B "
@@ -74,8 +76,10 @@ CLAIMS = {c.name: c for c in [
           lambda n: ["cd:plm", "nd:plm", "{cell: 'nd:plm', label: nd-mixed, set: "
                      "{model.overrides.bidirectional_mode: mixed_heads}}"],
           {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_low_rank, measure=measure_low_rank,
-          measured=((RANK, "effective rank"), ("prefix_numerical_rank", "numerical rank")),
-          measured_title="Prefix-block rank (each model under its own mask)"),
+          measured=((RANK, "effective rank"), ("prefix_numerical_rank", "numerical rank"),
+                    (RANK_INIT, "effective rank at init")),
+          measured_title="Prefix-block rank (each model under its own mask)", picture="prefix_rank.png",
+          reading=reading_low_rank),
     Claim("wang-nca", "Wang et al. 2022, 'What language model architecture and pretraining objective work best "
           "for zero-shot generalization?'; SCIENCE.md",
           "Non-causal MLM adaptation (NC-A): a CD:FLM model continued as ND:MLM reaches the from-scratch ND:MLM "

@@ -53,6 +53,10 @@ def write_page(claim, a, doc: dict, verdict: str, reasons: list[str], out: Path)
     results.mkdir(parents=True, exist_ok=True)
     png = results / f"{claim.name}.png"
     shutil.copyfile(out / "curves.png", png)
+    measured_png = ""
+    if claim.picture:  # the measure's own picture
+        shutil.copyfile(out / claim.picture, results / f"{claim.name}-measured.png")
+        measured_png = f"![measured]({claim.name}-measured.png)\n\n"
     command = " ".join(["archscale reproduce", claim.name, "--size", a.size, "--seeds", str(a.seeds), "--tokens",
                         str(a.tokens)] + (["--out", a.out] if a.out else []) + (["--set", *a.set] if a.set else []))
     page = f"""# {claim.name}: {verdict}
@@ -75,7 +79,7 @@ Command: `{command}` (run directories: `{out}`). Machine: {_machine()}. Date:
 
 {cell_table(doc["cells"])}
 
-{rank_table}## Differences
+{rank_table}{measured_png}## Differences
 
 {pair_table([p for p in doc["pairs"] if p["metric"] not in measured_keys])}
 

@@ -62,6 +62,7 @@ def rule_ed_params(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
 
 
 RANK = "prefix_effective_rank"  # su-low-rank's metric: mean effective rank of the prefix block's attention
+RANK_INIT = "prefix_effective_rank_init"  # the same of a fresh initialisation (reported, not judged)
 
 
 def rule_low_rank(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
