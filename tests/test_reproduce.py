@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from test_slurm import slurm_cluster  # noqa: F401  (the real local cluster: a fixture)
 from train.commands import reproduce as R
 
 
@@ -151,7 +152,7 @@ def test_submit_dry_run_plans_every_run_and_chains_nca_after_its_parent(tmp_path
     assert "nd-mlm-nca seed 1: dry run (after cd-flm seed 1, afterok)" in text
     assert "nd-mlm seed 0: dry run\n" in text  # from scratch: no dependency
     assert "#SBATCH --gpus-per-node=2" in text and not list(out.glob("*/seed-*/slurm/job.sh"))
-    assert R.main(["wang-nca", "--submit", "--dry-run", "--gpus-per-node", "0", "--out", str(out)]) == 2
+    assert R.main(["wang-nca", "--submit", "--dry-run", "--nodes", "0", "--out", str(out)]) == 2
     assert "world size 0 must be >= 1" in capsys.readouterr().err
 
 
@@ -208,3 +209,25 @@ def test_low_rank_reading_and_picture_compare_init_with_trained(tmp_path):
     assert "at init ND's prefix block has effective rank 2.00 against CD's 21.00" in text
     assert "after training 4.00 against 21.00" in text
     assert plot_ranks(doc, tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_submit_runs_nca_on_the_local_cluster_then_judges_the_finished_runs(slurm_cluster, tmp_path, capsys):
+    """`reproduce wang-nca --submit` on the real local Slurm cluster (tests/test_slurm.py's fixture):
+    three CPU jobs, NC-A after its CD:FLM job; then the same command without --submit trains
+    nothing and writes the page from the jobs' runs."""
+    import re
+
+    from test_slurm import final_state, wait_for
+
+    out, res = tmp_path / "runs", tmp_path / "results"
+    common = ["wang-nca", "--seeds", "1", "--tokens", "2000", "--out", str(out), "--results", str(res)]
+    assert R.main(common + ["--submit", "--gpus-per-node", "0", "--time", "10"]) == 0
+    text = capsys.readouterr().out
+    jobs = dict(re.findall(r"^(\S+) seed 0: job (\d+)", text, re.M))
+    assert set(jobs) == {"cd-flm", "nd-mlm", "nd-mlm-nca"} and "afterok" in text
+    states = wait_for(lambda: (lambda s: s if all(s) else None)([final_state(j) for j in jobs.values()]), 300,
+                      "the reproduction's jobs", out / "nd-mlm-nca" / "seed-0" / "slurm")
+    assert states == ["COMPLETED"] * 3, states
+    assert R.main(common) == 0
+    assert "speed-up per seed" in capsys.readouterr().out and (res / "wang-nca.md").exists()

@@ -133,7 +133,9 @@ def main(argv=None) -> int:
                    help="submit every run to Slurm instead of training here (one job each; a run that starts from "
                         "another cell's run waits for it); then run the same command without --submit to judge")
     g.add_argument("--dry-run", action="store_true", help="with --submit: print the plan and the job scripts only")
-    g.add_argument("--gpus-per-node", type=int, default=8, help="with --submit: GPUs per job (default 8)")
+    g.add_argument("--gpus-per-node", type=int, default=8,
+                   help="with --submit: GPUs per node, one task each (default 8; 0: CPU jobs, one task per node, "
+                        "no GPU plan)")
     g.add_argument("--nodes", type=int, default=1, help="with --submit: nodes per job (default 1)")
     g.add_argument("--gpu", default="h100-80gb", help="with --submit: the GPU the planner sizes for (archscale plan)")
     g.add_argument("--time", default=None, help="with --submit: each job's time limit (default: the partition's)")
@@ -176,6 +178,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def print_plan(runs: dict, gpus: int, gpu: str) -> bool:
+    """Each run's plan on `gpus` x `gpu` and the total GPU-hours; False (after a one-line error)
+    when a run does not fit."""
+    from ..plan.planner import plan
+
+    total, rows = 0.0, []
+    for (label, i), (ov, _) in runs.items():
+        p = plan(None, ov, gpus=gpus, gpu=gpu)
+        if not p["memory"]["fits"]:
+            print(f"error: {label} seed {i} does not fit on {gpus} x {gpu} (peak {p['memory']['peak_gib']:.1f} "
+                  f"GiB of {p['memory']['usable_gib']:.1f}); `archscale plan` with its overrides shows a fix "
+                  f"(pass it with --set)", file=sys.stderr)
+            return False
+        total += p["time"]["gpu_hours"]
+        rows.append(f"  {label} seed {i}: {p['model']['parameters'] / 1e6:,.1f}M params, peak "
+                    f"{p['memory']['peak_gib']:.1f} GiB, {p['time']['wall_hours']:.2f} h wall, "
+                    f"{p['time']['gpu_hours']:.1f} GPU-hours")
+    print(f"plan on {gpus} x {gpu} per run (archscale plan's model):\n" + "\n".join(rows)
+          + f"\n  total: {total:,.1f} GPU-hours")
+    return True
+
+
 def submit_claim(a, argv_compare: list[str], out: Path) -> int:
     """--submit: every run of the claim's cells as one Slurm job (compare's overrides, its run
     directory), after the planner's memory and GPU-hours on the jobs' GPUs. A cell whose settings
@@ -185,28 +209,15 @@ def submit_claim(a, argv_compare: list[str], out: Path) -> int:
     from slurm.submit import submit
 
     from ..compare import parse_args, plan_runs
-    from ..plan.planner import plan
 
-    gpus = a.gpus_per_node * a.nodes
+    world = a.nodes * (a.gpus_per_node or 1)  # one task per GPU; CPU jobs (--gpus-per-node 0): one per node
     try:
-        cells, runs = plan_runs(parse_args(argv_compare), world_size=gpus)
+        cells, runs = plan_runs(parse_args(argv_compare), world_size=world)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    total, rows = 0.0, []
-    for (label, i), (ov, _) in runs.items():
-        p = plan(None, ov, gpus=gpus, gpu=a.gpu)
-        if not p["memory"]["fits"]:
-            print(f"error: {label} seed {i} does not fit on {gpus} x {a.gpu} (peak {p['memory']['peak_gib']:.1f} "
-                  f"GiB of {p['memory']['usable_gib']:.1f}); `archscale plan` with its overrides shows a fix "
-                  f"(pass it with --set)", file=sys.stderr)
-            return 2
-        total += p["time"]["gpu_hours"]
-        rows.append(f"  {label} seed {i}: {p['model']['parameters'] / 1e6:,.1f}M params, peak "
-                    f"{p['memory']['peak_gib']:.1f} GiB, {p['time']['wall_hours']:.2f} h wall, "
-                    f"{p['time']['gpu_hours']:.1f} GPU-hours")
-    print(f"plan on {gpus} x {a.gpu} per run (archscale plan's model):\n" + "\n".join(rows)
-          + f"\n  total: {total:,.1f} GPU-hours")
+    if a.gpus_per_node and not print_plan(runs, world, a.gpu):
+        return 2
     resources = Resources(nodes=a.nodes, gpus_per_node=a.gpus_per_node, time=a.time, partition=a.partition)
     jobs: dict = {}
     try:
