@@ -3,6 +3,7 @@ data loader never starves the GPU").
 
     python -m bench.data            # the embedded corpus (builtin BPE) at the reference shapes
     python -m bench.data --smoke    # a tiny synthetic corpus, tiny shapes: seconds, keeps this working
+    python -m bench.data --scale    # corpus scale (bench/data_scale.py): tokenization, plan memory, resume
 
 Measures the stream as the trainer builds it (`train.data.prepare` + `build_stream`, prefetch
 off, one rank holding the whole global batch of 64): plan, cut, corrupt, lay out, collate.
@@ -125,10 +126,22 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny synthetic corpus and shapes (seconds)")
+    p.add_argument("--scale", action="store_true",
+                   help="corpus scale instead (bench/data_scale.py): tokenization with 1 and 2 processes, the "
+                        "epoch plan's memory per process at 1M and 10M documents, resume deep in the epoch")
     p.add_argument("--batches", type=int, default=None, help="batches per round (default 20; smoke 3)")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the best is reported")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
+    if a.scale:
+        from .data_scale import bench_scale, format_scale
+
+        out = bench_scale(a.smoke)
+        print(format_scale(out))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({**out, "smoke": a.smoke, "cpus": os.cpu_count()}, f, indent=1)
+        return 0
     rows = bench_data(a.smoke, batches=a.batches, repeats=a.repeats)
     print(format_rows(rows))
     if a.json:

@@ -14,3 +14,15 @@ def test_bench_data_smoke_measures_every_case():
     assert "tokens/s" in format_rows(rows)
     with pytest.raises(ValueError, match="batches=0 must be a positive integer"):
         bench_data(smoke=True, batches=0)
+
+
+@pytest.mark.slow
+def test_bench_data_scale_smoke_measures_tokenization_memory_and_resume(capsys):
+    from bench.data import main
+
+    assert main(["--scale", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenization" in out and "epoch plan" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("permutation", "feistel"))]
+    assert [r[0] for r in rows] == ["permutation", "feistel"] * 2 and [r[1] for r in rows[::2]] == ["20,000", "100,000"]
+    assert all(float(r[2]) > 0 and float(r[-1]) > 0 for r in rows)  # RSS and the resume time were measured

@@ -101,18 +101,20 @@ def test_killed_tokenization_resumes_from_the_shards_written(corpus, serial, tmp
 def test_a_crashed_worker_keeps_the_shards_written(corpus, serial, tmp_path, monkeypatch):
     """A shard that fails in a pool worker: the error reaches the caller, the finished shards stay."""
     ref, _ = serial
-    real = shards._tokenize_shard
+    real = shards._batches
 
     def flaky(i):
-        if i == 4:
-            raise RuntimeError("worker died")
-        return real(i)
+        for k, batch in enumerate(real(i)):
+            if i == 4 and k == 0:
+                raise RuntimeError("worker died")  # while writing shard 4 (its temporary file open)
+            yield batch
 
-    monkeypatch.setattr(shards, "_tokenize_shard", flaky)
+    monkeypatch.setattr(shards, "_batches", flaky)
     with pytest.raises(RuntimeError, match="worker died"):
         prepare(_cfg(corpus, tmp_path, num_proc=2))
     assert "shard-00004-of-00007.arrow" not in _shard_files(tmp_path)
-    monkeypatch.setattr(shards, "_tokenize_shard", real)
+    assert not list((tmp_path / "tokenized").glob("*/.*tmp"))  # its temporary file removed
+    monkeypatch.setattr(shards, "_batches", real)
     _same(_tokens(prepare(_cfg(corpus, tmp_path, num_proc=2))), ref)
 
 

@@ -11,9 +11,10 @@ from ..objectives import ObjectiveConfig, TokenInfo, build_objective
 from .config import DataConfig
 from .corpus import embedded_files, expand_files, load_corpus
 from .multitask import load_multitask, rank_classification_examples, read_records, validate_record
+from .plan import HeldOutRule
 from .prefetch import Prefetcher
 from .stream import STAT_KEYS, DataStream
-from .tokenize import TokenStore, tokenize_dataset, tokenize_prompted
+from .tokenize import MappedTokenStore, TokenStore, tokenize_dataset, tokenize_prompted
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("archscale.data")
@@ -24,7 +25,7 @@ class Split:
     """A split: the store of tokenized documents and which of them belong to the split."""
 
     store: TokenStore
-    doc_ids: np.ndarray  # (D,) int64 indices into store
+    doc_ids: np.ndarray  # (D,) int64 indices into store (data.epoch_order=feistel: a plan.HashSplit predicate)
     target_store: TokenStore | None = None  # prompted data: targets
 
 
@@ -58,18 +59,28 @@ def prepare(cfg: DataConfig, objective: ObjectiveConfig | None = None) -> Prepar
             ids, tgt = TokenStore(ds, "input_ids", "length"), TokenStore(ds, "target_ids", "target_length")
             splits.append(Split(ids, _first(np.arange(ids.num_docs), cfg.max_documents), tgt))
         return PreparedData(tok, tokens, splits[0], splits[1], True)
-    train_ds, eval_ds, held = load_corpus(cfg)
+    train_ds, eval_ds, held = load_corpus(cfg, lazy_split=cfg.epoch_order == "feistel")
     what = "embedded corpus" if cfg.source == "embedded" else "train data"
-    store = TokenStore(tokenize_dataset(train_ds, tok, cfg, what))
-    if held is not None:
-        idx = np.arange(store.num_docs)
-        train = Split(store, _first(idx[~held], cfg.max_documents))
-        ev = Split(store, _first(idx[held], cfg.max_documents)) if held.any() else None
-    else:
-        train = Split(store, _first(np.arange(store.num_docs), cfg.max_documents))
-        es = TokenStore(tokenize_dataset(eval_ds, tok, cfg, "eval data"))
-        ev = Split(es, _first(np.arange(es.num_docs), cfg.max_documents))
+    train, ev = split_documents(tokenize_dataset(train_ds, tok, cfg, what), held, cfg)
+    if held is None:
+        ev = split_documents(tokenize_dataset(eval_ds, tok, cfg, "eval data"), None, cfg)[0]
     return PreparedData(tok, tokens, train, ev, False)
+
+
+def split_documents(ds, held, cfg: DataConfig) -> tuple[Split, Split | None]:
+    """(train, held-out) splits of a tokenized dataset; `held` is load_corpus's mask (a HeldOutRule
+    with data.epoch_order=feistel) or None (all documents train, no held-out split)."""
+    if cfg.epoch_order == "feistel":  # no array per document (train/data/plan.py)
+        store = MappedTokenStore(ds)
+        rule = held if held is not None else HeldOutRule(store.num_docs, 0.0)
+        ev = Split(store, rule.split(True, cfg.max_documents)) if held is not None and rule.any() else None
+        return Split(store, rule.split(False, cfg.max_documents)), ev
+    store = TokenStore(ds)
+    if held is None:
+        return Split(store, _first(np.arange(store.num_docs), cfg.max_documents)), None
+    idx = np.arange(store.num_docs)
+    ev = Split(store, _first(idx[held], cfg.max_documents)) if held.any() else None
+    return Split(store, _first(idx[~held], cfg.max_documents)), ev
 
 
 def _first(ids: np.ndarray, n: int) -> np.ndarray:
@@ -99,7 +110,8 @@ def build_stream(prepared: PreparedData, objective: ObjectiveConfig, arch: str, 
     stream = DataStream(sp.store, sp.doc_ids, obj, prepared.tokens, global_batch_size=global_batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=data.shuffle and train,
                         max_epochs=None if train else 1, pack_lookahead=data.pack_lookahead,
-                        append_eos=data.append_eos, target_store=sp.target_store, name=split)
+                        append_eos=data.append_eos, target_store=sp.target_store, name=split,
+                        epoch_order=data.epoch_order)
     return Prefetcher(stream, prefetch) if prefetch else stream
 
 

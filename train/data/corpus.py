@@ -156,30 +156,34 @@ def held_out_mask(num_docs: int, fraction: float) -> np.ndarray:
     return mask
 
 
-def load_corpus(cfg: DataConfig):
+def load_corpus(cfg: DataConfig, lazy_split: bool = False):
     """(train_dataset, eval_dataset or None, eval_doc_mask or None).
 
     When eval comes from the training data (no eval files / split), the same dataset is returned
     for both with a boolean mask of held-out documents, so tokenization runs (and caches) once.
+    lazy_split: the mask as a rule (train/data/plan.py HeldOutRule: the same documents, no array).
     """
     import datasets
 
+    from .plan import HeldOutRule
+
+    held = HeldOutRule if lazy_split else held_out_mask
     if cfg.source == "embedded":
         files = embedded_files()
         ds = load_files(files, "text", DataConfig(text_sample_by="document", encoding_errors="replace",
                                                   cache_dir=cfg.cache_dir), "embedded corpus")
-        return ds, None, held_out_mask(len(ds), cfg.eval_fraction)
+        return ds, None, held(len(ds), cfg.eval_fraction)
     if cfg.source == "hub":
         kw = dict(cache_dir=os.path.join(cfg.resolved_cache_dir(), "datasets"))
         name = cfg.hub_config or None
         train = datasets.load_dataset(cfg.hub_name, name, split=cfg.hub_train_split, **kw)
         if cfg.hub_eval_split:
             return train, datasets.load_dataset(cfg.hub_name, name, split=cfg.hub_eval_split, **kw), None
-        return train, None, held_out_mask(len(train), cfg.eval_fraction)
+        return train, None, held(len(train), cfg.eval_fraction)
     files = expand_files(cfg.train_files, "train_files")
     builder = file_format(files, cfg.format, "train_files")
     train = load_files(files, builder, cfg, "train_files")
     if cfg.eval_files:
         efiles = expand_files(cfg.eval_files, "eval_files")
         return train, load_files(efiles, file_format(efiles, cfg.format, "eval_files"), cfg, "eval_files"), None
-    return train, None, held_out_mask(len(train), cfg.eval_fraction)
+    return train, None, held(len(train), cfg.eval_fraction)

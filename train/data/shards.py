@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -70,31 +72,41 @@ def parse_range(text: str, n: int) -> tuple[int, int]:
     return lo, min(hi, n)
 
 
-def _tokenize_shard(i: int):
-    """Shard i as a pyarrow Table (in a pool worker or in this process)."""
-    import pyarrow as pa
-
+def _batches(i: int):
+    """The columns of shard i, BATCH documents at a time (in a pool worker or in this process)."""
     ds, fn, features, size, n_docs = _JOB
     lo, hi = i * size, min((i + 1) * size, n_docs)
-    cols = {name: [] for name in features}
     for s in range(lo, hi, BATCH):
         e = min(s + BATCH, hi)
-        out = fn(ds[s:e], list(range(s, e)))
+        yield fn(ds[s:e], list(range(s, e)))
+
+
+def _tokenize_shard(i: int):
+    """Shard i as a pyarrow Table (in memory)."""
+    import pyarrow as pa
+
+    features = _JOB[2]
+    cols = {name: [] for name in features}
+    for out in _batches(i):
         for name in cols:
             cols[name].extend(out[name])
     return pa.Table.from_pydict(cols, schema=features.arrow_schema)
 
 
 def _write_shard(i: int, path: Path) -> None:
+    """Shard i written batch by batch (a worker holds one batch, not the shard) to a temporary file,
+    renamed onto path when complete."""
     from datasets.arrow_writer import ArrowWriter
 
-    table = _tokenize_shard(i)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         writer = ArrowWriter(features=_JOB[2], path=str(tmp))
-        writer.write_table(table)
-        writer.finalize()
-        writer.close()
+        try:
+            for out in _batches(i):
+                writer.write_batch({name: out[name] for name in _JOB[2]})
+            writer.finalize()
+        finally:
+            writer.close()
 
 
 def _work(args):
@@ -107,6 +119,9 @@ def _work(args):
 
 def _init_worker():
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool is the parallelism
+    # the pool is terminated (SIGTERM) when a shard fails or the caller is interrupted: exit through
+    # Python, so the shard being written removes its temporary file (atomic_path)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 
 def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[int, int] | None = None):

@@ -1,7 +1,10 @@
 """The deterministic, sharded, resumable, packed stream of Batches.
 
 Order. Epoch e visits the documents of the split in a permutation drawn from (seed, e) (or in
-file order with shuffle=False). Each document (plus EOS for flm / plm) is cut into pieces of at
+file order with shuffle=False), held as `epoch_order` says (train/data/plan.py): 'permutation', a
+numpy permutation of the split's id array (the pinned order), or 'feistel', a keyed bijection of
+the document index computed per chunk of positions, with the split as a predicate (positions whose
+document is not the split's yield nothing), so that no array grows with the corpus. Each document (plus EOS for flm / plm) is cut into pieces of at
 most `objective.max_piece[v]` tokens, v being the document's variant (UL2 denoiser, drawn from
 (seed, e, doc)). Pieces shorter than 2 tokens, empty documents and skipped bad rows are counted
 in `stats`, never silently lost. Every random choice of an example (split point, noise mask) is
@@ -17,7 +20,7 @@ Rank r then builds and collates rows [r*B, (r+1)*B), B = global_batch_size / wor
 Position (`state_dict()`): {epoch, cursor (document position, piece), waiting pieces, batches
 yielded, stats}: a few integers. `load_state_dict` restarts in O(1) batches (re-drawing the
 epoch permutation costs O(documents) numpy work, as at any epoch start) and the stream then yields
-exactly the batches an uninterrupted run would. The plan depends on the global batch size, not on
+exactly the batches an uninterrupted run would (with 'feistel', the order costs nothing to restore). The plan depends on the global batch size, not on
 the world size, so a run can resume on another number of ranks at the same global batch size.
 Batches never cross an epoch boundary; the last batch of an epoch may be partly padding.
 
@@ -40,6 +43,7 @@ import numpy as np
 from ..objectives.batch import collate
 from ..objectives.core import Objective, TokenInfo, make_prompted, prompted_lengths
 from ..objectives import rng
+from .plan import make_plan
 from .tokenize import TokenStore
 
 log = logging.getLogger("archscale.data")
@@ -71,7 +75,8 @@ class DataStream:
     def __init__(self, store: TokenStore, doc_ids: np.ndarray, objective: Objective, tokens: TokenInfo, *,
                  global_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, max_epochs: int | None = None, pack_lookahead: int = 64,
-                 append_eos: bool = True, target_store: TokenStore | None = None, name: str = "train"):
+                 append_eos: bool = True, target_store: TokenStore | None = None, name: str = "train",
+                 epoch_order: str = "permutation"):
         for what, v, low in (("global_batch_size", global_batch_size, 1), ("world_size", world_size, 1),
                              ("rank", rank, 0), ("seed", seed, 0)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
@@ -83,8 +88,10 @@ class DataStream:
                              f"pick a global batch that is a multiple of the number of data-parallel ranks")
         self.store, self.objective, self.tokens = store, objective, tokens
         self.target_store = target_store  # prompted data: the targets of each record
-        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
-        if len(self.doc_ids) == 0:
+        self.epoch_order = epoch_order
+        self.plan = make_plan(epoch_order, doc_ids, seed, shuffle)
+        self.doc_ids = getattr(self.plan, "doc_ids", None)  # the 'permutation' order's id array
+        if not (self.plan.n_positions if self.doc_ids is not None else self.plan.split.any()):
             raise ValueError(f"{name} split has no documents; add data or lower data.eval_fraction")
         self.G, self.rank, self.world = int(global_batch_size), int(rank), int(world_size)
         self.B = self.G // self.world
@@ -95,7 +102,6 @@ class DataStream:
         self.cap = np.asarray(objective.shape.capacity, dtype=np.int64)  # (2,)
         self.min_need = self._min_footprint()
         self.fingerprint = self._fingerprint()
-        self._order_epoch, self._order = None, None
         self._cached: _Pieces | None = None  # the expanded documents at the cursor (see _chunk)
         self.epoch, self.pos, self.k, self.waiting, self.batches = 0, 0, 0, [], 0
         self.stats = {k: 0 for k in STAT_KEYS}
@@ -146,7 +152,7 @@ class DataStream:
             if placed:
                 self.batches += 1
                 self.stats["batches"] += 1
-                if not self.waiting and self.pos >= len(self._epoch_order()):
+                if not self.waiting and self.pos >= self.plan.n_positions:
                     self._next_epoch()  # so that `epoch` in the state is the epoch of the next batch
                 return rows
             self._next_epoch()  # nothing left in this epoch (only skipped documents)
@@ -200,8 +206,7 @@ class DataStream:
     def _candidates(self, first: list[Piece]):
         """Waiting pieces, then pieces from the cursor on; the cursor advances as they are taken."""
         yield from first
-        n_order = len(self._epoch_order())
-        while self.pos < n_order:
+        while self.pos < self.plan.n_positions:
             chunk = self._chunk()
             for j in range(chunk.find(self.pos, self.k), len(chunk)):
                 p = chunk.piece(j)
@@ -211,6 +216,8 @@ class DataStream:
                     self.stats["truncated_examples"] += 1
                     self.stats["truncated_tokens"] += chunk.truncated[j]
                 yield p
+            if self.pos < chunk.hi:  # feistel: the chunk's last positions hold other-split documents
+                self.pos, self.k = chunk.hi, 0
 
     def _chunk(self) -> "_Pieces":
         """The expanded documents around the cursor: _CHUNK_DOCS epoch positions from it, kept until
@@ -218,26 +225,18 @@ class DataStream:
         chunk starts, so reusing one across batches changes nothing)."""
         c = self._cached
         if c is None or c.epoch != self.epoch or not c.lo <= self.pos < c.hi:
-            hi = min(self.pos + _CHUNK_DOCS, len(self._epoch_order()))
+            hi = min(self.pos + _CHUNK_DOCS, self.plan.n_positions)
             c = self._cached = self._expand(np.arange(self.pos, hi, dtype=np.int64))
             c.epoch, c.lo, c.hi = self.epoch, self.pos, hi
         return c
 
     # ------------------------------------------------------------------ pieces
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            if self.shuffle:
-                g = np.random.Generator(np.random.Philox(int(rng.mix(self.seed, self.epoch, rng.SALT_PERM))))
-                self._order = self.doc_ids[g.permutation(len(self.doc_ids))]
-            else:
-                self._order = self.doc_ids
-            self._order_epoch = self.epoch
-        return self._order
-
     def _expand(self, positions: np.ndarray) -> "_Pieces":
-        """Pieces of the documents at the (increasing) epoch positions `positions`, in order."""
-        order = self._epoch_order()
-        docs = order[positions]  # (D,)
+        """Pieces of the documents at the (increasing) epoch positions `positions`, in order (none
+        for a position whose document is not the split's: the feistel order's predicate)."""
+        docs, kept = self.plan.docs(self.epoch, positions)  # (D,)
+        if kept is not None and not kept.all():
+            positions, docs = positions[kept], docs[kept]
         raw = self.store.lengths[docs]  # (D,) -1 = bad row
         obj = self.objective
         if self.target_store is not None:  # prompted: one example per record, truncated to fit
@@ -303,6 +302,11 @@ class DataStream:
         return np.array([int(np.min(a)), int(np.min(b))])
 
     def _fingerprint(self) -> str:
+        if self.doc_ids is None:  # feistel: the plan describes the split and the order
+            desc = json.dumps([self.store.fingerprint, self.store.num_docs, self.plan.describe(),
+                               self.objective.describe(), self.seed, self.shuffle, self.eos, self.lookahead,
+                               self.tokens.vocab_size])
+            return hashlib.sha256(desc.encode()).hexdigest()[:16]
         desc = json.dumps([self.store.fingerprint, self.store.num_docs, int(len(self.doc_ids)),
                            int(self.doc_ids[:64].sum()), self.objective.describe(), self.seed, self.shuffle,
                            self.eos, self.lookahead, self.tokens.vocab_size])

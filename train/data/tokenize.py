@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 
 import numpy as np
 
@@ -118,3 +117,60 @@ class TokenStore:
         if eos_id is not None and len(out) < n:  # the piece runs into the document's EOS
             out = np.concatenate([out, np.array([eos_id], dtype=np.int64)])
         return out
+
+
+class ChunkedLengths:
+    """The length column as zero-copy int32 views per Arrow chunk; `self[docs]` -> int64 lengths."""
+
+    def __init__(self, column):
+        self._views = [c.to_numpy(zero_copy_only=True) for c in column.chunks]
+        self._starts = np.cumsum([0] + [len(v) for v in self._views]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, docs):
+        if isinstance(docs, (int, np.integer)):
+            c = int(np.searchsorted(self._starts, docs, side="right")) - 1
+            return int(self._views[c][docs - self._starts[c]])
+        docs = np.asarray(docs, dtype=np.int64)
+        if len(self._views) == 1:
+            return self._views[0][docs].astype(np.int64)
+        c = np.searchsorted(self._starts, docs, side="right") - 1
+        out = np.empty(docs.shape, dtype=np.int64)
+        for ci in np.unique(c).tolist():
+            sel = c == ci
+            out[sel] = self._views[ci][docs[sel] - self._starts[ci]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self._views).astype(np.int64) if self._views else np.zeros(0, np.int64)
+        return out if dtype is None else out.astype(dtype)
+
+    def sum(self) -> int:
+        return int(sum(int(v.sum(dtype=np.int64)) for v in self._views))
+
+
+class MappedTokenStore(TokenStore):
+    """TokenStore without per-document copies: lengths and offsets are views of the mapped columns."""
+
+    def __init__(self, ds, ids_column: str = "input_ids", length_column: str = "length"):
+        if getattr(ds, "_indices", None) is not None:
+            ds = ds.flatten_indices()
+        table = ds.data.table
+        self.lengths = ChunkedLengths(table.column(length_column))  # -1 = bad row
+        self.num_docs = len(self.lengths)
+        self._chunks = []  # (values, offsets, offsets[0]) per Arrow chunk, zero-copy views
+        starts = [0]
+        for chunk in table.column(ids_column).chunks:
+            offsets = chunk.offsets.to_numpy(zero_copy_only=False)
+            self._chunks.append((chunk.flatten().to_numpy(zero_copy_only=False), offsets, int(offsets[0])))
+            starts.append(starts[-1] + len(chunk))
+        self._chunk_starts = np.asarray(starts, dtype=np.int64)
+        self.fingerprint = getattr(ds, "_fingerprint", "") or ""
+
+    def tokens(self, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self._chunk_starts, i, side="right")) - 1
+        values, offsets, base = self._chunks[c]
+        j = i - int(self._chunk_starts[c])
+        return values[int(offsets[j]) - base:int(offsets[j + 1]) - base]
