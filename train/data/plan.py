@@ -28,7 +28,7 @@ import numpy as np
 from ..objectives import rng
 
 ROUNDS = 6
-_SCAN = 1 << 20  # documents hashed at a time when a split is scanned (bounded memory)
+_SCAN = 1 << 16  # documents hashed at a time when a split is scanned (bounded memory)
 
 
 class FeistelPermutation:
