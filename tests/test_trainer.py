@@ -595,3 +595,37 @@ def test_init_from_checkpoint_records_the_parent_and_can_take_its_optimizer(work
     moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(po["optimizer"]["state"].values(),
                                                              co["optimizer"]["state"].values())]
     assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
+PORT_PROBE = r"""
+import os, socket, sys
+import train.engine.runtime as rt
+busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen(); taken = busy.getsockname()[1]
+mode = sys.argv[1]
+if mode == "user":
+    os.environ["MASTER_PORT"] = str(taken)
+picks = iter([taken])
+real_pick = rt._free_port
+rt._free_port = lambda: next(picks, None) or real_pick()
+try:
+    rt.setup_distributed()
+except Exception as e:
+    print("raised", type(e).__name__, "EADDRINUSE" in str(e)); sys.exit(0)
+print("port", taken, os.environ["MASTER_PORT"])
+rt.teardown_distributed()
+"""
+
+
+@pytest.mark.parametrize("mode", ["picked", "user"])
+def test_a_world_of_one_repicks_a_port_taken_after_its_pick(mode, tmp_path):
+    """A port the process picked and another process took before the store bound it (the cluster
+    rehearsal's reference run met this) is picked again; a port the user set is never changed."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    out = subprocess.run([sys.executable, "-c", PORT_PROBE, mode], env={**env, "DS_ACCELERATOR": "cpu"},
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    words = out.stdout.split()
+    assert out.returncode == 0 and words, out.stderr[-2000:]
+    if mode == "picked":
+        assert words[0] == "port" and words[1] != words[2], out.stdout
+    else:
+        assert words == ["raised", "DistNetworkError", "True"], out.stdout + out.stderr[-2000:]

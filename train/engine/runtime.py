@@ -32,6 +32,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_process_group(deepspeed, backend: str, retry_port: bool, tries: int = 8) -> None:
+    """deepspeed.init_distributed; a world of one whose port this process picked picks another when
+    that port was taken between the pick and the store's bind (another process's outgoing
+    connection can land on it: the pick is a free ephemeral port, not a reservation)."""
+    for attempt in range(tries):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            return
+        except torch.distributed.DistNetworkError as e:
+            if not retry_port or "EADDRINUSE" not in str(e) or attempt == tries - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
+
+
 def setup_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed, from torchrun / deepspeed / srun
     variables, or as a single process when none are set."""
@@ -43,10 +57,12 @@ def setup_distributed() -> Dist:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
                                "sets them): launch through `archscale submit`")
+    chose_port = False
     if "RANK" not in env:  # a plain `python -m train ...`: a world of one
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"], chose_port = str(_free_port()), True
     cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -60,7 +76,7 @@ def setup_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        _init_process_group(deepspeed, "nccl" if cuda else "gloo", retry_port=chose_port)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
 
