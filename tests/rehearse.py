@@ -35,8 +35,15 @@ def make_work(tmp_path_factory, name: str) -> Path:
     return w
 
 
+def clean_env(**extra) -> dict:
+    """This process's environment for a process it starts, without the rendezvous variables (a
+    world of one run in this process may have set them: a child would take them for a
+    launcher's and bind the same port), with `extra` on top."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
+
+
 def env(work: Path, **extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != "ARCHSCALE_TEST_SAVE_DELAY"}
+    e = {k: v for k, v in clean_env().items() if k != "ARCHSCALE_TEST_SAVE_DELAY"}
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TMPDIR=str(work / "tmp"),
              PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p), **extra)
     return e

@@ -13,10 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.__main__ import Row, link_anchors, main, targets  # noqa: E402
+from rehearse import clean_env  # noqa: E402
 
 
 def _bench(args, tmp_path, **kw):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TMPDIR": str(tmp_path)}
+    env = clean_env(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path))
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, **kw)
 

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import model_zoo
 from model_zoo.analysis import attention_spectra, spectrum_stats
 from model_zoo.export import native_form, save_for_transformers
+from rehearse import clean_env
 from test_model_zoo import logits_per_kernel, make
 from train import registry
 
@@ -332,7 +333,7 @@ def test_controls_survive_training_checkpoints_and_export(tmp_path, zero, contro
 
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TMPDIR": str(tmp_path)}
+    env = clean_env(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path))
     args = [sys.executable, "-m", "train", "train", f"run_dir={run}", "model.arch=ed", "objective.name=mlm",
             "objective.seq_length=64", "objective.inputs_length=48", "objective.targets_length=12",
             "data.tokenizer=builtin-bytes", "data.max_documents=30", f"data.cache_dir={tmp_path / 'cache'}",

@@ -12,6 +12,7 @@ import torch
 
 import model_zoo
 from model_zoo.export import native_form, save_for_transformers
+from rehearse import clean_env
 from train.data import DataConfig, load_tokenizer
 from train.trainer.weights import checkpoint_dir, load_model
 from train.commands.export import main as export_main
@@ -102,7 +103,7 @@ def test_remote_code_says_why_it_is_not_native():
 
 def tiny_run(tmp_path, arch, objective, zero):
     run = tmp_path / f"{arch}-{zero}"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TMPDIR": str(tmp_path)}
+    env = clean_env(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path))
     args = [sys.executable, "-m", "train", "train", f"run_dir={run}", f"model.arch={arch}",
             f"objective.name={objective}", "objective.seq_length=64", "objective.inputs_length=48",
             "objective.targets_length=12", "data.tokenizer=builtin-bytes", "data.max_documents=30",

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rehearse import losses, state
+from rehearse import clean_env, losses, state
 from test_trainer import _write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def runs(cluster, tmp_path_factory):
              f"parallel.zero_stage={zero}", f"schedule.max_steps={steps}"] for name, arch, zero, steps in TRAIN_JOBS]
     ref_log = open(work / "refs.log", "w")
     ref_proc = subprocess.Popen(["bash", "-c", " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in refs)],
-                                cwd=ROOT, env={**os.environ, **JOB_ENV, "TMPDIR": str(work)}, stdout=ref_log,
+                                cwd=ROOT, env=clean_env(**JOB_ENV, TMPDIR=str(work)), stdout=ref_log,
                                 stderr=subprocess.STDOUT)
     # side by side: the training jobs (the CD one is the uninterrupted twin) and the requeued run
     jobs = {name: submit(cfgs[arch], work / name, 2, [f"parallel.zero_stage={zero}", f"schedule.max_steps={steps}"])

@@ -32,6 +32,7 @@ import pytest
 import slurm
 from slurm import Resources, cluster
 from slurm.render import compress
+from rehearse import clean_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
@@ -291,7 +292,7 @@ def real(slurm_cluster, tmp_path_factory):
     log = open(base / "ref.log", "w")
     jobs["ref"] = ref, subprocess.Popen(
         [sys.executable, "-m", "train", "train", str(cfg), *overrides, f"run_dir={ref}"], cwd=base,
-        env={**os.environ, **REAL_ENV}, stdout=log, stderr=subprocess.STDOUT)
+        env=clean_env(**REAL_ENV), stdout=log, stderr=subprocess.STDOUT)
     yield jobs
     stop.set()
     for job_id in (long.job_id, jobs["tiny"][1]):  # a failed test leaves no job behind

@@ -629,3 +629,37 @@ def test_a_world_of_one_repicks_a_port_taken_after_its_pick(mode, tmp_path):
         assert words[0] == "port" and words[1] != words[2], out.stdout
     else:
         assert words == ["raised", "DistNetworkError", "True"], out.stdout + out.stderr[-2000:]
+
+
+ENV_PROBE = r"""
+import json, os, sys
+import train.engine.runtime as rt
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+if sys.argv[1] == "user":
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+before = {k: os.environ.get(k) for k in keys}
+rt.setup_distributed()
+during = {k: os.environ.get(k) for k in keys}
+rt.teardown_distributed()
+after = {k: os.environ.get(k) for k in keys}
+rt.setup_distributed()  # a second world of one in the same process picks its own port again
+again = os.environ.get("MASTER_PORT")
+rt.teardown_distributed()
+print(json.dumps([before, during, after, again, os.environ.get("RANK")]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["bare", "user"])
+def test_teardown_puts_back_the_rendezvous_variables_a_world_of_one_set(mode):
+    """A world of one sets RANK, MASTER_PORT, ...; after teardown they are gone (a process started
+    next, such as the cluster rehearsal's reference run, took them for a launcher's and bound the
+    same port: EADDRINUSE in CI), and a variable the user had set is left as it was."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    out = subprocess.run([sys.executable, "-c", ENV_PROBE, mode], env={**env, "DS_ACCELERATOR": "cpu"},
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, during, after, again, rank = json.loads(out.stdout.splitlines()[-1])
+    assert during["RANK"] == "0" and during["WORLD_SIZE"] == "1" and during["MASTER_PORT"]
+    assert after == before and rank is None
+    assert before["MASTER_ADDR"] == ("127.0.0.1" if mode == "user" else None)
+    assert again and again.isdigit()

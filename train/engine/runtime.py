@@ -46,37 +46,48 @@ def _init_process_group(deepspeed, backend: str, retry_port: bool, tries: int = 
             os.environ["MASTER_PORT"] = str(_free_port())
 
 
+# The environment variables setup_distributed set itself, with what they were before (None:
+# unset); teardown_distributed puts them back, so that neither a later run in this process nor a
+# process it starts inherits a world of one's rank and port as if a launcher had set them.
+_ENV_BEFORE: dict[str, Optional[str]] = {}
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
 def setup_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed, from torchrun / deepspeed / srun
     variables, or as a single process when none are set."""
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-            raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
-                               "sets them): launch through `archscale submit`")
-    chose_port = False
-    if "RANK" not in env:  # a plain `python -m train ...`: a world of one
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in env:
-            env["MASTER_PORT"], chose_port = str(_free_port()), True
-    cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
-    if not cuda:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    before = {k: env.get(k) for k in _RENDEZVOUS}
+    try:
+        if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
+            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+            if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+                raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
+                                   "sets them): launch through `archscale submit`")
+        chose_port = False
+        if "RANK" not in env:  # a plain `python -m train ...`: a world of one
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in env:
+                env["MASTER_PORT"], chose_port = str(_free_port()), True
+        cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
+        if not cuda:
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
 
-    if not cuda:
-        # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
-        # CPU machine); gloo's allreduce serves the CPU runs this stack does.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    local_rank = int(env["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        _init_process_group(deepspeed, "nccl" if cuda else "gloo", retry_port=chose_port)
+        if not cuda:
+            # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
+            # CPU machine); gloo's allreduce serves the CPU runs this stack does.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        local_rank = int(env["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        if not torch.distributed.is_initialized():
+            _init_process_group(deepspeed, "nccl" if cuda else "gloo", retry_port=chose_port)
+    finally:
+        _ENV_BEFORE.update({k: v for k, v in before.items() if env.get(k) != v and k not in _ENV_BEFORE})
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
 
@@ -343,8 +354,15 @@ def teardown_distributed() -> None:
     """Destroy the process group and DeepSpeed's cached groups with it (deepspeed.comm's
     destroy_process_group), so that a later run in the same process (a notebook, the tests)
     starts clean. torch.distributed.destroy_process_group alone leaves DeepSpeed holding stale
-    groups ("Group ... is not registered")."""
+    groups ("Group ... is not registered"). The rendezvous variables setup_distributed set
+    (a world of one's RANK, MASTER_PORT, ...) are put back as they were."""
     if torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.comm.destroy_process_group()
+    for k, v in _ENV_BEFORE.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_BEFORE.clear()
