@@ -323,7 +323,6 @@ def test_spectra_restricted_to_the_bidirectional_block():
 ])
 def test_controls_survive_training_checkpoints_and_export(tmp_path, zero, controls):
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
