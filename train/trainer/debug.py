@@ -13,9 +13,12 @@ and save the same way but do not name a module (a stage's forward is not one cal
 
 Test hook: ARCHSCALE_TEST_NAN_AT_STEP="K:MODULE" (e.g. "3:decoder.layers.1.mlp") multiplies the
 output of that module (a name of model.named_modules()) by NaN in the training forward of step K.
-ARCHSCALE_TEST_NOISE_AT_STEP="K:MODULE" scales that module's output by 1 + 0.05 x (1 + a number
-from the operating system's random source in [0, 1)) at step K: a nondeterminism that
-`--determinism-check` must find at step K. Unset in real runs.
+ARCHSCALE_TEST_NOISE_AT_STEP="K:MODULE" adds standard normal noise, drawn from a generator seeded
+from the operating system's random source, to that module's output at step K: a nondeterminism
+that `--determinism-check` must find at step K. (It was a random scale of 1.05-1.1 first; at
+initialisation a layer's MLP output is so small against the residual stream that two such scales
+could round to the same float32 loss, and the check then found the difference a step late.)
+Unset in real runs.
 
 `--overfit` and `--determinism-check` live in train/commands/debug.py (they call the loop, which
 imports this module). `--overfit` (`overfit`): trains on the stream's first batch, repeated (`train(cfg,
@@ -111,9 +114,13 @@ class NonFiniteGuard:
 
             at, name = spec.split(":", 1)
             target = dict(model.named_modules())[name]
-            self._handles.append(target.register_forward_hook(
-                lambda m, a, out: out * (1 + 0.05 * (1 + random.SystemRandom().random()))
-                if self.step == int(at) and m.training else None))
+            def noise(m, a, out):
+                if self.step != int(at) or not m.training:
+                    return None
+                g = torch.Generator(device=out.device).manual_seed(random.SystemRandom().getrandbits(63))
+                return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
+
+            self._handles.append(target.register_forward_hook(noise))
 
     def _on_forward(self, module, args, kwargs, out):
         if self._busy or self.module is not None or not module.training:
