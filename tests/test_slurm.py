@@ -338,7 +338,7 @@ def test_rendered_script_is_thin_and_complete(tmp_path):
         assert line in s.splitlines(), line
     # rendezvous: first host of the node list, a port from the job id
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in s
-    assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in s
+    assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))" in s
     # signals are trapped and forwarded to srun, which runs in the background so the trap can run
     assert "trap 'forward USR1' USR1" in s and "trap 'forward TERM' TERM" in s
     assert "srun --kill-on-bad-exit=1" in s and "model.arch=nd optim.lr=3e-4" in s
@@ -479,7 +479,7 @@ def test_job_runs_one_task_per_gpu_with_rendezvous(launched):
     assert sorted(e["rank"] for e in ev) == [0, 1]
     assert {e["LOCAL_RANK"] for e in ev} == {"0", "1"} and {e["WORLD_SIZE"] for e in ev} == {"2"}
     assert {e["MASTER_ADDR"] for e in ev} == {socket.gethostname().split(".")[0]}
-    assert {e["MASTER_PORT"] for e in ev} == {str(20000 + int(sub.job_id) % 20000)}
+    assert {e["MASTER_PORT"] for e in ev} == {str(20000 + int(sub.job_id) % 12000)}
     assert (sub.run_dir / "FINISHED").exists()
     assert (sub.run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000020"
     [row] = slurm.status(sub.run_dir)
