@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from test_trainer import DIST_ENV, _write_corpus, base_overrides  # noqa: F401  (the same tiny corpus and overrides)
+from test_trainer import _write_corpus, base_overrides, clean_env  # noqa: F401  (the same tiny corpus and overrides; clean_env for launches)
+from test_trainer import _env as env  # noqa: F401  (a launched process's environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "resume_worker.py"
@@ -33,20 +34,6 @@ def make_work(tmp_path_factory, name: str) -> Path:
     _write_corpus(w / "corpus")
     (w / "tmp").mkdir()
     return w
-
-
-def clean_env(**extra) -> dict:
-    """This process's environment for a process it starts, without the rendezvous variables (a
-    world of one run in this process may have set them: a child would take them for a
-    launcher's and bind the same port), with `extra` on top."""
-    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
-
-
-def env(work: Path, **extra) -> dict:
-    e = {k: v for k, v in clean_env().items() if k != "ARCHSCALE_TEST_SAVE_DELAY"}
-    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TMPDIR=str(work / "tmp"),
-             PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p), **extra)
-    return e
 
 
 def launch(work: Path, nproc: int, spec: list[dict], name: str, timeout: int = 900) -> list[dict]:

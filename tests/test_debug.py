@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer import DIST_ENV, ROOT, _write_corpus, base_overrides, losses
+from test_trainer import ROOT, _write_corpus, base_overrides, clean_env, losses
 
 STEPS = 4
 
@@ -59,7 +59,7 @@ def run_inproc(overrides: list[str], **kw):
 
 
 def cli(args: list[str], work: Path, **extra) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = clean_env()
     env.pop("TMPDIR", None)  # --local-procs puts it into RUN_DIR/tmp
     env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), **extra)
     return subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True, text=True,

@@ -33,6 +33,13 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
 
 
+def clean_env(**extra) -> dict:
+    """This process's environment for a process it starts, without the rendezvous variables (a
+    world of one run in this process may have set them: a child would take them for a
+    launcher's and bind the same port), with `extra` on top."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
+
+
 # ----------------------------------------------------------------------------------------------
 # shared set-up
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +84,7 @@ def base(work) -> list[str]:
 def _env(work: Path, **extra) -> dict:
     """Environment of a launched process: CPU, one thread, TMPDIR inside the test's directory, and
     none of the rendezvous variables an in-process run of this module put into os.environ."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != "ARCHSCALE_TEST_SAVE_DELAY"}
+    env = {k: v for k, v in clean_env().items() if k != "ARCHSCALE_TEST_SAVE_DELAY"}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TMPDIR=str(work / "tmp"),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), **extra)
     return env
@@ -620,8 +627,7 @@ rt.teardown_distributed()
 def test_a_world_of_one_repicks_a_port_taken_after_its_pick(mode, tmp_path):
     """A port the process picked and another process took before the store bound it (the cluster
     rehearsal's reference run met this) is picked again; a port the user set is never changed."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    out = subprocess.run([sys.executable, "-c", PORT_PROBE, mode], env={**env, "DS_ACCELERATOR": "cpu"},
+    out = subprocess.run([sys.executable, "-c", PORT_PROBE, mode], env=clean_env(DS_ACCELERATOR="cpu"),
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     words = out.stdout.split()
     assert out.returncode == 0 and words, out.stderr[-2000:]
@@ -654,8 +660,7 @@ def test_teardown_puts_back_the_rendezvous_variables_a_world_of_one_set(mode):
     """A world of one sets RANK, MASTER_PORT, ...; after teardown they are gone (a process started
     next, such as the cluster rehearsal's reference run, took them for a launcher's and bound the
     same port: EADDRINUSE in CI), and a variable the user had set is left as it was."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    out = subprocess.run([sys.executable, "-c", ENV_PROBE, mode], env={**env, "DS_ACCELERATOR": "cpu"},
+    out = subprocess.run([sys.executable, "-c", ENV_PROBE, mode], env=clean_env(DS_ACCELERATOR="cpu"),
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     before, during, after, again, rank = json.loads(out.stdout.splitlines()[-1])
