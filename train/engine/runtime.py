@@ -55,39 +55,43 @@ _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 def setup_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed, from torchrun / deepspeed / srun
-    variables, or as a single process when none are set."""
-    env = os.environ
-    before = {k: env.get(k) for k in _RENDEZVOUS}
+    variables, or as a single process when none are set. The rendezvous variables it sets are
+    recorded (_ENV_BEFORE) for teardown_distributed to put back."""
+    before = {k: os.environ.get(k) for k in _RENDEZVOUS}
     try:
-        if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
-            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-            if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-                raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
-                                   "sets them): launch through `archscale submit`")
-        chose_port = False
-        if "RANK" not in env:  # a plain `python -m train ...`: a world of one
-            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            env.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in env:
-                env["MASTER_PORT"], chose_port = str(_free_port()), True
-        cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
-        if not cuda:
-            env.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        if not cuda:
-            # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
-            # CPU machine); gloo's allreduce serves the CPU runs this stack does.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        local_rank = int(env["LOCAL_RANK"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        if not torch.distributed.is_initialized():
-            _init_process_group(deepspeed, "nccl" if cuda else "gloo", retry_port=chose_port)
+        return _setup_distributed(os.environ)
     finally:
-        _ENV_BEFORE.update({k: v for k, v in before.items() if env.get(k) != v and k not in _ENV_BEFORE})
+        _ENV_BEFORE.update({k: v for k, v in before.items() if os.environ.get(k) != v and k not in _ENV_BEFORE})
+
+
+def _setup_distributed(env) -> Dist:
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun started one task per GPU: map Slurm's variables; the sbatch script sets the rendezvous
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise RuntimeError("srun with several tasks needs MASTER_ADDR and MASTER_PORT (the sbatch template "
+                               "sets them): launch through `archscale submit`")
+    chose_port = False
+    if "RANK" not in env:  # a plain `python -m train ...`: a world of one
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"], chose_port = str(_free_port()), True
+    cuda = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "") != "cpu"
+    if not cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not cuda:
+        # DeepSpeed would first compile a shared-memory allreduce C++ op (minutes on a small
+        # CPU machine); gloo's allreduce serves the CPU runs this stack does.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(env["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        _init_process_group(deepspeed, "nccl" if cuda else "gloo", retry_port=chose_port)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=local_rank, device=device)
 
