@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .config import DecoderConfig, EncoderDecoderConfig, option_names
 from .models import DecoderLM, EncoderDecoderLM, LMOutput
-from .sizes import ALIASES, ARCHS, SIZES, build, make_config, num_params, size_names, train_flops
+from .sizes import ALIASES, ARCHS, SIZES, build, embedding_params, make_config, num_params, size_names, train_flops
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
 AutoConfig.register(EncoderDecoderConfig.model_type, EncoderDecoderConfig, exist_ok=True)
@@ -38,4 +38,4 @@ def load(path, **kwargs):
 
 
 __all__ = ["ALIASES", "ARCHS", "SIZES", "DecoderConfig", "DecoderLM", "EncoderDecoderConfig", "EncoderDecoderLM",
-           "LMOutput", "build", "load", "make_config", "num_params", "option_names", "size_names", "train_flops"]
+           "LMOutput", "build", "embedding_params", "load", "make_config", "num_params", "option_names", "size_names", "train_flops"]

@@ -87,9 +87,19 @@ def _stack_params(c, n_layers: int, cross: bool, shared: bool = False) -> int:
     return n_layers * _block_params(c, cross, shared) + norm + pos
 
 
-def num_params(config) -> int:
-    """Parameters of the model `config` describes, counting tied (and shared) matrices once."""
+def embedding_params(config) -> int:
+    """Parameters of the token embedding and of an untied LM head (vocab x d_model each): the part
+    of `num_params` that scaling ladders leave out (OLMo-core and Chinchilla count non-embedding N)."""
     c = config
+    return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+
+
+def num_params(config, embeddings: bool = True) -> int:
+    """Parameters of the model `config` describes, counting tied (and shared) matrices once;
+    embeddings=False leaves out `embedding_params` (the non-embedding count)."""
+    c = config
+    if not embeddings:
+        return num_params(c) - embedding_params(c)
     embed = c.vocab_size * c.d_model
     head = 0 if c.tie_embeddings else embed
     if c.arch == "ed":

@@ -167,10 +167,12 @@ class ArchSpec:
 
         return model_zoo.build(self.name, model_cfg.size, device=device, **self._options(model_cfg, vocab_size))
 
-    def num_params(self, config) -> int:
+    def num_params(self, config, embeddings: bool = True) -> int:
+        """Parameters of the model `config` describes; embeddings=False: the non-embedding count
+        (what --match params and the scaling ladders match)."""
         import model_zoo
 
-        return model_zoo.num_params(config)
+        return model_zoo.num_params(config, embeddings=embeddings)
 
     def num_layers(self, config) -> int:
         """family: blocks a pipeline splits."""
