@@ -221,7 +221,8 @@ class LoggingConfig:
     jsonl: bool = True
     """Append one JSON line per logging step to RUN_DIR/metrics.jsonl."""
     progress_bar: bool = True
-    """Show a progress bar (loss, tokens/s, MFU, ETA) on rank 0."""
+    """Show a progress bar on rank 0: steps, loss, tokens/s and the time left (MFU is not on the bar; it
+    is in metrics.jsonl and TensorBoard where the device's peak FLOP/s is known)."""
 
     def check(self) -> None:
         if self.every_n_steps < 1:
@@ -235,7 +236,9 @@ class EvalConfig:
     every_n_steps: int = 500
     """Compute the held-out loss (and the yardstick) every this many steps (and at the end); 0 = only at the end."""
     num_batches: int = 10
-    """Held-out micro-batches per evaluation (per data-parallel rank), for the loss on the run's own objective."""
+    """Held-out *global* batches per evaluation (the eval split's first N batches of the run's global batch
+    size, each shared among the data-parallel ranks and split into micro-batches), for the loss on the
+    run's own objective."""
     yardstick: bool = True
     """Also score the common yardstick at every evaluation: continuation loss (nats per target token, bits
     per byte) and zero-shot continuation choice on windows of the held-out split, the same for every cell."""
