@@ -18,12 +18,17 @@ def _gib(x: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    """The human-readable plan (what `archscale plan` prints without --json)."""
-    m, h, par, t, mem = p["model"], p["hardware"], p["parallel"], p["time"], p["memory"]
-    ob = p["objective"]
+    """The human-readable plan (what `archscale plan` prints without --json): the run, the memory
+    table with its verdict and fix, then the time."""
+    return "\n".join(_run_lines(p) + [""] + _memory_lines(p) + [""] + _time_lines(p))
+
+
+def _run_lines(p: dict) -> list[str]:
+    """model, hardware, layout and engine: what the plan is of."""
+    m, h, par, t, ob = p["model"], p["hardware"], p["parallel"], p["time"], p["objective"]
     toks = (f"encoder {ob['encoder_tokens']} / decoder {ob['decoder_tokens']} tokens" if ob["encoder_tokens"]
             else f"{ob['decoder_tokens']} tokens")
-    lines = [
+    return [
         f"model      {m['arch'].upper()} {m['size']}: {m['parameters']:,} parameters (vocab {m['vocab_size']}, "
         f"{m['layers']} blocks); objective {ob['name']} ({toks} per row); loss {m['loss_impl_resolved']}"
         + (" (auto on CUDA)" if m["loss_impl"] == "auto" else "")
@@ -37,17 +42,23 @@ def format_plan(p: dict) -> str:
         + (" + optimizer offload" if par["offload_optimizer"] else "") + (" + param offload" if par["offload_param"] else "")
         + f", optimizer {par['optimizer']} under {par['optimizer_wrapper']}, activation checkpointing "
         + (par["checkpoint_policy"] if par["activation_checkpointing"] else "off") + f" (preset {par['ds_preset']})",
-        "",
-        f"{'memory per GPU (GiB)':<32}" + "".join(f"{'stage ' + str(s['stage']):>10}" for s in mem["stages"]),
     ]
-    rows = [("parameters on the GPU's stage", "parameters"), ("weights", "weights"), ("gradients", "gradients"),
-            ("optimizer: fp32 master", "optimizer_master"), ("optimizer: states", "optimizer_states"),
-            ("ZeRO-3 gathered layers", "zero3_gathered_layers"), ("DeepSpeed buffers", "buffers"),
-            ("activations / micro-batch", "activations_saved_per_micro_batch"),
-            ("micro-batches in flight", "micro_batches_in_flight"), ("backward working set", "activations_working"),
-            ("activations in all", "activations"), ("optimizer-step transient", "step_transient"),
-            ("peak", "peak"), ("on the host (offload)", "host_offload")]
-    for label, key in rows:
+
+
+_MEMORY_ROWS = [("parameters on the GPU's stage", "parameters"), ("weights", "weights"), ("gradients", "gradients"),
+                ("optimizer: fp32 master", "optimizer_master"), ("optimizer: states", "optimizer_states"),
+                ("ZeRO-3 gathered layers", "zero3_gathered_layers"), ("DeepSpeed buffers", "buffers"),
+                ("activations / micro-batch", "activations_saved_per_micro_batch"),
+                ("micro-batches in flight", "micro_batches_in_flight"), ("backward working set", "activations_working"),
+                ("activations in all", "activations"), ("optimizer-step transient", "step_transient"),
+                ("peak", "peak"), ("on the host (offload)", "host_offload")]
+
+
+def _memory_lines(p: dict) -> list[str]:
+    """The memory table (a column per pipeline stage), the verdict, the warnings and the fix."""
+    h, mem = p["hardware"], p["memory"]
+    lines = [f"{'memory per GPU (GiB)':<32}" + "".join(f"{'stage ' + str(s['stage']):>10}" for s in mem["stages"])]
+    for label, key in _MEMORY_ROWS:
         vals = []
         for s in mem["stages"]:
             v = s[key]
@@ -57,8 +68,7 @@ def format_plan(p: dict) -> str:
     lines += [f"  usable: {h['memory_gib']} GiB - {h['headroom']:.0%} headroom = {mem['usable_gib']:.2f} GiB; "
               f"peak {mem['peak_gib']:.2f} GiB (stage {mem['binding_stage']}): {verdict} "
               f"({'margin' if mem['fits'] else 'short by'} {abs(mem['margin_gib']):.2f} GiB)"]
-    for w in p["warnings"]:
-        lines.append(f"  warning: {w}")
+    lines += [f"  warning: {w}" for w in p["warnings"]]
     fix = p.get("fix")
     if fix is not None:
         if fix["change"]:
@@ -67,8 +77,13 @@ def format_plan(p: dict) -> str:
             lines += [f"  warning (with the fix): {w}" for w in fix.get("warnings", [])]
         else:
             lines.append(f"  fix: none found: {fix['reason']}")
-    lines += [
-        "",
+    return lines
+
+
+def _time_lines(p: dict) -> list[str]:
+    """FLOPs per row, MFU, the step's compute / communication / offload seconds, wall time and GPU-hours."""
+    par, t = p["parallel"], p["time"]
+    return [
         f"time       {t['flops_per_row'] / 1e12:.2f} TFLOP per row (model_zoo.train_flops), MFU {t['mfu']:.2f} "
         f"[{t['mfu_source']}]" + (f", x{t['recompute_factor']:.3f} recompute ({par['checkpoint_policy']} checkpointing"
                                   + (f"; the MFU was measured with {t['mfu_checkpoint_policy']}"
@@ -81,8 +96,6 @@ def format_plan(p: dict) -> str:
         f"for {t['train_tokens']:,} tokens: {t['wall_hours']:,.1f} h wall, {t['gpu_hours']:,.0f} GPU-hours "
         f"({t['gpu_hours_overlapped']:,.0f} if communication overlapped compute fully)",
     ]
-    return "\n".join(lines)
-
 
 
 def main(argv: Optional[list[str]] = None) -> int:
