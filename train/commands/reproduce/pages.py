@@ -25,38 +25,57 @@ def _cell_value(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _measured_table(claim, doc: dict) -> str:
+    """The claim's own measure per cell and seed (claim.measured), and its pairs' intervals ("" if none ran)."""
+    measured_keys = {k for k, _ in claim.measured}
+    if not (claim.measured and any(k in r for c in doc["cells"] for r in c["runs"] for k in measured_keys)):
+        return ""
+    unit = claim.measured[0][1] if claim.measure is measure_low_rank else "nats/token"
+    rows = "".join(f"| {c['name']} | {r['seed']} | " + " | ".join(_cell_value(r.get(k)) for k, _ in claim.measured)
+                   + " |\n" for c in doc["cells"] for r in c["runs"] if measured_keys & set(r))
+    pairs = "\n".join(f"- {p['metric']}: {_describe(p, 'accuracy' if p['metric'].endswith('acc') else unit)}"
+                      f"{' (resolved)' if p['resolved'] else ''}"
+                      for p in doc["pairs"] if p["metric"] in measured_keys and "per_seed" not in p)
+    return (f"## {claim.measured_title}\n\n| cell | seed | " + " | ".join(t for _, t in claim.measured)
+            + " |\n|---|---|" + "---|" * len(claim.measured) + "\n" + rows + "\n" + pairs + "\n\n")
+
+
+def _budget_text(doc: dict) -> str:
+    """The budget every cell had, and which cells missed it."""
+    from ..comparison import budget_lines
+
+    gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
+    return (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
+            + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
+               if gaps else "every cell met it within 5%."))
+
+
+def _copy_pictures(claim, results: Path, out: Path) -> tuple[Path, str]:
+    """The curves (and the measure's own picture) copied beside the page: (curves path, markdown of the other)."""
+    results.mkdir(parents=True, exist_ok=True)
+    png = results / f"{claim.name}.png"
+    shutil.copyfile(out / "curves.png", png)
+    if not claim.picture:
+        return png, ""
+    shutil.copyfile(out / claim.picture, results / f"{claim.name}-measured.png")
+    return png, f"![measured]({claim.name}-measured.png)\n\n"
+
+
 def write_page(claim, a, doc: dict, verdict: str, reasons: list[str], out: Path) -> Path:
-    from ..comparison import budget_lines, cell_table, pair_table
+    """RESULTS/NAME.md of a real run: the claim, its rule, the verdict and its reasons, the budget,
+    the caveat and the reading, the command, machine and date, the tables and the pictures."""
+    from ..comparison import cell_table, pair_table
 
     metric_text = ("Intervals are paired by seed, 95% (the seeds' spread only)." if claim.measure else
                    "The metric is the common yardstick's continuation loss in nats per token (docs/evaluation.md); "
                    "intervals are paired by seed, 95%, covering the seeds and the held-out windows.")
     measured_keys = {k for k, _ in claim.measured}
-    rank_table = ""
-    if claim.measured and any(k in r for c in doc["cells"] for r in c["runs"] for k in measured_keys):
-        unit = claim.measured[0][1] if claim.measure is measure_low_rank else "nats/token"
-        rank_table = (f"## {claim.measured_title}\n\n| cell | seed | " + " | ".join(t for _, t in claim.measured)
-                      + " |\n|---|---|" + "---|" * len(claim.measured) + "\n" + "".join(
-                          f"| {c['name']} | {r['seed']} | " + " | ".join(_cell_value(r.get(k)) for k, _ in claim.measured)
-                          + " |\n" for c in doc["cells"] for r in c["runs"] if measured_keys & set(r)) + "\n" + "\n".join(
-            f"- {p['metric']}: {_describe(p, 'accuracy' if p['metric'].endswith('acc') else unit)}"
-            f"{' (resolved)' if p['resolved'] else ''}"
-            for p in doc["pairs"] if p["metric"] in measured_keys and "per_seed" not in p) + "\n\n")
-    gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
-    budget_text = (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
-                   + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
-                      if gaps else "every cell met it within 5%."))
-
+    rank_table = _measured_table(claim, doc)
+    budget_text = _budget_text(doc)
     reading = claim.reading(doc, claim.names) if claim.reading else ""
     reading = f"\n\n**Reading.** {reading}" if reading else ""
     results = Path(a.results)
-    results.mkdir(parents=True, exist_ok=True)
-    png = results / f"{claim.name}.png"
-    shutil.copyfile(out / "curves.png", png)
-    measured_png = ""
-    if claim.picture:  # the measure's own picture
-        shutil.copyfile(out / claim.picture, results / f"{claim.name}-measured.png")
-        measured_png = f"![measured]({claim.name}-measured.png)\n\n"
+    png, measured_png = _copy_pictures(claim, results, out)
     command = " ".join(["archscale reproduce", claim.name, "--size", a.size, "--seeds", str(a.seeds), "--tokens",
                         str(a.tokens)] + (["--out", a.out] if a.out else []) + (["--set", *a.set] if a.set else []))
     page = f"""# {claim.name}: {verdict}
