@@ -133,10 +133,8 @@ class Sweep:
     def from_yaml(cls, path) -> "Sweep":
         """config, grid {key: [values]}, and optionally dir, overrides, concurrency, slurm {...},
         entry, name. Relative paths are relative to the YAML file's folder."""
-        import yaml  # only the YAML front end needs it
-
         path = pathlib.Path(path)
-        d = yaml.safe_load(path.read_text()) or {}
+        d = _read_yaml(path, "sweep file")
         known = {"config", "grid", "dir", "overrides", "concurrency", "slurm", "entry", "name", "seeds"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -180,6 +178,22 @@ class Sweep:
                 cells.append({"index": len(cells), "name": f"{name}-seed-{k}", "run_dir": str(self.dir / name / f"seed-{k}"),
                               "overrides": [*overrides, f"seed={seed + k}", f"data.seed={data_seed + k}"]})
         return cells
+
+
+def _read_yaml(path: pathlib.Path, what: str) -> dict:
+    """A sweep or chain file through the run config's YAML reader (train/yamlfile.py: safe tags only,
+    no key given twice, one line naming the file and the line); a mapping at the top."""
+    from train.yamlfile import load_yaml  # light: PyYAML
+
+    try:
+        d = load_yaml(path, what)
+    except ValueError as e:  # ConfigError
+        raise SlurmError(str(e)) from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SlurmError(f"{path}: expected a mapping at the top (config, grid, ...), got {type(d).__name__}")
+    return d
 
 
 def _base_seeds(config: str, overrides: list[str]) -> tuple[int, int]:
@@ -272,10 +286,8 @@ class Stage:
 def load_chain(path) -> list[Stage]:
     """YAML: `slurm: {...}` defaults for every stage, `stages: [{name, config, run_dir,
     overrides, slurm, entry}, ...]` in order. Relative paths are relative to the file's folder."""
-    import yaml
-
     path = pathlib.Path(path)
-    d = yaml.safe_load(path.read_text()) or {}
+    d = _read_yaml(path, "chain file")
     if not d.get("stages"):
         raise SlurmError(f"{path}: no stages")
     base = path.parent

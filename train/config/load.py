@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from ..yamlfile import load_yaml
 from .coerce import _hints, from_dict, to_dict
 from .overrides import _set_path, parse_override
 from .sections import RunConfig
@@ -30,17 +31,7 @@ def load_config_with_origins(path: Optional[str | Path] = None, overrides: Seque
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist: check the path (or give only a.b=c overrides)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
-            raise ConfigError(f"config file {path} cannot be read ({why}): give a YAML file of sections") from None
-        try:  # safe_load only: a !!python/... tag is refused, never constructed
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+        data = load_yaml(path, "config file")  # the one YAML reader: safe tags only, no key given twice
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
