@@ -2,8 +2,10 @@
 # A real Slurm cluster on this machine, for development and tests: one node (this host), or N
 # nodes, each slurmd in its own network namespace with its own hostname and address.
 #
-#   bash slurm/local_cluster.sh start [--nodes N]|stop|status|env
+#   bash slurm/local_cluster.sh install|start [--nodes N]|stop|status|env
 #
+# install installs the Debian packages if missing (root): Slurm and munge, and with --nodes N > 1
+#         iproute2 and util-linux for the nodes' namespaces; starts nothing (the tests' session fixture).
 # start   installs the Debian packages if missing (root), writes slurm.conf for this host, starts
 #         munged, slurmctld and slurmd in the background (no systemd, no cgroups) and waits until
 #         the node is idle. Idempotent: starting a running cluster only checks it.
@@ -61,16 +63,23 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD every 0.2 s
 }
 
 install_packages() {
-  if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-     && command -v sbatch >/dev/null && command -v munged >/dev/null; then
-    return
+  # Slurm and munge; with --nodes > 1 also iproute2 (ip) and util-linux (unshare, nsenter) for the
+  # nodes' network namespaces: a fresh machine has none of them.
+  local pkgs=""
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+    && command -v munged >/dev/null || pkgs="slurmctld slurmd slurm-client munge"
+  if [ "$NODES" -gt 1 ]; then
+    command -v ip >/dev/null || pkgs="$pkgs iproute2"
+    command -v unshare >/dev/null && command -v nsenter >/dev/null || pkgs="$pkgs util-linux"
   fi
-  [ "$(id -u)" = 0 ] || die "Slurm is not installed and installing it needs root"
-  command -v apt-get >/dev/null || die "Slurm is not installed and there is no apt-get"
-  log "installing slurmctld slurmd slurm-client munge"
+  [ -n "$pkgs" ] || return 0
+  [ "$(id -u)" = 0 ] || die "missing packages ($pkgs) and installing them needs root"
+  command -v apt-get >/dev/null || die "missing packages ($pkgs) and there is no apt-get to install them"
+  log "installing ${pkgs# }"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  # shellcheck disable=SC2086  # one word a package
+  apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 }
 
 gpu_count() {
@@ -347,20 +356,22 @@ while [ $# -gt 0 ]; do
   case $1 in
     --nodes) NODES=${2:-}; shift 2 || die "--nodes needs a number" ;;
     --nodes=*) NODES=${1#--nodes=}; shift ;;
-    *) die "unknown argument $1 (usage: $0 start [--nodes N]|stop|status|env)" ;;
+    *) die "unknown argument $1 (usage: $0 install|start [--nodes N]|stop|status|env)" ;;
   esac
 done
 if [ -z "$NODES" ]; then  # stop, status and a plain start: the cluster's own count
   NODES=$(cat "$BASE/etc/nodes" 2>/dev/null || echo 1)
   [ "$cmd" = start ] && ! running slurmctld && NODES=1
+  [ "$cmd" = install ] && NODES=1
 fi
 case $NODES in ''|*[!0-9]*|0) die "--nodes $NODES: give a number >= 1" ;; esac
 [ "$NODES" -le 200 ] || die "--nodes $NODES: at most 200 (one /24 for the bridge)"
 
 case $cmd in
+  install) install_packages ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 start [--nodes N]|stop|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start [--nodes N]|stop|status|env" >&2; exit 2 ;;
 esac

@@ -12,8 +12,12 @@ MKL_ENABLE_INSTRUCTIONS are torch's and MKL's own switches (vector width of the 
 """
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
+
+from services import CLUSTER_SCRIPT, skip_or_fail
 
 _SHIFT = int(os.environ.get("ARCHSCALE_TEST_SEED_SHIFT", "0"))
 _THREADS = int(os.environ.get("ARCHSCALE_TEST_THREADS", "0"))
@@ -35,3 +39,37 @@ if _THREADS:
 
         torch.set_num_threads(_THREADS)
         yield
+
+
+# ------------------------------------------------------------------ services the project installs
+@pytest.fixture(scope="session")
+def slurm_packages():
+    """Slurm, munge, iproute2 and util-linux installed (`slurm/local_cluster.sh install --nodes 2`,
+    root and apt-get): the one install step of every test that needs the local Slurm cluster, the
+    one-node one (tests/test_slurm.py) and the two-node one (tests/test_multinode.py), whichever
+    runs first. Without root or apt-get and with something missing, those tests skip (fail in CI)."""
+    tools = ("sbatch", "slurmctld", "slurmd", "munged", "ip", "nsenter", "unshare")
+    if all(shutil.which(t) for t in tools):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        skip_or_fail("Slurm, munge or iproute2 is missing and installing it needs root and apt-get "
+                     "(bash slurm/local_cluster.sh install --nodes 2)")
+    p = subprocess.run(["bash", str(CLUSTER_SCRIPT), "install", "--nodes", "2"], capture_output=True, text=True,
+                       timeout=900)
+    if p.returncode != 0:
+        pytest.fail(f"slurm/local_cluster.sh install --nodes 2 failed:\n{p.stdout}\n{p.stderr}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(slurm_packages):
+    """The one-node local cluster, started (and stopped afterwards if this fixture started it;
+    ARCHSCALE_SLURM_KEEP=1 leaves it running). SLURM_CONF points the clients at it."""
+    was_up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
+    p = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        pytest.fail(f"slurm/local_cluster.sh start failed:\n{p.stdout}\n{p.stderr}")
+    conf = subprocess.run(["bash", str(CLUSTER_SCRIPT), "env"], capture_output=True, text=True).stdout
+    os.environ["SLURM_CONF"] = conf.strip().split("=", 1)[1]
+    yield
+    if not was_up and not os.environ.get("ARCHSCALE_SLURM_KEEP"):
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services import skip_or_fail
 from rehearse import clean_env, losses, state
 from test_trainer import _write_corpus
 
@@ -55,21 +56,16 @@ LOSS_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(slurm_packages):
     if os.geteuid() != 0:
-        pytest.skip("a multi-node local cluster needs root (network namespaces and veth pairs)")
-    if not all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")):
-        pytest.skip("Slurm is not installed (tests/test_slurm.py's cluster installs it: slurmctld slurmd "
-                    "slurm-client munge)")
-    if not all(shutil.which(c) for c in ("ip", "nsenter", "unshare")):
-        pytest.skip("network namespaces need ip (iproute2), nsenter and unshare")
+        skip_or_fail("a multi-node local cluster needs root (network namespaces and veth pairs)")
     env = {**os.environ, **CLUSTER_ENV}
     p = subprocess.run(["bash", str(SCRIPT), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
                        timeout=300)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         if "not available here" in last or "cannot create the" in last:
-            pytest.skip(f"network namespaces cannot be made here: {last}")
+            skip_or_fail(f"network namespaces cannot be made here: {last}")
         pytest.fail(f"local_cluster.sh start --nodes 2 failed:\n{p.stdout}\n{p.stderr}")
     conf = str(Path(CLUSTER_ENV["ARCHSCALE_SLURM_DIR"]) / "etc" / "slurm.conf")
     saved = os.environ.get("SLURM_CONF")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from test_slurm import slurm_cluster  # noqa: F401  (the real local cluster: a fixture)
 from train.commands import reproduce as R
 
 

@@ -19,7 +19,6 @@ import os
 import pathlib
 import random
 import re
-import shutil
 import statistics
 import threading
 import socket
@@ -133,29 +132,7 @@ def events(run_dir) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
-# ---------------------------------------------------------------- the cluster
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """Start the local cluster (installing Slurm if needed); stop it afterwards if we started it.
-    ARCHSCALE_SLURM_KEEP=1 leaves it running."""
-    have_slurm = all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged"))
-    if os.geteuid() != 0 and not have_slurm:
-        pytest.skip("Slurm is not installed and installing it needs root (run as root, or install "
-                    "slurmctld slurmd slurm-client munge)")
-    if not have_slurm and not shutil.which("apt-get"):
-        pytest.skip("Slurm is not installed and there is no apt-get to install it")
-    env = {**os.environ}
-    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, env=env).returncode == 0
-    p = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        pytest.fail(f"slurm/local_cluster.sh start failed:\n{p.stdout}\n{p.stderr}")
-    conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout
-    os.environ["SLURM_CONF"] = conf.strip().split("=", 1)[1]
-    yield
-    if not was_up and not os.environ.get("ARCHSCALE_SLURM_KEEP"):
-        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
-
-
+# ---------------------------------------------------------------- the cluster (tests/conftest.py's slurm_cluster)
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory) -> list[str]:
     """The `entry` that replaces `-m train train`: the stand-in trainer script."""

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from train.data import DataConfig, prepare  # noqa: E402
 from train.data import shards  # noqa: E402
-from test_slurm import final_state, slurm_cluster, wait_for  # noqa: E402,F401  (the real local cluster: a fixture)
+from test_slurm import final_state, wait_for  # noqa: E402  (the cluster itself: conftest's slurm_cluster)
 
 WORDS = "the quick brown fox jumps over a lazy dog def return import class 0 1 2 ( ) [ ] \n".split(" ")
 N_DOCS, SHARD = 700, 100
