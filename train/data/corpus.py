@@ -127,6 +127,10 @@ def load_files(files: list[str], builder: str, cfg: DataConfig, what: str):
         kwargs = dict(sample_by=cfg.text_sample_by, encoding_errors=cfg.encoding_errors, keep_linebreaks=True)
     elif builder == "json":
         kwargs = dict(encoding_errors=cfg.encoding_errors)
+    # datasets' "Downloading data" / "Generating train split" bars describe a hub download; for local
+    # files they only mislead (nothing is downloaded), and the data log line already says what was read
+    was_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
     try:
         ds = datasets.load_dataset(builder, data_files={"train": files}, split="train",
                                    cache_dir=os.path.join(cfg.resolved_cache_dir(), "datasets"), **kwargs)
@@ -142,6 +146,9 @@ def load_files(files: list[str], builder: str, cfg: DataConfig, what: str):
             raise ValueError(f"data.{what}: {bad}; fix or drop that line (one JSON object per line)") from None
         raise ValueError(f"data.{what}: datasets could not read {len(files)} {builder} file(s) "
                          f"(first {files[0]!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        if was_on:
+            datasets.utils.logging.enable_progress_bar()
     return ds
 
 
