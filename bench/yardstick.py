@@ -20,7 +20,7 @@ import time
 
 
 def main(argv=None) -> int:
-    from train.commands.compare import DEFAULT_CELLS, base_overrides, parse_cell, plan_cells, resolve_cells
+    from train.commands.compare import DEFAULT_CELLS, base_overrides, plan_cells
     from train.commands.compare import parse_args as compare_args
     from train.config import load_config
     from train.eval.evaluate import checkpoint_yardstick
@@ -37,17 +37,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = a.out or tempfile.mkdtemp(prefix="bench-yardstick-")
     args = compare_args(["--out", out, "--tokens", str(a.tokens), "--cells", *a.cells])
-    cells = resolve_cells(args)
-    plan_cells(cells, args)
+    plan = plan_cells(args)
     rows = []
-    for c in cells:
-        cfg = load_config(None, base_overrides(parse_cell(c.spec), args, args.schedules[c.label]) + [
+    for c in args.cells:
+        cfg = load_config(None, base_overrides(c, args, plan.schedules[c.label]) + [
             "eval.yardstick=false", "eval.every_n_steps=0", f"run_dir={out}/{c.label}", "logging.progress_bar=false"])
         t0 = time.perf_counter()
         r = train(cfg, desc=c.name)
         train_s = time.perf_counter() - t0
         model, tok, _ = load_model(ckpt.newest_checkpoint(ckpt.RunLayout.from_config(cfg).checkpoints))
-        run_cfg = load_config(None, base_overrides(parse_cell(c.spec), args, args.schedules[c.label]) +
+        run_cfg = load_config(None, base_overrides(c, args, plan.schedules[c.label]) +
                               [f"run_dir={cfg.run_dir}"])  # the yardstick's settings as compare runs them
         best = None
         for _ in range(a.repeat):

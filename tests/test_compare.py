@@ -17,7 +17,7 @@ from train.config import load_config
 def test_cells_parse_with_their_own_settings():
     c = C.parse_cell("ed:mlm:model.overrides.n_layers=1,eval.prefix_fractions=[0.25,0.5]")
     assert (c.arch, c.objective) == ("ed", "mlm")
-    assert c.overrides == ["model.overrides.n_layers=1", "eval.prefix_fractions=[0.25,0.5]"]
+    assert c.overrides == ("model.overrides.n_layers=1", "eval.prefix_fractions=[0.25,0.5]")
     assert c.label == "ed-mlm-n_layers1-prefix_fractions0.250.5" and c.name.startswith("ED:MLM (")
     assert C.parse_cell("CD:FLM").label == "cd-flm" and C.parse_cell("cd:flm").name == "CD:FLM"
     for bad, match in [("cd", "ARCH:OBJECTIVE"), ("xx:flm", "ARCH:OBJECTIVE with ARCH"),
@@ -33,7 +33,7 @@ def test_grid_file(tmp_path):
                  "set: [optim.lr=1e-3]\nmatch: params\n")
     grid = C.load_grid(g)
     assert [c.label for c in grid["cells"]] == ["cd-flm", "ed-half"]
-    assert grid["cells"][1].overrides == ["model.overrides.n_layers=1"] and grid["set"] == ["optim.lr=1e-3"]
+    assert grid["cells"][1].overrides == ("model.overrides.n_layers=1",) and grid["set"] == ["optim.lr=1e-3"]
     assert grid["match"] == "params"
     for text, match in [("cells: []\n", "non-empty `cells:`"), ("cells: [cd:flm]\nextra: 1\n", "unknown key"),
                         ("cells: [{cell: cd:flm, sett: {}}]\n", "unknown key"), ("cells: [\n", "not valid YAML"),
@@ -60,28 +60,63 @@ def test_budgets():
     assert over in ("schedule.max_steps=10", "schedule.max_steps=11")
 
 
-def _args(**kw):
-    base = dict(out="runs/x", size="debug", seq_len=64, micro_batch=4, accumulation=1, lr=3e-3, eval_every=0,
-                eval_batches=1, checkpoint_every=100, seed=0, set=[], tokens=1000, budget=None, grid=None,
-                cells=None, match=None, match_to=None, seeds=1)
-    return argparse.Namespace(**{**base, **kw})
+TINY = ["--seq-len", "64", "--micro-batch", "4", "--eval-every", "0", "--eval-batches", "1", "--tokens", "1000"]
+
+
+def test_arguments_are_one_frozen_object(tmp_path):
+    """parse_args reads the command line and the grid once into a CompareArgs; nothing changes it."""
+    import dataclasses
+
+    from train.commands.compare import CompareArgs, parse_args, plan_cells
+
+    g = tmp_path / "g.yaml"
+    g.write_text("cells: [cd:flm, ed:mlm]\nset: [optim.lr=1e-3]\nmatch: params\nmatch_to: cd:flm\n")
+    args = parse_args(["--grid", str(g), "--budget", "steps=3", *TINY])
+    assert isinstance(args, CompareArgs) and [c.label for c in args.cells] == ["cd-flm", "ed-mlm"]
+    assert (args.match, args.match_to, args.grid_set, args.budget) == ("params", "cd:flm", ("optim.lr=1e-3",),
+                                                                       sizing.Budget("steps", 3))
+    before = dataclasses.astuple(args)
+    plan = plan_cells(args)
+    assert dataclasses.astuple(args) == before
+    for obj, name in [(args, "match"), (args.cells[0], "label"), (plan, "matched")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+    with pytest.raises(TypeError):
+        plan.matched["cd-flm"] = ()
+    with pytest.raises(C.CellError, match="not both"):
+        parse_args(["--grid", str(g), "--cells", "cd:flm"])
 
 
 @pytest.mark.parametrize("kind", ["params", "flops"])
-def test_match_sizes_the_encoder_decoder_to_the_decoder(kind):
-    from train.commands.compare import DEPTH_KEY, base_overrides, plan_cells, resolve_cells
+def test_match_sizes_the_other_family_by_width_and_depth(kind):
+    """The encoder-decoder gets a searched shape within 5% of the decoder's non-embedding
+    parameters / FLOPs per token, recomputed here from the config the run would load; the decoder
+    keeps its own shape."""
+    from train.commands.compare import cell_overrides, parse_args, plan_cells
 
-    args = _args(cells=["cd:flm:model.overrides.n_layers=4", "ed:mlm"], match=kind, match_to="cd:flm")
-    cells = resolve_cells(args)
-    plan_cells(cells, args)
-    (depth,) = args.matched["ed-mlm"]
-    n = int(depth.split("=")[1])
-    key = "params" if kind == "params" else "flops_per_token"
-    target = sizing.cell_facts(load_config(None, base_overrides(cells[0], args)))[key]
-    gap = lambda m: abs(sizing.cell_facts(load_config(None, base_overrides(cells[1], args, [f"{DEPTH_KEY}={m}"])))[key]  # noqa: E731
-                        - target)
-    assert all(gap(n) <= gap(m) for m in (n - 1, n + 1) if m >= 1)
-    assert "cd-flm-n_layers4" not in args.matched  # the named cell keeps its size
+    args = parse_args(["--cells", "cd:flm:model.overrides.n_layers=4", "ed:mlm", "--match", kind,
+                       "--match-to", "cd:flm", *TINY])
+    plan = plan_cells(args)
+    assert "cd-flm-n_layers4" not in plan.matched  # the named cell keeps its size
+    keys = {o.split("=")[0] for o in plan.matched["ed-mlm"]}
+    assert keys == {f"model.overrides.{k}" for k in ("d_model", "n_heads", "head_dim", "d_ff", "n_layers")}
+    cfg = {c.label: load_config(None, cell_overrides(c, args, plan=plan)) for c in args.cells}
+    key = "non_embedding_params" if kind == "params" else "flops_per_token"
+    ref, ed = (sizing.cell_facts(cfg[label])[key] for label in ("cd-flm-n_layers4", "ed-mlm"))
+    assert abs(ed / ref - 1) <= 0.05
+    assert plan.matches["ed-mlm"].gap == pytest.approx(ed / ref - 1) and plan.matches["cd-flm-n_layers4"].gap == 0
+    assert cfg["ed-mlm"].model.overrides["head_dim"] == 16  # the debug size's head_dim is kept
+
+
+def test_match_refuses_in_one_line_before_training(tmp_path, capsys):
+    """A cell whose own overrides leave the search nothing to move: refused, with the fix."""
+    from train.commands.compare import main
+
+    pinned = "model.overrides.n_layers=6,model.overrides.d_model=64,model.overrides.d_ff=128,model.overrides.n_heads=4"
+    rc = main(["--out", str(tmp_path / "out"), "--cells", "cd:flm", f"ed:mlm:{pinned}", "--match", "params", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("error: --match params: no shape of cell ed-mlm")
+    assert "within 5%" in err and "leave out --match" in err and not (tmp_path / "out").exists()
 
 
 def test_sweep_seeds(tmp_path):

@@ -56,9 +56,9 @@ def _cell_overrides(cell: str, out: Path, work: Path) -> list[str]:
     """The overrides compare gives `cell` (its lengths per objective), as in compare itself."""
     import argparse
 
-    from train.commands.compare import cell_overrides
+    from train.commands.compare import CompareArgs, cell_overrides
 
-    args = argparse.Namespace(out=str(out), accumulation=1, lr=3e-3, seed=0, set=_data(work), **COMPARE)
+    args = CompareArgs.from_namespace(argparse.Namespace(out=str(out), set=_data(work), cells=[cell], **COMPARE))
     return cell_overrides(cell, args)
 
 

@@ -116,13 +116,10 @@ def test_nca_rule_reads_the_catch_up_per_seed(nca, verdict, speedups):
 
 
 def test_compare_fills_out_and_seed_in_a_cells_own_values():
-    from types import SimpleNamespace
-
-    from train.commands.compare import cell_overrides
+    from train.commands.compare import CompareArgs, cell_overrides
     from train.commands.compare.cells import Cell
 
-    args = SimpleNamespace(out="runs/x", tokens=1000, size="debug", seq_len=128, micro_batch=8, accumulation=1,
-                           lr=3e-3, eval_every=40, eval_batches=4, checkpoint_every=100, set=[], seed=0)
+    args = CompareArgs(out="runs/x")
     cell = Cell("nd", "mlm", ["init.from_checkpoint={out}/cd-flm/seed-{seed}"], "nca")
     assert "init.from_checkpoint=runs/x/cd-flm/seed-1" in cell_overrides(cell, args, seed_index=1)
 

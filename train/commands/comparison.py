@@ -46,14 +46,26 @@ def _md(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
+def embedding_share(run: dict) -> Optional[float]:
+    """The embedding's share of a run's parameters, 1 - non-embedding / total (None when the run
+    record has no non-embedding count: runs recorded before compare kept it)."""
+    ne = run.get("non_embedding_params")
+    return None if ne is None or not run.get("params") else 1 - ne / run["params"]
+
+
 def cell_table(cells: list[dict]) -> str:
-    """One row per cell: seeds, size, every budget column, every yardstick metric (mean ± std)."""
-    head = ["cell", "seeds", "params", "FLOPs/token", "planned FLOPs/step"] + [c for _, c, _ in BUDGET_COLUMNS] + \
-        [c for _, c, _, _ in METRICS]
+    """One row per cell: seeds, size (non-embedding and total parameters, the embedding's share),
+    every budget column, every yardstick metric (mean ± std)."""
+    head = ["cell", "seeds", "non-emb params", "params", "emb share", "FLOPs/token", "planned FLOPs/step"] + \
+        [c for _, c, _ in BUDGET_COLUMNS] + [c for _, c, _, _ in METRICS]
     rows = []
     for cell in cells:
         runs = cell["runs"]
-        row = [cell["name"], str(len(runs)), _mean_std_text([r["params"] / 1e6 for r in runs], ".3f") + "M",
+        ne = [r["non_embedding_params"] / 1e6 for r in runs if r.get("non_embedding_params") is not None]
+        share = [x for x in map(embedding_share, runs) if x is not None]
+        row = [cell["name"], str(len(runs)), _mean_std_text(ne, ".3f") + ("M" if ne else ""),
+               _mean_std_text([r["params"] / 1e6 for r in runs], ".3f") + "M",
+               _mean_std_text([100 * x for x in share], ".1f") + ("%" if share else ""),
                _mean_std_text([r["flops_per_token"] for r in runs if r.get("flops_per_token")], ".3g"),
                _mean_std_text(values(cell, "planned_flops_per_step"), ".4g")]
         row += [_mean_std_text(values(cell, k), f) for k, _, f in BUDGET_COLUMNS]
@@ -62,6 +74,23 @@ def cell_table(cells: list[dict]) -> str:
             row.append(_mean_std_text(values(cell, k), f, se))
         rows.append(row)
     return _md(head, rows)
+
+
+def match_lines(cells: list[dict]) -> list[str]:
+    """--match: the matched quantity of every cell against the named cell's, with its gap and the
+    shape (searched, or the cell's own for a cell of the named cell's family). Empty without."""
+    ms = [(c, c.get("match")) for c in cells if c.get("match")]
+    if not ms:
+        return []
+    m0 = ms[0][1]
+    what = "non-embedding parameters" if m0["kind"] == "params" else "training FLOPs per token"
+    out = [f"--match {m0['kind']} to {m0['to']}: {what} {m0['target']:,.4g}, each cell within 5% "
+           f"(compare/matching.py: d_model, n_heads, d_ff, n_layers searched for the other family)"]
+    for c, m in ms:
+        how = "searched" if m["searched"] else "its own shape"
+        shape = " ".join(f"{k}={v}" for k, v in m["shape"].items())
+        out.append(f"  {c['name']}: {m['value']:,.4g} ({m['gap']:+.1%}), {how}: {shape}")
+    return out
 
 
 BUDGET_KEYS = {"tokens-seen": "tokens_seen", "target-tokens": "target_tokens", "flops": "flops", "steps": "step"}

@@ -27,7 +27,7 @@ seed (cells train in the order given):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ... import registry
@@ -40,20 +40,21 @@ class CellError(ValueError):
     """A cell or grid that cannot be read (one line, with the fix)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cell:
-    """One cell: an architecture, an objective, its own overrides, and its label."""
+    """One cell: an architecture, an objective, its own overrides, and its label (immutable)."""
 
     arch: str
     objective: str
-    overrides: list[str] = field(default_factory=list)
+    overrides: tuple[str, ...] = ()
     label: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple(self.overrides))  # a list given is kept as a tuple
         if not self.label:
             parts = (o.partition("=") for o in self.overrides)  # key=value -> last part of the key, the value
             extra = "-".join(re.sub(r"[^A-Za-z0-9._]+", "", k.split(".")[-1] + v) for k, _, v in parts)
-            self.label = f"{self.arch}-{self.objective}" + (f"-{extra}" if extra else "")
+            object.__setattr__(self, "label", f"{self.arch}-{self.objective}" + (f"-{extra}" if extra else ""))
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.label):
             raise CellError(f"cell label {self.label!r} must be letters, digits, '.', '_' or '-' (it names the run "
                             f"directory); give the cell a `label:` in the grid")
@@ -157,7 +158,7 @@ def load_grid(path: str | Path) -> dict:
         if bad:
             raise CellError(f"{where}: unknown key(s) {sorted(bad)}; use cell, label, set")
         c = parse_cell(str(item["cell"]))
-        cells.append(Cell(c.arch, c.objective, c.overrides + _yaml_overrides(item.get("set"), where),
+        cells.append(Cell(c.arch, c.objective, c.overrides + tuple(_yaml_overrides(item.get("set"), where)),
                           str(item.get("label") or "")))
     return {"cells": cells, "set": _yaml_overrides(data.get("set"), str(path)), "match": data.get("match"),
             "match_to": data.get("match_to")}
