@@ -175,3 +175,37 @@ def test_compare_seeds_identical_cells_and_report(tmp_path, capsys):
     assert "CD:FLM (a)" in page and "yardstick.png" in page and str(out / "a" / "seed-1") in page
     nats = {round(r["yardstick_nats"], 9) for c in res["cells"] for r in c["runs"]}
     assert nats == {round(r["yardstick_nats"], 9) for c in doc["cells"] for r in c["runs"]}  # the same numbers
+
+
+@pytest.mark.slow
+def test_compare_match_params_prints_both_counts_and_the_gap(tmp_path, capsys):
+    """A tiny compare run with --match params: the header names the real data source, the match
+    lines give each cell's non-embedding parameters and gap, the table both counts and the
+    embedding share, and comparison.json the same numbers."""
+    from rehearse import inprocess
+    from test_trainer import _write_corpus
+    from train.commands.compare import main as compare_main
+
+    _write_corpus(tmp_path / "corpus")
+    data = ["data.source=files", f"data.train_files={json.dumps([str(tmp_path / 'corpus' / '*.txt')])}",
+            "data.tokenizer=builtin-bytes", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.2",
+            "logging.progress_bar=false", "checkpoint.keep_last=0", "eval.window_tokens=32", "eval.windows=4"]
+    out = tmp_path / "out"
+    with inprocess():
+        rc = compare_main(["--out", str(out), "--cells", "cd:flm", "ed:mlm", "--match", "params", "--budget", "steps=2",
+                           "--seq-len", "64", "--micro-batch", "2", "--eval-every", "2", "--set", *data])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "comparison.json").read_text())
+    cd, ed = doc["cells"]
+    assert f"data: files {tmp_path / 'corpus' / '*.txt'}" in printed and "embedded corpus" not in printed
+    assert "non-emb params" in printed and "emb share" in printed
+    assert "--match params to cd-flm: non-embedding parameters" in printed
+    run = ed["runs"][0]
+    assert abs(ed["match"]["gap"]) <= 0.05 and ed["match"]["searched"] and not cd["match"]["searched"]
+    assert ed["match"]["value"] == run["non_embedding_params"] and cd["match"]["value"] == ed["match"]["target"]
+    assert f"ED:MLM: {run['non_embedding_params']:,.0f} ({ed['match']['gap']:+.1%}), searched: d_model=" in printed
+    share = 1 - run["non_embedding_params"] / run["params"]
+    assert f"{run['non_embedding_params'] / 1e6:.3f}M" in printed and f"{run['params'] / 1e6:.3f}M" in printed
+    assert f"{100 * share:.1f}%" in printed
+    assert load_config(Path(run["run_dir"]) / "config.yaml").model.overrides == ed["match"]["shape"]

@@ -83,13 +83,13 @@ def match_lines(cells: list[dict]) -> list[str]:
     if not ms:
         return []
     m0 = ms[0][1]
-    what = "non-embedding parameters" if m0["kind"] == "params" else "training FLOPs per token"
-    out = [f"--match {m0['kind']} to {m0['to']}: {what} {m0['target']:,.4g}, each cell within 5% "
+    what, fmt = ("non-embedding parameters", ",.0f") if m0["kind"] == "params" else ("training FLOPs per token", ".4g")
+    out = [f"--match {m0['kind']} to {m0['to']}: {what} {m0['target']:{fmt}}, each cell within 5% "
            f"(compare/matching.py: d_model, n_heads, d_ff, n_layers searched for the other family)"]
     for c, m in ms:
         how = "searched" if m["searched"] else "its own shape"
         shape = " ".join(f"{k}={v}" for k, v in m["shape"].items())
-        out.append(f"  {c['name']}: {m['value']:,.4g} ({m['gap']:+.1%}), {how}: {shape}")
+        out.append(f"  {c['name']}: {m['value']:{fmt}} ({m['gap']:+.1%}), {how}: {shape}")
     return out
 
 
