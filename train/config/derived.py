@@ -27,7 +27,8 @@ class Derived:
     tokens_per_sequence: int
     tokens_per_step: int             # global batch x tokens per sequence
     max_steps: int
-    train_tokens: int                # tokens actually seen: max_steps x tokens_per_step (>= the budget)
+    train_tokens: int                # tokens planned: max_steps x tokens_per_step (>= the budget); rows
+                                     # carry tokens_per_sequence but for their padding
     zero_stage: int
     offload_optimizer: bool
     offload_param: bool
@@ -42,7 +43,8 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
 
     world_size: processes in the job. num_layers: blocks the pipeline splits (for ED: encoder +
     decoder), from the model's size; None skips that check. tokens_per_sequence: tokens per
-    example for the token budget; None = the registry's ``tokens_per_row(cfg.objective)``.
+    row for the token budget; None = the registry's ``tokens_per_row(cfg.objective)``, the row
+    shape's (train/objectives/rows.py), which is also the packer's total per row.
     bf16_supported: whether ``precision=auto`` may choose bf16 (a GPU that has it).
     Raises ConfigError naming the numbers and the fix.
     """
@@ -70,8 +72,11 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
     dp = world_size // stages
     acc, glob = _batch_sizes(p, dp)
 
-    if tokens_per_sequence is None:
-        tokens_per_sequence = int(registry.get(cfg.model.arch).tokens_per_row(cfg.objective))
+    if tokens_per_sequence is None:  # the row shape's (train/objectives/rows.py): what the packer fills
+        try:
+            tokens_per_sequence = int(registry.get(cfg.model.arch).tokens_per_row(cfg.objective))
+        except ValueError as e:  # lengths that do not fit each other (decoder mlm: seq_length)
+            raise ConfigError(str(e)) from None
     tokens_per_step = glob * tokens_per_sequence
     steps = _max_steps(cfg.schedule, tokens_per_step)
     _check_offload(par)

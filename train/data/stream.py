@@ -100,6 +100,7 @@ class DataStream:
         self.eos = tokens.eos_id if (append_eos and objective.document_eos and target_store is None) else None
         self.name = name
         self.cap = np.asarray(objective.shape.capacity, dtype=np.int64)  # (2,)
+        self.total = int(objective.shape.tokens_per_row)  # a row's tokens in all (ED:PLM's cap; rows.py)
         self.min_need = self._min_footprint()
         self.fingerprint = self._fingerprint()
         self._cached: _Pieces | None = None  # the expanded documents at the cursor (see _chunk)
@@ -168,7 +169,7 @@ class DataStream:
 
     def _pack(self):
         G = self.G
-        fit = _BEST_FIT[self.objective.shape.packed_dims](G, self.cap, self.min_need)
+        fit = _BEST_FIT[self.objective.shape.packed_dims](G, self.cap, self.min_need, self.total)
         rows: list[list[Piece]] = [[] for _ in range(G)]
         placed = 0
         waiting_now = self._pieces_at(self.waiting)
@@ -314,32 +315,39 @@ class DataStream:
 
 
 class _BestFit2D:
-    """Best fit of (a, b) footprints into G rows of room `cap` (2,): the row with the least room left
-    after placing among those where it fits (room_a + room_b, the same order as the room left), ties
-    to the lowest row. `open_rows` counts rows that still take the smallest example (`min_need`)."""
+    """Best fit of (a, b) footprints into G rows of room `cap` (2,) and `total` tokens in all: the
+    row with the least total room left after placing among those where it fits, ties to the lowest
+    row. `open_rows` counts rows that still take the smallest example (`min_need`). When `total` is
+    cap_a + cap_b (every shape but ED:PLM's) the total room is room_a + room_b and binds nothing."""
 
-    def __init__(self, G: int, cap, min_need):
+    def __init__(self, G: int, cap, min_need, total: int):
         self.cap_a, self.cap_b = (int(c) for c in cap)
         self.min_a, self.min_b = (int(c) for c in min_need)
         self.room_a = np.full(G, self.cap_a, dtype=np.int64)  # (G,)
         self.room_b = np.full(G, self.cap_b, dtype=np.int64)  # (G,)
-        self.open_rows = G if self.cap_a >= self.min_a and self.cap_b >= self.min_b else 0
+        self.room_t = np.full(G, min(int(total), self.cap_a + self.cap_b), dtype=np.int64)  # (G,) both sides
+        self.open_rows = G if self._open(self.cap_a, self.cap_b, int(self.room_t[0])) else 0
         self.never = np.iinfo(np.int64).max
+
+    def _open(self, room_a: int, room_b: int, room_t: int) -> bool:
+        return room_a >= self.min_a and room_b >= self.min_b and room_t >= self.min_a + self.min_b
 
     def place(self, a: int, b: int) -> int:
         """The row the example goes to (its room taken), or -1 if it fits no row."""
-        ok = (self.room_a >= a) & (self.room_b >= b)  # (G,)
+        ok = (self.room_a >= a) & (self.room_b >= b) & (self.room_t >= a + b)  # (G,)
         if not ok.any():
             return -1
-        r = int(np.argmin(np.where(ok, self.room_a + self.room_b, self.never)))
-        was_open = self.room_a[r] >= self.min_a and self.room_b[r] >= self.min_b
+        r = int(np.argmin(np.where(ok, self.room_t, self.never)))
+        was_open = self._open(self.room_a[r], self.room_b[r], self.room_t[r])
         self.room_a[r] -= a
         self.room_b[r] -= b
-        if was_open and (self.room_a[r] < self.min_a or self.room_b[r] < self.min_b):
+        self.room_t[r] -= a + b
+        if was_open and not self._open(self.room_a[r], self.room_b[r], self.room_t[r]):
             self.open_rows -= 1  # rows only shrink: once full, full for this batch
         return r
 
     def padding(self) -> int:
+        """Slots left empty in both rows (what the model computes on padding)."""
         return int(self.room_a.sum() + self.room_b.sum())
 
 
@@ -347,8 +355,8 @@ class _BestFit1D:
     """_BestFit2D for decoder rows (room and footprint (a, 0)): the rows kept sorted by (room, row),
     so the best fit is a bisection instead of a pass over all rows; the same choices."""
 
-    def __init__(self, G: int, cap, min_need):
-        self.cap, self.min = int(cap[0]), int(min_need[0])
+    def __init__(self, G: int, cap, min_need, total: int):
+        self.cap, self.min = int(cap[0]), int(min_need[0])  # a decoder row's total is its length
         self.rows = [(self.cap, r) for r in range(G)]  # sorted by (room, row)
         self.open_rows = G if self.cap >= self.min else 0
 

@@ -23,7 +23,8 @@ import functools
 import numpy as np
 import torch
 
-from .core import DecoderRows, EncoderDecoderRows, Example, RowShape, TokenInfo
+from .core import Example, TokenInfo
+from .rows import DecoderRows, EncoderDecoderRows, RowShape
 
 IGNORE = -100
 COUNT_KEYS = ("num_tokens", "num_target_tokens", "num_documents")

@@ -14,9 +14,11 @@ the packer plans rows from lengths alone and only the rank that owns a row build
 | mlm       | T5 corrupted x + EOS                   | sentinels + dropped spans + EOS|
 | ul2 R/X   | [mode] + corrupted x + EOS             | sentinels + spans + EOS        |
 | ul2 S     | [S2S] + x[:s], s uniform in [1, n-1]   | x[s:] + EOS                    |
-How an Example becomes rows is `batch.py`: a row shape per family of architectures (decoder rows,
-encoder-decoder rows), chosen by the architecture's layout (`DecoderLayout`, `EncoderDecoderLayout`),
-which train/registry names for each architecture; nothing here knows an architecture's name.
+Which row an Example goes into is `rows.py`: a row shape per family of architectures (decoder
+rows, encoder-decoder rows, each with its tokens per row), chosen by the layout (`DecoderLayout`,
+`EncoderDecoderLayout`) that the train/registry entry gives as its `.layout`; `batch.py` lays packed
+rows out as tensors. Nothing here branches on an architecture's name (the name only appears in
+messages).
 Lengths are computed and checked at build time: a configuration that cannot fit fails there,
 with the fix in the message, never mid-run.
 """
@@ -28,9 +30,9 @@ import numpy as np
 
 from . import rng
 from .config import DenoiserConfig, ObjectiveConfig
+from .rows import (MIN_PIECE, DecoderLayout, DecoderRows, EncoderDecoderLayout, EncoderDecoderRows,  # noqa: F401
+                   RowShape, max_fitting_piece)
 from .span_corruption import random_spans_helper, span_corrupt, span_corrupt_many, span_corruption_lengths
-
-MIN_PIECE = 2  # one token to condition on and one to predict; shorter pieces are skipped and counted
 
 
 @dataclass(frozen=True)
@@ -49,157 +51,6 @@ class TokenInfo:
                 return i
         raise ValueError(f"mode token {mode!r} is not in the tokenizer (it has {[m for m, _ in self.mode_ids]}); "
                          f"add it to data.mode_tokens or change the denoiser's mode")
-
-
-@dataclass(frozen=True, repr=False)
-class RowShape:
-    """The fixed shape of a packed row and the attention layout of its inputs. A family's
-    subclass (DecoderRows, EncoderDecoderRows) answers what differs between the layouts."""
-
-    family: str  # "decoder" (cd, nd) | "encoder_decoder" (ed)
-    bidirectional: bool  # decoder: inputs (prefix) attend bidirectionally (nd); False for cd
-    length: int  # decoder rows: tokens per row
-    encoder_length: int = 0  # encoder_decoder: encoder tokens per row
-    decoder_length: int = 0  # encoder_decoder: decoder tokens per row
-    packed_dims = 1  # lengths a row is packed by (the packer's best fit in 1 or 2 dimensions)
-
-    def __repr__(self) -> str:  # one text for every family: it is part of a data stream's fingerprint
-        return (f"RowShape(family={self.family!r}, bidirectional={self.bidirectional!r}, length={self.length!r}, "
-                f"encoder_length={self.encoder_length!r}, decoder_length={self.decoder_length!r})")
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        """Room of an empty row, in the units of `footprint`."""
-        raise NotImplementedError
-
-    def footprint(self, inputs_length, targets_length):
-        """Room examples of these lengths take, in the units of `capacity`."""
-        raise NotImplementedError
-
-    def fitting_footprint(self, variant, n):
-        """The room pieces of n tokens may take at worst over their random draws."""
-        raise NotImplementedError
-
-    def text(self) -> str:
-        raise NotImplementedError
-
-    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
-        """(max inputs, max targets) of a prompted example; see `prompted_lengths`."""
-        raise NotImplementedError
-
-    def prompted_room(self, targets, max_inputs: int):
-        """Inputs a prompted example keeps next to `targets` target tokens."""
-        raise NotImplementedError
-
-
-class DecoderRows(RowShape):
-    """Rows of `length` tokens, each example laid out as inputs ++ targets."""
-
-    def __init__(self, length: int, bidirectional: bool = False):
-        super().__init__("decoder", bidirectional, length)
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return (self.length, 0)
-
-    def footprint(self, inputs_length, targets_length):
-        """inputs + targets, 0."""
-        return inputs_length + targets_length, np.zeros_like(np.asarray(targets_length))
-
-    def fitting_footprint(self, variant, n):
-        """inputs + targets is deterministic (a PLM split only moves the border)."""
-        return variant.total_length(n), np.zeros_like(n)
-
-    def text(self) -> str:
-        return f"seq_length={self.length}"
-
-    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
-        return self.length - 1, min(targets_length, self.length - 1)
-
-    def prompted_room(self, targets, max_inputs: int):
-        return self.length - targets
-
-
-class EncoderDecoderRows(RowShape):
-    """An encoder row of `encoder_length` tokens (inputs) and a decoder row of `decoder_length`
-    (targets), examples matched across the two by segment id."""
-
-    packed_dims = 2
-
-    def __init__(self, encoder_length: int, decoder_length: int):
-        super().__init__("encoder_decoder", True, 0, encoder_length, decoder_length)
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return (self.encoder_length, self.decoder_length)
-
-    def footprint(self, inputs_length, targets_length):
-        """inputs, targets."""
-        return inputs_length, targets_length
-
-    def fitting_footprint(self, variant, n):
-        """Each side at its worst over the random split."""
-        return self.footprint(*variant.worst_lengths(n))
-
-    def text(self) -> str:
-        return f"encoder {self.encoder_length} / decoder {self.decoder_length} tokens"
-
-    def prompted_limits(self, targets_length: int) -> tuple[int, int]:
-        return self.encoder_length, self.decoder_length
-
-    def prompted_room(self, targets, max_inputs: int):
-        return max_inputs
-
-
-class DecoderLayout:
-    """How objectives lay out examples for a decoder (cd: bidirectional=False, nd: True)."""
-
-    def __init__(self, bidirectional: bool):
-        self.bidirectional = bidirectional
-
-    def rows(self, cfg: ObjectiveConfig) -> RowShape:
-        return DecoderRows(cfg.seq_length, self.bidirectional)
-
-    def check_full_lm(self, arch: str) -> None:
-        """flm fits every decoder."""
-
-    def plm(self, cfg: ObjectiveConfig, var, arch: str) -> tuple[RowShape, int]:
-        """(row shape, longest piece) of prefix LM: the longest piece that always fits a row."""
-        shape = self.rows(cfg)
-        return shape, _max_fitting_piece(var, shape, "plm")
-
-    def mlm_rows(self, cfg: ObjectiveConfig, arch: str) -> RowShape:
-        total = cfg.inputs_length + cfg.targets_length
-        if cfg.seq_length != total:
-            raise ValueError(
-                f"objective.seq_length={cfg.seq_length} must equal inputs_length + targets_length = "
-                f"{cfg.inputs_length} + {cfg.targets_length} = {total} for mlm on a decoder ({arch}); "
-                f"set objective.seq_length={total} (or change inputs_length)")
-        return self.rows(cfg)
-
-
-class EncoderDecoderLayout:
-    """How objectives lay out examples for an encoder-decoder: inputs to the encoder, targets to
-    the decoder; rows of inputs_length / targets_length (plm: seq_length each)."""
-
-    def rows(self, cfg: ObjectiveConfig) -> RowShape:
-        return EncoderDecoderRows(cfg.inputs_length, cfg.targets_length)
-
-    def check_full_lm(self, arch: str) -> None:
-        raise ValueError(f"objective 'flm' has no encoder input, so it does not fit arch {arch!r}; "
-                         f"use objective 'plm' or 'mlm' for {arch}, or arch 'cd' / 'nd' for flm")
-
-    def plm(self, cfg: ObjectiveConfig, var, arch: str) -> tuple[RowShape, int]:
-        """`ed_plm_examples_per_row` pieces of seq_length // k tokens per row, so k always fit."""
-        k = cfg.ed_plm_examples_per_row
-        piece = cfg.seq_length // k
-        if piece < MIN_PIECE:
-            raise ValueError(f"objective.seq_length={cfg.seq_length} // ed_plm_examples_per_row={k} "
-                             f"= {piece} tokens per example is too short; lower ed_plm_examples_per_row")
-        return EncoderDecoderRows(cfg.seq_length, cfg.seq_length), piece
-
-    def mlm_rows(self, cfg: ObjectiveConfig, arch: str) -> RowShape:
-        return self.rows(cfg)
 
 
 @dataclass(frozen=True)
@@ -382,37 +233,24 @@ class Objective:
         return f"{self.name} on {self.shape}: " + "; ".join(parts)
 
 
-def _max_fitting_piece(variant, shape: RowShape, what: str, cap: int | None = None) -> int:
-    """Largest n such that every piece of m in [MIN_PIECE, n] tokens fits an empty row, whatever its
-    random draw (split point) turns out to be."""
-    cap_a, cap_b = shape.capacity
-    bound = 4 * (cap_a + cap_b) + 16
-    n = np.arange(MIN_PIECE, bound + 1)
-    a, b = shape.fitting_footprint(variant, n)
-    fits = (a <= cap_a) & (b <= cap_b)
-    if not fits[0]:
-        raise ValueError(f"{what}: rows of {shape.text()} are too short for even a {MIN_PIECE}-token "
-                         f"example (it needs {int(a[0])}/{int(b[0])}); increase the row lengths")
-    first_bad = np.flatnonzero(~fits)
-    n_max = int(n[first_bad[0] - 1]) if len(first_bad) else bound
-    return min(n_max, cap) if cap else n_max
-
-
 def build_objective(cfg: ObjectiveConfig, arch, tokens: TokenInfo) -> Objective:
     """The objective of `cfg` for architecture `arch`, with all lengths checked. `arch` is a
-    train.registry entry (anything with `.name` and `.layout`, a DecoderLayout or
-    EncoderDecoderLayout): its layout decides the row shape."""
+    train.registry entry (anything with `.name`, `.layout`, a DecoderLayout or
+    EncoderDecoderLayout, and `.check_objective`): its layout's `shape` is the row shape (rows.py,
+    the one the registry's tokens_per_row, row_lengths and row_flops read too), its
+    check_objective whether the objective fits at all."""
     cfg.validate()
+    arch.check_objective(cfg.name)
     layout, name, where = arch.layout, cfg.name, arch.name
     if name == "flm":
-        layout.check_full_lm(where)
-        shape = layout.rows(cfg)
+        shape = layout.shape(cfg, where)
         var = FullLM()
-        return Objective(name, shape, [var], [1.0], [_max_fitting_piece(var, shape, "flm")], tokens)
+        return Objective(name, shape, [var], [1.0], [max_fitting_piece(var, shape, "flm")], tokens)
 
     if name == "plm":
         var = PrefixLM()
-        shape, piece = layout.plm(cfg, var, where)
+        shape = layout.shape(cfg, where)
+        piece = layout.plm_piece(cfg, var, shape)
         return Objective(name, shape, [var], [1.0], [piece], tokens)
 
     if name == "mlm":
@@ -425,19 +263,19 @@ def build_objective(cfg: ObjectiveConfig, arch, tokens: TokenInfo) -> Objective:
                 f"at noise_density={cfg.noise_density}, mean_noise_span_length={cfg.mean_noise_span_length}: "
                 f"T5's random_spans_helper gives {tokens_length} raw tokens -> targets of {targets_length}; "
                 f"set objective.targets_length={targets_length}")
-        shape = layout.mlm_rows(cfg, where)
+        shape = layout.shape(cfg, where)  # a decoder's seq_length must be inputs + targets
         var = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length, tokens.sentinel_ids, tokens.eos_id)
         # The same raw pieces for every architecture (the controlled comparison): T5's tokens_length.
-        piece = _max_fitting_piece(var, shape, "mlm", cap=tokens_length)
+        piece = max_fitting_piece(var, shape, "mlm", cap=tokens_length)
         _check_sentinels(var, piece, tokens, "mlm")
         return Objective(name, shape, [var], [1.0], [piece], tokens)
 
     if name == "ul2":
-        shape = layout.rows(cfg)
+        shape = layout.shape(cfg, where)
         variants, pieces = [], []
         for i, d in enumerate(cfg.denoisers):
             var = _denoiser_variant(d, i, tokens)
-            piece = _max_fitting_piece(var, shape, f"objective.denoisers[{i}]")
+            piece = max_fitting_piece(var, shape, f"objective.denoisers[{i}]")
             if isinstance(var, SpanCorruption):
                 _check_sentinels(var, piece, tokens, f"objective.denoisers[{i}]")
             variants.append(var)
@@ -445,7 +283,7 @@ def build_objective(cfg: ObjectiveConfig, arch, tokens: TokenInfo) -> Objective:
         return Objective(name, shape, variants, [d.rate for d in cfg.denoisers], pieces, tokens)
 
     if name == "prompted":
-        shape = layout.rows(cfg)
+        shape = layout.shape(cfg, where)
         obj = Objective(name, shape, [PrefixLM(name="prompted")], [1.0], [0], tokens)
         obj.prompted_max = shape.prompted_limits(cfg.targets_length)
         return obj
