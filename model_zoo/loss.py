@@ -70,6 +70,28 @@ def shift_labels(labels: Tensor) -> Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def align_labels(labels: Tensor, shift: bool, logits: Optional[Tensor] = None) -> tuple[Optional[Tensor], Tensor]:
+    """The label shift, written once: the models (models._PreTrained._head_and_loss), the
+    pipeline's last stage (train/engine/pipeline/loss.py) and the held-out token count
+    (train/engine/runtime.eval_loss) all call it. Whether a model shifts is its class's
+    `shifts_labels` (the registry's pipeline layout says the same for the last stage).
+
+    shift=True (decoders, Hugging Face convention: labels[t] is token t's own id, position t
+    predicts token t + 1):
+        with logits [B, T, V]: (logits[:, :-1], labels[:, 1:]), the T - 1 positions that predict;
+        without: (None, shift_labels(labels)) [B, T], -100 at the last position: a loss over every
+        position (the fused loss: no copy of the hidden states).
+    shift=False (ED, T5: labels are aligned with the decoder outputs): (logits, labels) unchanged.
+    Either form holds the same targets, so `(aligned != -100).sum()` counts the tokens the loss
+    averages over. Pitfall: counting `labels != -100` unshifted over-counts a decoder row by its
+    first token whenever that one carries a label."""
+    if not shift:
+        return logits, labels
+    if logits is None:
+        return None, shift_labels(labels)  # (B, T)
+    return logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+
+
 @functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
     """liger-kernel's fused loss imports here (installed, and its triton works with this torch):

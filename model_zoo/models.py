@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from .blocks import Stack, positions_from_segments
 from .config import DecoderConfig, EncoderDecoderConfig
-from .loss import LMHead, lm_loss, resolve_impl, shift_labels  # noqa: F401 (lm_loss: public here too)
+from .loss import LMHead, align_labels, lm_loss, resolve_impl, shift_labels  # noqa: F401 (public here too)
 
 # Keyword arguments that Hugging Face utilities pass and that these models accept and ignore.
 _IGNORED_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position",
@@ -112,23 +112,20 @@ class _PreTrained(PreTrainedModel):
             return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         return hidden[:, logits_to_keep]
 
-    def _head_and_loss(self, hidden: Tensor, labels: Optional[Tensor], shift: bool):
-        """(logits, loss, ce, z) of the final hidden states [B, T, D]. `shift`: decoder labels
-        (position t predicts labels[t + 1]). In training mode with labels and a fused loss_impl
-        (model_zoo/loss.py), the loss comes from the hidden states and the logits are None;
-        otherwise the logits [B, T, V] are computed and the loss (if labels) is lm_loss of them."""
+    shifts_labels: bool  # the loss shifts the labels (loss.align_labels); each model class says which
+
+    def _head_and_loss(self, hidden: Tensor, labels: Optional[Tensor]):
+        """(logits, loss, ce, z) of the final hidden states [B, T, D], the labels aligned by
+        loss.align_labels with this class's `shifts_labels`. In training mode with labels and a
+        fused loss_impl (model_zoo/loss.py), the loss comes from the hidden states and the logits
+        are None; otherwise the logits [B, T, V] are computed and the loss (if labels) is lm_loss of them."""
         impl = resolve_impl(self.config.loss_impl, hidden.device, hidden.shape[0] * hidden.shape[1], hidden.shape[-1])
         if labels is None or not self.training or impl == "dense":
             logits = self._lm_logits(hidden)
             if labels is None:
                 return logits, None, None, None
-            if shift:
-                logits_, labels = logits[:, :-1], labels[:, 1:]  # predict the next token
-            else:
-                logits_ = logits  # labels aligned with outputs (T5)
-            return (logits, *lm_loss(logits_, labels, self.config.z_loss))
-        if shift:
-            labels = shift_labels(labels)  # [B, T]: the last position predicts nothing
+            return (logits, *lm_loss(*align_labels(labels, self.shifts_labels, logits), self.config.z_loss))
+        _, labels = align_labels(labels, self.shifts_labels)  # (B, T)
         h = self._head_input(hidden)
         loss, ce, z = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1), z_loss=self.config.z_loss,
                                    impl=impl, chunk_size=self.config.loss_chunk_size)
@@ -159,6 +156,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
 
     config_class = DecoderConfig
     base_model_prefix = "model"
+    shifts_labels = True  # Hugging Face convention: labels aligned with input_ids, position t predicts t + 1
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DecoderConfig):
@@ -207,7 +205,7 @@ class DecoderLM(_PreTrained, GenerationMixin):
         hidden = stack.embed_tokens(input_ids)  # (B, T, D)
         ctx = stack.build_context(hidden, segments=seg, positions=pos, bidirectional=bidir, offset=past, cache=cache)
         hidden = stack.run(hidden, ctx, pos[:, past:])
-        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels, shift=True)
+        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z)
 
     def generate(self, input_ids: Optional[Tensor] = None, **kwargs):
@@ -253,6 +251,7 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
 
     config_class = EncoderDecoderConfig
     base_model_prefix = "model"
+    shifts_labels = False  # T5: labels aligned with the decoder outputs
     _tied_weights_keys = {"lm_head.weight": "shared.weight"}
 
     def __init__(self, config: EncoderDecoderConfig):
@@ -334,5 +333,5 @@ class EncoderDecoderLM(_PreTrained, GenerationMixin):
                                          cache=self_cache, encoder_hidden=enc, encoder_segments=enc_seg,
                                          cross_segments=cross_seg, cross_cache=cross_cache)
         hidden = self.decoder.run(hidden, ctx, pos[:, past:])
-        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels, shift=False)
+        logits, loss, ce, z = self._head_and_loss(self._keep(hidden, labels, logits_to_keep), labels)
         return _output(cache, loss=loss, logits=logits, ce_loss=ce, z_loss=z, encoder_last_hidden_state=enc)

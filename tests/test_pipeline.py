@@ -4,7 +4,9 @@ follow the unpipelined loss curve for CD, ND and ED; weight mapping both ways; c
 The single-process tests run the layer chain without DeepSpeed's engine (`LocalPipeline`), and
 simulate its stage boundaries (detached activations, gradients sent back per float tensor). The
 slow test launches one `torchrun --nproc_per_node=2` over gloo running
-tests/workers/pipeline_worker.py, which runs every case and writes a JSON file asserted on here.
+tests/workers/pipeline_worker.py, which runs every case and writes a JSON file asserted on here;
+another launch (tests/workers/engine_worker.py) holds the trainer's two engines
+(train/engine/engines.py, plain and 2-stage pipeline) to one contract: the same calls, the same types.
 """
 from __future__ import annotations
 
@@ -282,3 +284,50 @@ def test_pipeline_splits_where_asked_and_refuses_zero2(pipeline_runs):
     assert parts["cd_zero0"] == [0, 3, 6]  # by parameters: one block per stage
     assert cases["ed_zero1_clip_split_in_decoder"]["ranks"][0]["stacks"] == ["ed_decoder", "encoder"]
     assert "ZeRO stage 2 cannot be combined with pipeline parallelism" in pipeline_runs["zero2_error"]
+
+
+# ------------------------------------------------------- the trainer's engine: one contract, two kinds
+@pytest.fixture(scope="module")
+def engine_answers(tmp_path_factory):
+    """tests/workers/engine_worker.py: a plain (2 data-parallel ranks) and a 2-stage pipeline
+    engine of the same debug CD model, built by train.engine.engines.build_engine, answer every
+    call of the contract on the same global batches."""
+    tmp = tmp_path_factory.mktemp("engines")
+    out = tmp / "answers.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TMPDIR=str(tmp), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a fresh rendezvous: torchrun sets these for its children
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "workers" / "engine_worker.py"), str(out), str(tmp / "checkpoints")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and out.exists(), r.stdout[-4000:] + r.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_plain_and_pipeline_engines_answer_alike(engine_answers):
+    plain, pipe = engine_answers["plain"], engine_answers["pipeline"]
+    for rank in plain + pipe:  # the same calls, the same types, on every rank of both kinds
+        types = dict(rank["types"])
+        assert types.pop("ce_loss") in ("float", "NoneType") and types.pop("z_loss") in ("float", "NoneType")
+        assert types.pop("whole_model") in ("DecoderLM", "NoneType")
+        assert types == {"train_batch": "StepLosses", "loss": "float", "held_out_loss": "float",
+                         "grad_norm": "float", "lr": "float", "module": True}, rank["types"]
+        # save, then load into an engine built from other weights: the same model again
+        assert rank["reloaded_held_out_loss"] == rank["held_out_loss"]
+    # a term the engine does not measure is None, never 0.0: a pipeline reports only the total loss
+    assert all(r["types"]["ce_loss"] == r["types"]["z_loss"] == "NoneType" for r in pipe)
+    assert all(r["types"]["ce_loss"] == "float" and r["ce_loss"] == r["losses"][0] for r in plain)  # z_loss 0
+    # the whole model where a rank runs all of it (the non-finite locator, the yardstick), else None
+    assert all(r["whole_model_is_the_model"] for r in plain) and all(r["types"]["whole_model"] == "NoneType"
+                                                                     for r in pipe)
+    # data parallel: plain ranks read their own rows, pipeline stages the same rows, counted once
+    assert [r["dp"] for r in plain] == [[0, 2], [1, 2]] and [r["dp"] for r in pipe] == [[0, 1], [0, 1]]
+    assert [r["counts_rows"] for r in plain] == [True, True] and [r["counts_rows"] for r in pipe] == [True, False]
+    # the same model and global batches: the same step losses (mean over ranks) and held-out loss
+    # (every micro-batch has as many targets, so the pipeline's per-micro-batch mean equals the per-token one)
+    for a, b in zip(plain[0]["mean_losses"], pipe[0]["mean_losses"]):
+        assert abs(a - b) < 1e-5, (plain[0]["mean_losses"], pipe[0]["mean_losses"])
+    assert pipe[0]["losses"] == pipe[1]["losses"]  # known on every stage
+    assert abs(plain[0]["held_out_loss"] - pipe[0]["held_out_loss"]) < 1e-5
+    assert plain[0]["held_out_loss"] == plain[1]["held_out_loss"] and pipe[0]["held_out_loss"] == pipe[1]["held_out_loss"]

@@ -21,6 +21,34 @@ import sys
 
 
 def cmd_train(argv: list[str]) -> int:
+    """archscale train: --dry-run, --overfit / --determinism-check, --local-procs N, or the run itself."""
+    a = _train_parser().parse_args(argv)
+    from .config import ConfigError, load_config_with_origins, split_config_args
+
+    path, overrides = split_config_args(a.args)
+    try:
+        cfg, origins = load_config_with_origins(path, overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        return _dry_run(cfg, origins, a.world_size)
+    if a.overfit:
+        from .commands import debug
+
+        rc, value = _guard(lambda: debug.main_overfit(path, overrides, a.overfit_steps, a.overfit_threshold))
+        return rc or value
+    if a.determinism_check:
+        from .commands import debug
+
+        rc, value = _guard(lambda: debug.main_determinism(path, overrides, a.steps))
+        return rc or value
+    if a.local_procs is not None:
+        return _local_procs(a.local_procs, a.args, cfg)
+    return _train(cfg)
+
+
+def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archscale train", description="Train or resume one run of the comparison.")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] then overrides a.b=c (defaults < file < overrides)")
     p.add_argument("--dry-run", action="store_true",
@@ -40,36 +68,25 @@ def cmd_train(argv: list[str]) -> int:
                    help="run the same steps twice (temporary run directories) and report the first step where the "
                         "losses differ; exit 0 if identical, else 1")
     p.add_argument("--steps", type=int, default=5, help="--determinism-check: steps of each run (default 5)")
-    a = p.parse_args(argv)
-    from .config import ConfigError, load_config_with_origins, split_config_args
+    return p
 
-    path, overrides = split_config_args(a.args)
-    try:
-        cfg, origins = load_config_with_origins(path, overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _dry_run(cfg, origins, world_size) -> int:
+    """--dry-run: what the run would do, printed; a bad config or checkpoint is one line and exit 2."""
+    from .commands.dryrun import describe
+    from .config import ConfigError
     from .trainer.checkpointing import CheckpointError
 
-    if a.dry_run:
-        from .commands.dryrun import describe
+    try:
+        print(describe(cfg, origins, world_size))
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
-        try:
-            print(describe(cfg, origins, a.world_size))
-        except (ConfigError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if a.overfit or a.determinism_check:
-        from .commands import debug
 
-        if a.overfit:
-            rc, value = _guard(lambda: debug.main_overfit(path, overrides, a.overfit_steps, a.overfit_threshold))
-        else:
-            rc, value = _guard(lambda: debug.main_determinism(path, overrides, a.steps))
-        return rc or value
-    if a.local_procs is not None:
-        return _local_procs(a.local_procs, a.args, cfg)
+def _train(cfg) -> int:
+    """The run itself, in this process (one rank of a job): its summary line, or how to resume."""
     from .trainer.loop import train
 
     rc, result = _guard(lambda: train(cfg))  # train checks the config and checkpoint.resume before any work

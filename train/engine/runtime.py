@@ -160,15 +160,20 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+SEGMENT_KEYS = ("segment_ids", "decoder_segment_ids")  # the batch contract's segment tensors (docs/design.md)
+
+
 def drop_trivial_segments(batch: dict) -> dict:
-    """A decoder batch (CD / ND) whose rows are each one example with no padding (every segment
-    id 1) needs no segment mask: without `segment_ids` the model runs a causal batch on plain
-    flash SDPA instead of a flex block mask (positions and the loss are the same). Checked on
-    the host copy, before the transfer: no device synchronisation."""
-    seg = batch.get("segment_ids")
-    if seg is None or "decoder_input_ids" in batch or seg.device.type != "cpu" or not bool((seg == 1).all()):
+    """A batch whose rows are each one example with no padding (every segment id 1, in every
+    segment tensor it has: a decoder's `segment_ids`, or ED's encoder and decoder ones) needs no
+    segment mask: without them the model runs plain SDPA (causal, bidirectional or cross) instead
+    of a flex block mask; positions and the loss are the same. All or none are dropped: ED
+    without encoder segments but with decoder ones would pair decoder segment s with no encoder
+    token. Checked on the host copy, before the transfer: no device synchronisation."""
+    segs = [batch[k] for k in SEGMENT_KEYS if k in batch]
+    if not segs or any(s.device.type != "cpu" or not bool((s == 1).all()) for s in segs):
         return batch
-    return {k: v for k, v in batch.items() if k != "segment_ids"}
+    return {k: v for k, v in batch.items() if k not in SEGMENT_KEYS}
 
 
 def split_micro(batch: dict, micro: int) -> list[dict]:
@@ -177,9 +182,21 @@ def split_micro(batch: dict, micro: int) -> list[dict]:
     return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
 
 
-def train_step(engine, micro_batches: Iterable[dict]) -> dict:
+@dataclass(frozen=True)
+class StepLosses:
+    """The loss terms of one optimizer step on this rank, means over its micro-batches. A term
+    the engine does not measure is None, never 0.0 (train.engine.engines: a pipeline step
+    reports only `loss`)."""
+
+    loss: float  # ce_loss + z_loss coefficient x z_loss
+    ce_loss: Optional[float] = None  # cross-entropy per target token
+    z_loss: Optional[float] = None  # mean logsumexp^2 (before its coefficient)
+
+
+def train_step(engine, micro_batches: Iterable[dict]) -> StepLosses:
     """Forward, backward and the optimizer step over one step's micro-batches (DeepSpeed
-    accumulates and steps at the boundary). Returns the mean loss terms of this rank.
+    accumulates and steps at the boundary). Returns the mean loss terms of this rank (a term
+    the model's output leaves None stays None).
 
     The loss terms stay on the device until the step is over: one host synchronisation per
     step, none between micro-batches, so the host queues the next micro-batch's kernels while
@@ -203,21 +220,23 @@ def train_step(engine, micro_batches: Iterable[dict]) -> dict:
         n += 1
     values = torch.stack([sums[k] for k in names if k in sums]).tolist() if sums else []  # the one sync
     got = dict(zip([k for k in names if k in sums], values))
-    return {k: got.get(k, 0.0) / max(n, 1) for k in names}
+    return StepLosses(**{k: got[k] / max(n, 1) if k in got else None for k in names})
 
 
 @torch.no_grad()
 def eval_loss(module, batches: Iterable[dict], device) -> tuple[float, float]:
-    """(sum of per-token cross-entropy, number of target tokens) over `batches`, this rank."""
+    """(sum of per-token cross-entropy, number of target tokens) over `batches`, this rank. The
+    target tokens are those the model's loss averages over: its labels as model_zoo's
+    align_labels aligns them for the model's class (`shifts_labels`), for any layout."""
+    from model_zoo.loss import align_labels
+
     was_training = module.training
     module.eval()
     total, count = 0.0, 0.0
     for b in batches:
         b = to_device(b, device)
         out = module(**b)
-        labels = b["labels"]
-        if "decoder_input_ids" not in b:  # decoder layout: the model shifts the labels
-            labels = labels[:, 1:]
+        _, labels = align_labels(b["labels"], module.shifts_labels)  # (B, T)
         n = float((labels != -100).sum())
         total += float(out.ce_loss) * n
         count += n
@@ -239,50 +258,6 @@ def grad_norm(engine) -> Optional[float]:
     if v is None:
         v = getattr(engine, "_archscale_grad_norm", None)  # set by train_step where DeepSpeed keeps none
     return float(v) if v is not None else None
-
-
-# ----------------------------------------------------------------------------------- pipeline
-def initialize_pipeline(model, cfg, derived, ds_config: dict):
-    """The DeepSpeed PipelineEngine over train.engine.pipeline's stages of `model` (weights copied)."""
-    from . import pipeline
-    from .ds_config import build_lr_scheduler, build_optimizer, param_groups
-
-    def optimizer(module):
-        return build_optimizer(param_groups(module.named_model_parameters(), cfg.optim.weight_decay), cfg.optim,
-                               derived)
-
-    par = cfg.parallel
-    engine = pipeline.initialize_pipeline_engine(
-        model, ds_config, num_stages=derived.pipeline_stages, optimizer=optimizer,
-        lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, derived.max_steps, cfg.optim),
-        partition_method=par.pipeline_partition,
-        activation_checkpoint_interval=1 if par.activation_checkpointing and par.checkpoint_policy == "full" else 0)
-    # selective checkpointing and compilation run inside each block of this stage
-    selective = par.activation_checkpointing and par.checkpoint_policy == "selective"
-    prepare_blocks(engine.module, "selective" if selective else "none", compile=cfg.model.compile)
-    return engine
-
-
-def pipeline_step(engine, micro_batches: list[dict], config) -> dict:
-    """One optimizer step of the pipeline engine over this data-parallel rank's micro-batches.
-    The loss (cross-entropy + z-loss, averaged over micro-batches and data-parallel ranks) is
-    known on every stage."""
-    from .pipeline import pipeline_batches
-
-    loss = engine.train_batch(data_iter=iter(pipeline_batches(micro_batches, config)))
-    return {"loss": float(loss), "ce_loss": None, "z_loss": None}
-
-
-@torch.no_grad()
-def pipeline_eval(engine, batches: list[dict], config) -> tuple[float, float]:
-    """(loss x micro-batches, micro-batches): the pipeline engine reports the mean loss per
-    micro-batch (averaged over data-parallel ranks), not per token."""
-    from .pipeline import pipeline_batches
-
-    if not batches:
-        return 0.0, 0.0
-    loss = engine.eval_batch(data_iter=iter(pipeline_batches(batches, config)), num_micro_batches=len(batches))
-    return float(loss) * len(batches), float(len(batches))
 
 
 CHECKPOINTING = ("none", "full", "selective")

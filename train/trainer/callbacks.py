@@ -86,18 +86,20 @@ def default_callbacks(t, signals: "Signals", desc: Optional[str] = None) -> list
 # ---------------------------------------------------------------------------------- non-finite
 class NonFiniteCallback(Callback):
     """Non-finite loss / gradient norm: stop with the step, the first non-finite module and the
-    batch saved (train/trainer/debug.py). Unpipelined runs locate the module from a hook on the whole model."""
+    batch saved (train/trainer/debug.py). The module is located from a hook on the whole model,
+    where this rank runs all of it (the engine's `whole_model`)."""
 
     def __init__(self, t):
         from .debug import NonFiniteGuard
 
-        self.guard = NonFiniteGuard(t.engine.module, t.layout.root, t.dist.rank, locate=not t.piped)
+        self.guard = NonFiniteGuard(t.engine.module, t.layout.root, t.dist.rank,
+                                    locate=t.engine.whole_model is not None)
 
     def pre_step(self, t) -> None:
         self.guard.step = t.step + 1
 
     def post_step(self, t) -> None:
-        self.guard.check(t.step, t.loss, eng.grad_norm(t.engine), t.batch)  # raises NonFiniteError
+        self.guard.check(t.step, t.loss, t.engine.grad_norm(), t.batch)  # raises NonFiniteError
 
     def close(self) -> None:
         self.guard.close()
@@ -138,11 +140,12 @@ class MetricsCallback(Callback):
         now = time.perf_counter()
         if t.step % t.cfg.logging.every_n_steps == 0 or t.step == t.stop_at:
             dt = max(now - self.t_log, 1e-9)
-            rec = {"step": t.step, "loss": t.loss, "ce_loss": t.step_losses["ce_loss"],
-                   "z_loss": t.step_losses["z_loss"], "lr": t.engine.get_lr()[0], "tokens_seen": t.tokens_seen,
+            # ce_loss / z_loss: this rank's; None where the engine does not measure them (a pipeline)
+            rec = {"step": t.step, "loss": t.loss, "ce_loss": t.step_losses.ce_loss,
+                   "z_loss": t.step_losses.z_loss, "lr": t.engine.lr(), "tokens_seen": t.tokens_seen,
                    "target_tokens": t.target_tokens, "flops": t.flops,
                    "planned_flops_per_step": t.result.planned_flops_per_step,
-                   "tokens_per_s": (t.tokens_seen - self.tok_log) / dt, "grad_norm": eng.grad_norm(t.engine)}
+                   "tokens_per_s": (t.tokens_seen - self.tok_log) / dt, "grad_norm": t.engine.grad_norm()}
             if self.peak:
                 rec["mfu"] = (t.flops - self.flops_log) / dt / (self.peak * t.dist.world_size)
             self.log(rec)
@@ -192,20 +195,16 @@ def trim_jsonl(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------- held-out loss
 def held_out_loss(t) -> Optional[float]:
     """The held-out loss of the model now, on this data-parallel rank's share of the eval split's
-    first eval.num_batches global batches (heldout.heldout_batches), reduced over all ranks
-    (None: no eval split)."""
+    first eval.num_batches global batches (heldout.heldout_batches), reduced over all ranks by
+    the engine (None: no eval split)."""
     if t.prepared.eval is None:
         return None
     from .heldout import heldout_batches
 
     batches, _ = heldout_batches(t.prepared, t.cfg, global_batch_size=t.derived.global_batch_size,
                                  micro_batch_size=t.derived.micro_batch_size, max_batches=t.cfg.eval.num_batches,
-                                 rank=t.dp_rank, world_size=t.dp_size)
-    if t.piped:  # per micro-batch means, already averaged over data-parallel ranks
-        total, count = eng.pipeline_eval(t.engine, batches, t.model.config)
-        return total / count if count else None
-    total, count = eng.all_sum(list(eng.eval_loss(t.engine.module, batches, t.dist.device)), t.dist.device)
-    return total / count if count else None
+                                 rank=t.engine.dp_rank, world_size=t.engine.dp_size)
+    return t.engine.held_out_loss(batches)
 
 
 class EvalCallback(Callback):
@@ -304,7 +303,7 @@ class CheckpointCallback(Callback):
 def save(t) -> Path:
     """Checkpoint step `t.step`: the engine's files and the trainer state (checkpointing.save_checkpoint)."""
     def write_engine(step_dir: Path) -> None:
-        t.engine.save_checkpoint(str(step_dir), tag="engine", save_latest=False)
+        t.engine.save(step_dir)
         if os.environ.get(SAVE_DELAY_ENV):  # test hook: see SAVE_DELAY_ENV
             time.sleep(float(os.environ[SAVE_DELAY_ENV]))
 

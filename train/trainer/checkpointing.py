@@ -21,10 +21,9 @@ trainer, a no-op in a single process); all ranks run the engine writer (DeepSpee
 collective), rank 0 alone creates, marks, renames and prunes. The checkpoint directory must be
 on a filesystem all ranks share.
 
-The engine writer plugs DeepSpeed in, e.g.
-``lambda d: engine.save_checkpoint(d, tag="engine", save_latest=False)``; ``save_latest=False``
-keeps DeepSpeed from writing its own ``latest`` file. Load with
-``engine.load_checkpoint(step_dir, tag="engine")``.
+The engine writer plugs the trainer's engine in (train/engine/engines.py), ``lambda d:
+engine.save(d)``: DeepSpeed's files under ``step-N/engine``, without DeepSpeed's own ``latest``
+file. Load with ``engine.load(step_dir)``.
 
 COMPLETE lists every file of the checkpoint and its size, so that train/trainer/integrity.py can
 refuse a shard truncated or deleted after the save. A save that runs out of disk space removes
@@ -290,24 +289,7 @@ def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
     name = step_dir_name(state.step)
     final, tmp = ckpt / name, ckpt / (name + TMP_SUFFIX)
     try:
-        if is_rank0:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        _pause()
-        barrier()
-        write_engine(tmp)
-        barrier()
-        _pause()
-        if is_rank0:
-            state.save(tmp / STATE_FILE)
-            if config_yaml is not None:
-                atomic_write_text(tmp / "config.yaml", config_yaml)
-            _pause()
-            marker = {"step": state.step, "time": time.time(), "files": _manifest(tmp)}
-            atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
-            _pause()
+        _write_tmp(ckpt, tmp, state, write_engine, is_rank0=is_rank0, barrier=barrier, config_yaml=config_yaml)
     except Exception as e:
         if _disk_full(e, ckpt):
             if is_rank0:
@@ -318,23 +300,53 @@ def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
                                   f"lower checkpoint.keep_last, then resume with the same command") from None
         raise
     if is_rank0:
-        if final.exists():  # saving a step again (e.g. at the end right after a periodic save)
-            old = ckpt / (name + _OLD_SUFFIX)
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(ckpt)
-        _pause()
-        atomic_write_text(ckpt / LATEST, name + "\n")
-        _pause()
+        _publish(ckpt, tmp, final)
         if keep_last:
             prune_checkpoints(ckpt, keep_last, keep_every_n_steps, protect=(final,))
     barrier()
     return final
+
+
+def _write_tmp(ckpt: Path, tmp: Path, state: TrainerState, write_engine: Callable[[Path], None], *,
+               is_rank0: bool, barrier: Callable[[], None], config_yaml: Optional[str]) -> None:
+    """Steps 1 and 2 of save_checkpoint, and step 3 up to COMPLETE: everything inside `tmp`."""
+    if is_rank0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _pause()
+    barrier()
+    write_engine(tmp)
+    barrier()
+    _pause()
+    if is_rank0:
+        state.save(tmp / STATE_FILE)
+        if config_yaml is not None:
+            atomic_write_text(tmp / "config.yaml", config_yaml)
+        _pause()
+        marker = {"step": state.step, "time": time.time(), "files": _manifest(tmp)}
+        atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
+        _pause()
+
+
+def _publish(ckpt: Path, tmp: Path, final: Path) -> None:
+    """Rank 0, after COMPLETE: rename `tmp` to `final` (replacing a save of the same step through
+    `.old`), then point `latest` at it. A kill between the two leaves `latest` at the previous
+    checkpoint; both are complete."""
+    if final.exists():  # saving a step again (e.g. at the end right after a periodic save)
+        old = ckpt / (final.name + _OLD_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(ckpt)
+    _pause()
+    atomic_write_text(ckpt / LATEST, final.name + "\n")
+    _pause()
 
 
 def _manifest(step_dir: Path) -> dict[str, int]:

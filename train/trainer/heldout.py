@@ -11,8 +11,8 @@ def heldout_batches(prepared, cfg, *, global_batch_size: int, micro_batch_size: 
     global batches of `global_batch_size` rows (packed as the trainer packs them, with the run's
     objective, architecture and data seed, which draws PLM splits / MLM noise), counts removed,
     in micro-batches of `micro_batch_size` rows; and the number of global batches. The trainer
-    (train/trainer/callbacks.py) and `heldout_loss` both score these with `engine.eval_loss` (a pipeline
-    run with `engine.pipeline_eval`)."""
+    (train/trainer/callbacks.py, through its engine's `held_out_loss`) and train/eval/evaluate.py's
+    `heldout_loss` both score these (`engine.runtime.eval_loss` for an unpipelined model)."""
     from ..data import build_stream
     from ..engine.runtime import split_micro
     from ..objectives import pop_counts

@@ -25,6 +25,7 @@ import torch
 from . import checkpointing as ckpt
 from .integrity import RunLock, verify_checkpoint
 from ..engine import runtime as eng
+from ..engine.engines import ENGINE_TAG, UNIVERSAL_TAG, Engine, StepLosses
 from .. import registry
 from ..atomic import atomic_path
 from .callbacks import Callback, Signals, default_callbacks
@@ -127,13 +128,9 @@ class Trainer:
     derived: Derived
     layout: ckpt.RunLayout
     prepared: Any  # data.PreparedData
-    model: Any
-    engine: Any
+    model: Any  # the model_zoo model as built (its config: FLOPs, the pipeline's batch layout)
+    engine: Engine  # plain or pipelined, behind the same calls (train/engine/engines.py)
     stream: Any
-    piped: bool  # pipeline stages > 1
-    dp_rank: int
-    dp_size: int
-    counts_here: float  # 1.0 where this rank counts the tokens and FLOPs of its rows (once per pipeline)
     config_yaml: str
     init_info: dict  # TrainerState.init
     resumed: bool  # started from a checkpoint of this run
@@ -146,7 +143,7 @@ class Trainer:
     stopped_by: Optional[str] = None  # set by a callback: the loop ends after this step
     # the last step: its loss (mean over ranks), this rank's loss terms and batch, the stop vote
     loss: float = 0.0
-    step_losses: dict = field(default_factory=dict)
+    step_losses: Optional[StepLosses] = None
     batch: Optional[dict] = None
     stop_requested: bool = False
     t_start: float = 0.0  # time.perf_counter() and tokens seen when the loop began
@@ -164,15 +161,14 @@ class Trainer:
             micro = eng.split_micro(batch, self.derived.micro_batch_size)
             if not self._has_empty_micro(micro):
                 break
-        batch_flops = self.arch.batch_flops(self.model.config, batch) if self.counts_here else 0.0
+        here = 1.0 if self.engine.counts_rows else 0.0  # a pipeline counts its rows once, on its first stage
+        batch_flops = self.arch.batch_flops(self.model.config, batch) if here else 0.0
         for cb in callbacks:
             cb.pre_step(self)
-        losses = (eng.pipeline_step(self.engine, micro, self.model.config) if self.piped
-                  else eng.train_step(self.engine, micro))
+        losses = self.engine.train_batch(micro)
         vote = 1.0 if any(cb.wants_stop(self) for cb in callbacks) else 0.0
-        here = self.counts_here
         red = eng.all_sum([counts["num_tokens"] * here, counts["num_target_tokens"] * here, batch_flops,
-                           losses["loss"], vote], self.dist.device)
+                           losses.loss, vote], self.dist.device)
         self.step += 1
         self.tokens_seen += int(red[0])
         self.target_tokens += int(red[1])
@@ -204,65 +200,91 @@ class Trainer:
 def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed_batch: bool) -> Trainer:
     """Check the config, prepare the data, write the run files, build the model and the engine,
     load the init weights or resume: the Trainer of the first step."""
-    from ..data import build_stream
-    from ..engine.ds_config import build_ds_config
+    from ..engine.engines import build_engine
 
     dist = eng.setup_distributed()
-    arch = registry.get(cfg.model.arch)
-    derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))  # before any work
-    layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here, before any work too
-    for d in (layout.root, layout.checkpoints):
-        if d.exists() and not d.is_dir():
-            raise ConfigError(f"{d} is a file, not a directory: choose another run_dir (or checkpoint.dir)")
-    resume_dir, state = _resume_point(cfg, derived)  # and the checkpoint's files verified
-    if state is None and cfg.init.from_checkpoint:
-        init_source(cfg.init.from_checkpoint, arch)  # a bad init checkpoint: refused before any work
-    if dist.is_rank0 and layout.root.is_dir():
-        lock.acquire(layout.root)  # a run directory in use: refused before any work
+    arch, derived, layout, resume_dir, state = _preflight(cfg, lock, dist)
     torch.manual_seed(cfg.seed)
     prepared = _prepare_data(cfg, dist)  # bad data: refused before the run directory is made
     if dist.is_rank0 and lock.fd is None:
         lock.acquire(layout.root)  # the first write: nothing is written into a run directory in use
     vocab = registry.padded_vocab(prepared.tokens.vocab_size)
-
     universal = state is not None and state.world_size != dist.world_size and (
         derived.zero_stage >= 1 or derived.pipeline_stages > 1)
+    ds_config, config_yaml = _write_run_files(cfg, derived, layout, dist, universal)
+
+    model = arch.build(cfg.model, vocab)
+    init_info, init_dir = (dict(state.init) if state is not None else {}), None
+    if state is None and cfg.init.from_checkpoint:
+        init_dir, init_info = _init_weights(cfg, model, arch, dist, derived)
+    engine = build_engine(cfg, model, derived, ds_config, dist)
+    t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
+                engine=engine, stream=_stream(cfg, prepared, derived, engine, fixed_batch), config_yaml=config_yaml,
+                init_info=init_info, resumed=state is not None, result=_result(cfg, arch, model, derived))
+    if init_dir is not None and cfg.init.load_optimizer:
+        # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
+        engine.load(init_dir, schedule=False)
+    if state is not None:
+        _resume(t, resume_dir, state, universal)
+    t.stop_at = derived.max_steps if max_steps_now is None else min(derived.max_steps, t.step + max_steps_now)
+    return t
+
+
+def _preflight(cfg: RunConfig, lock: RunLock, dist) -> tuple[Any, Derived, ckpt.RunLayout, Optional[Path],
+                                                             Optional[ckpt.TrainerState]]:
+    """Every check that needs no data and no model, before any work: the config against the
+    world, the run layout, the checkpoint to resume (its files verified) or to start from, the
+    run directory's lock. (registry entry, derived numbers, layout, resume directory, its state)."""
+    arch = registry.get(cfg.model.arch)
+    derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))
+    layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here
+    for d in (layout.root, layout.checkpoints):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"{d} is a file, not a directory: choose another run_dir (or checkpoint.dir)")
+    resume_dir, state = _resume_point(cfg, derived)  # and the checkpoint's files verified
+    if state is None and cfg.init.from_checkpoint:
+        init_source(cfg.init.from_checkpoint, arch)  # a bad init checkpoint
+    if dist.is_rank0 and layout.root.is_dir():
+        lock.acquire(layout.root)  # a run directory in use
+    return arch, derived, layout, resume_dir, state
+
+
+def _write_run_files(cfg: RunConfig, derived: Derived, layout: ckpt.RunLayout, dist,
+                     universal: bool) -> tuple[dict, str]:
+    """The DeepSpeed JSON and the resolved config, written into the run directory by rank 0
+    (the others wait): (ds_config, config.yaml's text)."""
+    from ..engine.ds_config import build_ds_config
+
     ds_config = build_ds_config(cfg, derived, load_universal=universal)
     config_yaml = config_to_yaml(cfg)
     if dist.is_rank0:
         layout.create()
         layout.write_run_files(config_yaml, ds_config)
     eng.barrier()
+    return ds_config, config_yaml
 
-    model = arch.build(cfg.model, vocab)
-    init_info, init_dir = (dict(state.init) if state is not None else {}), None
-    if state is None and cfg.init.from_checkpoint:
-        init_dir, init_info = _init_weights(cfg, model, arch, dist, derived)
-    params = arch.num_params(model.config)
-    piped = derived.pipeline_stages > 1
-    engine, dp_rank, dp_size, counts_here = _engine(cfg, model, derived, ds_config, dist)
+
+def _stream(cfg: RunConfig, prepared, derived: Derived, engine: Engine, fixed_batch: bool):
+    """This data-parallel rank's share of the global batches (every stage of a pipeline reads the
+    same rows); with `fixed_batch` (--overfit) the first batch, again and again (train/trainer/debug.py)."""
+    from ..data import build_stream
+
     stream = build_stream(prepared, cfg.objective, cfg.model.arch, global_batch_size=derived.global_batch_size,
-                          rank=dp_rank, world_size=dp_size, seed=cfg.data.seed, data=cfg.data,
+                          rank=engine.dp_rank, world_size=engine.dp_size, seed=cfg.data.seed, data=cfg.data,
                           prefetch=cfg.data.prefetch)
-    if fixed_batch:  # --overfit: the first batch, again and again (train/trainer/debug.py)
+    if fixed_batch:
         from .debug import RepeatFirst
 
         stream = RepeatFirst(stream)
-    result = RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name, params=params,
-                       step=0, max_steps=derived.max_steps, tokens_seen=0, target_tokens=0, flops=0.0,
-                       eval_loss=None, tokens_per_s=0.0,
-                       planned_flops_per_step=arch.step_flops(model.config, cfg.objective, derived.global_batch_size))
-    t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
-                engine=engine, stream=stream, piped=piped, dp_rank=dp_rank, dp_size=dp_size, counts_here=counts_here,
-                config_yaml=config_yaml, init_info=init_info, resumed=state is not None, result=result)
-    if init_dir is not None and cfg.init.load_optimizer:
-        # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
-        engine.load_checkpoint(str(init_dir), tag="engine", load_module_strict=True, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
-    if state is not None:
-        _resume(t, resume_dir, state, universal)
-    t.stop_at = derived.max_steps if max_steps_now is None else min(derived.max_steps, t.step + max_steps_now)
-    return t
+    return stream
+
+
+def _result(cfg: RunConfig, arch, model, derived: Derived) -> RunResult:
+    """The RunResult before the first step: what the run is (its counters are filled at the end)."""
+    return RunResult(run_dir=str(cfg.run_dir), arch=cfg.model.arch, objective=cfg.objective.name,
+                     params=arch.num_params(model.config), step=0, max_steps=derived.max_steps, tokens_seen=0,
+                     target_tokens=0, flops=0.0, eval_loss=None, tokens_per_s=0.0,
+                     planned_flops_per_step=arch.step_flops(model.config, cfg.objective, derived.global_batch_size))
 
 
 def _resume_point(cfg: RunConfig, derived: Derived) -> tuple[Optional[Path], Optional[ckpt.TrainerState]]:
@@ -357,31 +379,14 @@ def load_init_weights(model, path: str, arch: "registry.ArchSpec") -> tuple[Path
                       "pipeline_stages": int(((state.config or {}).get("parallel") or {}).get("pipeline_stages", 1))}
 
 
-def _engine(cfg: RunConfig, model, derived: Derived, ds_config: dict, dist) -> tuple[Any, int, int, float]:
-    """(DeepSpeed engine, data-parallel rank, data-parallel size, counts_here)."""
-    if derived.pipeline_stages > 1:
-        engine = eng.initialize_pipeline(model, cfg, derived, ds_config)
-        # every stage of a pipeline reads the same rows: data parallelism is across pipelines
-        dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
-        return engine, dp_rank, dp_size, 1.0 if engine.is_first_stage() else 0.0  # count once per pipeline
-    eng.prepare_blocks(model, cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none",
-                       compile=cfg.model.compile)
-    engine = eng.initialize(model, cfg, derived, ds_config)
-    return engine, dist.rank, dist.world_size, 1.0  # every process is a data-parallel rank
-
-
 def _resume(t: Trainer, resume_dir: Path, state: ckpt.TrainerState, universal: bool) -> None:
     """The engine's files (converted to a universal checkpoint on another number of processes),
     the data position, the counters and, on the same number of processes, every rank's RNG states."""
-    tag = "engine"
     if universal:
         if t.dist.is_rank0:
-            tag = _to_universal(resume_dir)
+            _to_universal(resume_dir)
         eng.barrier()
-        tag = "engine_universal"
-    t.engine.load_checkpoint(str(resume_dir), tag=tag, load_module_strict=True)
-    if universal:
-        eng.untie_optimizer_steps(t.engine)  # DeepSpeed's ZeRO-3 universal load shares one step tensor
+    t.engine.load(resume_dir, universal=universal)
     t.stream.load_state_dict(state.data_position)
     t.step, t.tokens_seen, t.target_tokens, t.flops = state.step, state.tokens_seen, state.target_tokens, state.flops
     rng = state.rng_state_for(t.dist.rank) if state.world_size == t.dist.world_size else None
@@ -393,12 +398,12 @@ def _resume(t: Trainer, resume_dir: Path, state: ckpt.TrainerState, universal: b
 
 def _to_universal(step_dir: Path) -> str:
     """Convert a checkpoint to DeepSpeed's universal format (once; kept beside the original)."""
-    out = step_dir / "engine_universal"
+    out = step_dir / UNIVERSAL_TAG
     if (out / ckpt.COMPLETE).exists():
         return out.name
     with atomic_path(out) as tmp:
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(step_dir / "engine"), "--output_folder", str(tmp), "--inject_missing_state"],
+                        str(step_dir / ENGINE_TAG), "--output_folder", str(tmp), "--inject_missing_state"],
                        check=True, stdout=subprocess.DEVNULL)
         (tmp / ckpt.COMPLETE).write_text("")
         if out.exists():  # a conversion without COMPLETE: never read, replaced

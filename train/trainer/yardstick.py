@@ -7,8 +7,8 @@ copy of the model (ZeRO-3 gathers parameters in the forward, so every rank must 
 eval line of metrics.jsonl carries the headline numbers (RUN_DIR/yardstick.json the latest
 evaluation in full, per-window scores included) (`yardstick_nats`, `yardstick_bpb`,
 `zero_shot_acc`, `zero_shot_se`, and `tasks_acc` / `tasks_se` with eval.task_files).
-A pipeline run's stages hold parts of the model: its yardstick is `archscale eval` on its
-checkpoints.
+Where a rank holds one pipeline stage, not the whole model (the engine's `whole_model` is None),
+the yardstick is `archscale eval` on the run's checkpoints.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def heldout_record(prepared, data_cfg, ys=None, skipped: str = "") -> dict:
 
 
 def prepare_yardstick(t) -> Optional[tuple]:
-    """(Yardstick, task records) of this run, or None (off, no document split, a pipeline run);
+    """(Yardstick, task records) of this run, or None (off, no document split, no whole model here);
     writes RUN_DIR/heldout.json on rank 0. A bad task file stops the run here, before step one."""
     from ..atomic import atomic_write_text
     from ..eval.tasks import read_task_file
@@ -46,7 +46,7 @@ def prepare_yardstick(t) -> Optional[tuple]:
     ys, skipped = None, ""
     if not cfg.eval.yardstick:
         skipped = "eval.yardstick=false"
-    elif t.piped:
+    elif t.engine.whole_model is None:
         skipped = "a pipeline run: score its checkpoints with `archscale eval`"
     elif t.prepared.eval is None or t.prepared.prompted:
         skipped = "no held-out split of documents (set data.eval_fraction > 0 or data.eval_files)"
@@ -71,7 +71,7 @@ def score_now(t, prepared: Optional[tuple]) -> tuple[Optional[dict], dict]:
     if prepared is None:
         return None, {}
     ys, records = prepared
-    res = evaluate_model(t.engine.module, ys, t.cfg.objective, t.prepared.tokenizer, t.prepared.tokens,
+    res = evaluate_model(t.engine.whole_model, t.arch, ys, t.cfg.objective, t.prepared.tokenizer, t.prepared.tokens,
                          batch_size=t.cfg.eval.score_batch_size, task_records=records)
     if t.dist.is_rank0:  # the latest evaluation in full (per-window scores: the intervals of a comparison)
         from ..atomic import atomic_write_text

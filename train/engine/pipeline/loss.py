@@ -1,10 +1,11 @@
-"""The last stage's loss: model_zoo.loss (cross-entropy + z-loss), shifted as the architecture's
-layout says (decoders predict the next token; ED does not: T5)."""
+"""The last stage's loss: model_zoo.loss (cross-entropy + z-loss), the labels aligned by
+model_zoo.loss.align_labels as the architecture's layout says (decoders predict the next token;
+ED does not: T5)."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from model_zoo.loss import linear_cross_entropy, lm_loss, resolve_impl, shift_labels
+from model_zoo.loss import align_labels, linear_cross_entropy, lm_loss, resolve_impl
 
 from .specs import pipeline_layout
 
@@ -20,17 +21,12 @@ class PipelineLoss:
     def __call__(self, outputs, labels: Tensor) -> Tensor:
         if isinstance(outputs, tuple):  # fused: (hidden [B, T, D], weight [V, D]) from the head layer
             hidden, weight = outputs
-            if self.shift:
-                labels = shift_labels(labels)  # [B, T]: the last position predicts nothing
+            _, labels = align_labels(labels, self.shift)  # (B, T)
             return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                         self.z_loss, resolve_impl(self.loss_impl, hidden.device,
                                                                   hidden.shape[0] * hidden.shape[1], hidden.shape[-1]),
                                         self.chunk_size)[0]
-        logits = outputs
-        if self.shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]  # predict the next token
-        return lm_loss(logits, labels, self.z_loss)[0]
-
+        return lm_loss(*align_labels(labels, self.shift, outputs), self.z_loss)[0]
 
 
 def pipeline_loss(config) -> PipelineLoss:
