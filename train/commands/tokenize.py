@@ -4,6 +4,7 @@ Slurm job array over shard ranges (the shards: train/data/shards.py; docs/data.m
     archscale tokenize CONFIG [a.b=c ...]                      every shard (train and eval), here
     archscale tokenize CONFIG [a.b=c ...] --shard-range A:B    shards A..B-1 of the training data
     archscale tokenize CONFIG [a.b=c ...] --submit [--shards-per-task K] [--dry-run] [slurm options]
+    archscale tokenize CONFIG [a.b=c ...] --verify                   also every cached shard's checksum
 
 `--submit` reads the corpus once here (its document count gives the number of shards; the datasets
 Arrow cache is built here, once) and submits one array task per K shards; each task runs this
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shards-per-task", type=int, default=8, metavar="K", help="--submit: shards per array task (default 8)")
     p.add_argument("--concurrency", type=int, default=None, help="--submit: at most this many tasks at once")
     p.add_argument("--dry-run", action="store_true", help="--submit: print the array script, submit nothing")
+    p.add_argument("--verify", action="store_true", help="check every cached shard's checksum, whatever the cache's "
+                   "size (an open checks them up to shards.VERIFY_BYTES), and re-tokenize a bad one")
     _resource_args(p)
     return p
 
@@ -70,6 +73,9 @@ def main(argv: list[str]) -> int:
         return fail(e)
     from ..data import shards
 
+    verify_bytes = shards.VERIFY_BYTES
+    if a.verify:
+        shards.VERIFY_BYTES = None  # every checksum (train/data/shards.py), for this command only
     t0 = time.perf_counter()
     try:
         if a.submit:
@@ -88,6 +94,8 @@ def main(argv: list[str]) -> int:
         tokenize(ds, tok, data, what, shard_range=(lo, hi))
     except (ValueError, FileNotFoundError) as e:
         return fail(e)
+    finally:
+        shards.VERIFY_BYTES = verify_bytes
     print(json.dumps({"shards": f"{lo}:{hi}", "of": n, "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
 
@@ -104,7 +112,7 @@ def _submit(a, path, overrides, data, fail) -> int:
     n = shards.num_shards(len(ds), data.shard_documents)
     tasks = -(-n // a.shards_per_task)
     config = [str(Path(path).absolute())] if path is not None else []
-    command = [sys.executable, "-m", "train", "tokenize", *config, *overrides]
+    command = [sys.executable, "-m", "train", "tokenize", *config, *overrides, *(["--verify"] if a.verify else [])]
     log_dir = Path(data.resolved_cache_dir()) / "tokenized" / "slurm"
     res = _resources(a)
     try:

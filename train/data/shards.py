@@ -13,6 +13,17 @@ that are missing; so does a second run or another rank (nothing left to do), and
 over shard ranges (`archscale tokenize --submit`, train/commands/tokenize.py). The result is the
 concatenation of the shard files, memory-mapped (no copy).
 
+Each shard is checked before it is used (train/data/checksums.py): its size and checksum are recorded
+in `shard-....arrow.sum` before the shard is renamed into place, and a shard whose size or checksum
+does not match (a copy cut short, changed bytes) is named in one warning line and re-tokenized from
+the source, atomically, like a missing one. The size is checked always; the checksum at every open
+while the shards in question total at most VERIFY_BYTES (4 GiB: ~0.25 s from the page cache at
+xxh3's 18 GB/s, a few seconds from a disk), above that by `archscale tokenize --verify` (all of them
+at any size). Every process that opens the cache checks it (rank 0 first, which rebuilds; the other
+ranks, after the barrier, find it whole). A shard written before the records existed is opened: if
+it reads, it is trusted, and recorded now where checksums are read at this open (else by --verify);
+if it does not read, it is rebuilt.
+
 Processes: `data.num_proc` (0 = one per core this process may run on, os.sched_getaffinity), at
 most one per shard left to do; one process (or one shard) tokenizes in this process, no pool.
 """
@@ -27,11 +38,13 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_path
+from . import checksums
 
 log = logging.getLogger("archscale.data")
 BATCH = 256  # documents per tokenizer call (the batch does not change the tokens)
 _JOB = None  # (ds, fn, features, start, stop): set before the pool forks, read by its workers
 after_shard = None  # tests: called with the shard index after each shard this process wrote
+VERIFY_BYTES: int | None = 4 << 30  # checksums at open up to this many bytes of shards; None = always
 
 
 def available_cores() -> int:
@@ -107,6 +120,7 @@ def _write_shard(i: int, path: Path) -> None:
             writer.finalize()
         finally:
             writer.close()
+        checksums.write_record(path, tmp)  # before the rename: a shard that exists has its record
 
 
 def _work(args):
@@ -124,10 +138,90 @@ def _init_worker():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 
+def _readable(path: Path) -> str | None:
+    """None when the Arrow file opens (its headers and record batches are where they claim); else why."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        datasets.Dataset.from_file(str(path))
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return f"it does not read as Arrow: {' '.join(str(e).split())[:120]}"
+    return None
+
+
+def _cached(path: Path, content: bool, what: str, unrecorded: list) -> bool:
+    """The shard at path is there and whole (its record: size, and checksum when `content`). A shard
+    with no record (written before records existed) is trusted if it reads, appended to `unrecorded`,
+    and recorded now when `content` (recording reads the whole file, as a check would)."""
+    if not path.exists():
+        return False
+    if checksums.has_record(path):
+        why = checksums.problem(path, content)
+    else:
+        why = _readable(path)
+        if why is None:
+            unrecorded.append(path)
+            if content:
+                checksums.write_record(path)
+    if why is not None:
+        log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, path, why)
+    return why is None
+
+
+def _check_contents(paths: list[Path | None]) -> bool:
+    """Whether the checksums of these shards are read at this open (VERIFY_BYTES)."""
+    if VERIFY_BYTES is None:
+        return True
+    total = sum(p.stat().st_size for p in paths if p is not None and p.exists())
+    if total > VERIFY_BYTES:
+        log.info("tokenized cache: %.1f GB of shards, over the %.1f GB checked at every open: sizes checked, "
+                 "checksums by `archscale tokenize --verify`", total / 1e9, VERIFY_BYTES / 1e9)
+    return total <= VERIFY_BYTES
+
+
+def _tokenize(todo: list[int], paths: list[Path | None], procs: int) -> dict:
+    """Tokenize the shards `todo` (_JOB set): written to their paths, or returned {i: Table} in memory."""
+    tables = {}
+    work = [(i, None if paths[i] is None else str(paths[i])) for i in todo]
+    if procs == 1:
+        results = map(_work, work)
+    else:
+        pool = multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker)
+        results = pool.imap_unordered(_work, work)
+    try:
+        for i, table in results:
+            if table is not None:
+                tables[i] = table
+            if after_shard is not None:
+                after_shard(i)
+    finally:
+        if procs > 1:
+            pool.terminate()
+            pool.join()
+    return tables
+
+
+def _open(i: int, path: Path, what: str):
+    """Shard i memory-mapped; one that does not read (a header broken in a cache too large for checksums
+    at open) is named and re-tokenized here (_JOB set), then opened."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except (OSError, ValueError, pa.ArrowException) as e:
+        why = f"it does not read as Arrow: {' '.join(str(e).split())[:120]}"
+    log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, path, why)
+    _write_shard(i, path)
+    return datasets.Dataset.from_file(str(path))
+
+
 def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[int, int] | None = None):
     """Tokenize ds (fn: batch, indices -> columns) in shards. Returns (the concatenated Dataset, or
     None when only `shard_range` (A, B) was asked for: a job-array task writes those shards and reads
-    nothing; seconds spent tokenizing; shards tokenized now)."""
+    nothing; seconds spent tokenizing; shards tokenized now). Cached shards are checked first (the
+    module docstring); a corrupt one is tokenized again like a missing one."""
     import datasets
     from datasets.table import InMemoryTable
 
@@ -138,39 +232,29 @@ def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[in
     on_disk = bool(ds.cache_files)  # an in-memory dataset (tests) is tokenized in memory, not cached
     paths = shard_paths(shard_dir(cfg, fp), n) if on_disk else [None] * n
     lo, hi = shard_range or (0, n)
-    todo = [i for i in range(lo, hi) if paths[i] is None or not paths[i].exists()]
+    content = _check_contents(paths[lo:hi])
+    unrecorded = []
+    todo = [i for i in range(lo, hi) if paths[i] is None or not _cached(paths[i], content, what, unrecorded)]
+    if unrecorded:
+        log.info("%s: %d cached shard(s) have no checksum record (written before records existed, e.g. %s): they "
+                 "read, so they are trusted%s", what, len(unrecorded), unrecorded[0],
+                 "; records written now" if content else "; `archscale tokenize --verify` records them")
     done = (hi - lo) - len(todo)
     procs = min(processes(cfg.num_proc), len(todo)) or 1
     if todo:
         log.info("%s: %d documents, shards %d:%d of %d (%d documents each): %d already done, tokenizing %d "
                  "with %d process(es)", what, n_docs, lo, hi, n, size, done, len(todo), procs)
     t0 = time.perf_counter()
-    tables = {}
     _JOB = (ds, fn, features, size, n_docs)
     try:
-        work = [(i, None if paths[i] is None else str(paths[i])) for i in todo]
-        if procs == 1:
-            results = map(_work, work)
-        else:
-            pool = multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker)
-            results = pool.imap_unordered(_work, work)
-        try:
-            for i, table in results:
-                if table is not None:
-                    tables[i] = table
-                if after_shard is not None:
-                    after_shard(i)
-        finally:
-            if procs > 1:
-                pool.terminate()
-                pool.join()
+        tables = _tokenize(todo, paths, procs)
+        dt = time.perf_counter() - t0
+        if shard_range is not None:
+            return None, dt, len(todo)
+        parts = [datasets.Dataset(InMemoryTable(tables[i])) if p is None else _open(i, p, what)
+                 for i, p in enumerate(paths)]
     finally:
         _JOB = None
-    dt = time.perf_counter() - t0
-    if shard_range is not None:
-        return None, dt, len(todo)
-    parts = [datasets.Dataset.from_file(str(p)) if p is not None else datasets.Dataset(InMemoryTable(tables[i]))
-             for i, p in enumerate(paths)]
     out = parts[0] if n == 1 else datasets.concatenate_datasets(parts)
     out._fingerprint = fp  # the tokens' identity (the stream's fingerprint): as before the shards
     return out, dt, len(todo)

@@ -60,30 +60,66 @@ def _train_bpe(texts, vocab_size: int):
 
 
 def builtin_bpe_path(cfg: DataConfig) -> str:
-    """Train (once) and cache the built-in BPE; returns the tokenizer.json path."""
-    from .corpus import embedded_files, held_out_mask
+    """Train (once) and cache the built-in BPE; returns the tokenizer.json path.
+
+    The cached file is checked at every call against the size and checksum recorded when it was
+    written (train/data/checksums.py; 0.5 MB, well under a millisecond): a bad one (cut short,
+    changed bytes) is named in one warning line and trained again, since the recipe is deterministic.
+    One written before records existed is trusted if it parses, and recorded now."""
+    from .corpus import embedded_files
 
     files = embedded_files()
     key = hashlib.sha256(json.dumps([TOKENIZER_VERSION, cfg.bpe_vocab_size, cfg.eval_fraction,
                                      [(os.path.basename(f), os.path.getsize(f)) for f in files]]).encode()).hexdigest()[:16]
     path = os.path.join(cfg.resolved_cache_dir(), "tokenizers", f"bpe-{cfg.bpe_vocab_size}-{key}", "tokenizer.json")
-    if not os.path.exists(path):
-        held = held_out_mask(len(files), cfg.eval_fraction)  # train the tokenizer on the training split only
-        texts = [open(f, encoding="utf-8", errors="replace").read() for f, h in zip(files, held) if not h]
-        prev = os.environ.get("RAYON_NUM_THREADS")
-        os.environ["RAYON_NUM_THREADS"] = "1"  # one thread: the merge order cannot depend on scheduling
-        try:
-            tok = _train_bpe(texts, cfg.bpe_vocab_size)
-        finally:
-            if prev is None:
-                os.environ.pop("RAYON_NUM_THREADS", None)
-            else:
-                os.environ["RAYON_NUM_THREADS"] = prev
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_path(path) as tmp:  # concurrent ranks never read half a file
-            tok.save(str(tmp))
-        log.info("trained built-in BPE (vocab %d) on %d files -> %s", cfg.bpe_vocab_size, len(texts), path)
+    if not os.path.exists(path) or not _cached_tokenizer_ok(path):
+        _train_builtin_bpe(cfg, files, path)
     return path
+
+
+def _cached_tokenizer_ok(path: str) -> bool:
+    from . import checksums
+
+    if checksums.has_record(path):
+        why = checksums.problem(path)
+    else:  # written before records existed: trusted if it parses
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(path)
+            why = None
+        except Exception as e:  # tokenizers raises a bare Exception ("EOF while parsing a value ...")
+            why = f"it does not parse: {' '.join(str(e).split())[:100]}"
+        if why is None:
+            checksums.write_record(path)
+    if why is not None:
+        log.warning("data.tokenizer=builtin-bpe: the cached tokenizer %s is corrupt (%s); training it again "
+                    "(the built-in BPE is deterministic)", path, why)
+    return why is None
+
+
+def _train_builtin_bpe(cfg: DataConfig, files: list[str], path: str) -> None:
+    """Train the built-in BPE on the embedded corpus's training split and write it (and its
+    checksum record) atomically to path."""
+    from . import checksums
+    from .corpus import held_out_mask
+
+    held = held_out_mask(len(files), cfg.eval_fraction)  # train the tokenizer on the training split only
+    texts = [open(f, encoding="utf-8", errors="replace").read() for f, h in zip(files, held) if not h]
+    prev = os.environ.get("RAYON_NUM_THREADS")
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one thread: the merge order cannot depend on scheduling
+    try:
+        tok = _train_bpe(texts, cfg.bpe_vocab_size)
+    finally:
+        if prev is None:
+            os.environ.pop("RAYON_NUM_THREADS", None)
+        else:
+            os.environ["RAYON_NUM_THREADS"] = prev
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp:  # concurrent ranks never read half a file
+        tok.save(str(tmp))
+        checksums.write_record(path, tmp)  # before the rename: a tokenizer that exists has its record
+    log.info("trained built-in BPE (vocab %d) on %d files -> %s", cfg.bpe_vocab_size, len(texts), path)
 
 
 def load_tokenizer(cfg: DataConfig):

@@ -1,0 +1,209 @@
+"""Caches that verify themselves (issue 32 item 2): every tokenized shard and the cached built-in
+tokenizer carry a size and checksum record (train/data/checksums.py). A shard cut to a third, one
+with 4 KiB flipped in the middle, or a tokenizer.json cut short is named in one warning line and
+rebuilt, and the data that follows is the same as a fresh build's. A cache written before records
+existed is trusted if it reads (and recorded), rebuilt if it does not.
+
+Shards: a synthetic JSONL corpus of 700 documents, byte tokenizer, shards of 100 documents (7
+shards, ~20 KB each): seconds. The tokenizer: builtin-bpe trained on the embedded corpus (~4 s
+per training on the 2-core CI machine; trained three times here)."""
+import json
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from train.data import DataConfig, prepare, shards  # noqa: E402
+from train.data import checksums  # noqa: E402
+from train.data.api import build_stream  # noqa: E402
+from train.objectives import ObjectiveConfig  # noqa: E402
+
+WORDS = "the quick brown fox jumps over a lazy dog def return import class 0 1 2 ( ) [ ] \n".split(" ")
+N_DOCS, SHARD, BAD = 700, 100, 3  # shard 3 of 7 is the one corrupted
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("integrity")
+    rs = np.random.default_rng(5)
+    with open(d / "docs.jsonl", "w") as f:
+        for _ in range(N_DOCS):
+            f.write(json.dumps({"text": " ".join(rs.choice(WORDS, size=int(rs.integers(20, 80))))}) + "\n")
+    return d
+
+
+def _cfg(corpus, cache, **kw):
+    kw = {"num_proc": 1, **kw}
+    return DataConfig(source="files", train_files=[str(corpus / "docs.jsonl")], tokenizer="builtin-bytes",
+                      eval_fraction=0.1, cache_dir=str(cache), shard_documents=SHARD, **kw)
+
+
+def _tokens(prep):
+    s = prep.train.store
+    return [s.tokens(i).tolist() for i in range(s.num_docs)]
+
+
+def _first_batch(prep):
+    stream = build_stream(prep, ObjectiveConfig(name="plm", seq_length=64), "nd", global_batch_size=4)
+    return {k: v.tolist() for k, v in next(iter(stream)).items()}
+
+
+def _shards(cache):
+    return sorted((cache / "tokenized").glob("*/shard-*.arrow"))
+
+
+@pytest.fixture(scope="module")
+def fresh(corpus, tmp_path_factory):
+    """A clean build: its tokens, first batch and shard bytes are what every repaired cache must give."""
+    cache = tmp_path_factory.mktemp("fresh")
+    prep = prepare(_cfg(corpus, cache))
+    return _tokens(prep), _first_batch(prep), [p.read_bytes() for p in _shards(cache)]
+
+
+def _truncate(p):
+    os.truncate(p, p.stat().st_size // 3)
+
+
+def _flip_middle(p):
+    n = p.stat().st_size
+    with open(p, "r+b") as f:
+        f.seek(n // 2 - 2048)
+        block = f.read(4096)
+        f.seek(n // 2 - 2048)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "archscale.data"]
+
+
+def test_each_shard_is_written_with_its_record(corpus, fresh, tmp_path):
+    prepare(_cfg(corpus, tmp_path))
+    paths = _shards(tmp_path)
+    assert len(paths) == 7
+    for p in paths:
+        rec = json.loads(checksums.record_path(p).read_text())
+        assert rec["size"] == p.stat().st_size and rec["xxh3_128"] == checksums.digest(p)
+        assert checksums.problem(p) is None
+    # deterministic bytes: a second cache built with two processes has the same shards and records
+    prepare(_cfg(corpus, tmp_path / "par", num_proc=2))
+    assert [p.read_bytes() for p in _shards(tmp_path / "par")] == fresh[2]
+    assert [checksums.record_path(p).read_text() for p in _shards(tmp_path / "par")] == \
+        [checksums.record_path(p).read_text() for p in paths]
+
+
+@pytest.mark.parametrize("corrupt, why", [(_truncate, "cut short"), (_flip_middle, "checksum differs")])
+def test_a_corrupt_shard_is_named_and_rebuilt(corpus, fresh, tmp_path, monkeypatch, caplog, corrupt, why):
+    cfg = _cfg(corpus, tmp_path)
+    prepare(cfg)
+    bad = _shards(tmp_path)[BAD]
+    corrupt(bad)
+    assert checksums.problem(bad) is not None
+    rebuilt = []
+    monkeypatch.setattr(shards, "after_shard", rebuilt.append)
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prep = prepare(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert f"cached shard {bad} is corrupt ({'it is ' if why == 'cut short' else 'its '}" in lines[0]
+    assert why in lines[0] and lines[0].endswith("re-tokenizing it from the source")
+    assert rebuilt == [BAD]  # only that shard
+    assert _tokens(prep) == fresh[0] and _first_batch(prep) == fresh[1]
+    assert bad.read_bytes() == fresh[2][BAD] and checksums.problem(bad) is None
+    caplog.clear()
+    rebuilt.clear()
+    prepare(cfg)  # the next open (another rank after the barrier) finds it whole
+    assert rebuilt == [] and _warnings(caplog) == []
+
+
+def test_a_large_cache_checks_sizes_at_open_and_checksums_on_verify(corpus, fresh, tmp_path, monkeypatch, caplog,
+                                                                     capsys):
+    """Above VERIFY_BYTES an open checks sizes and that each shard reads as Arrow;
+    `archscale tokenize --verify` checks every checksum."""
+    monkeypatch.setattr(shards, "VERIFY_BYTES", 0)
+    cfg = _cfg(corpus, tmp_path)
+    prepare(cfg)
+    paths = _shards(tmp_path)
+    _truncate(paths[1])
+    with open(paths[2], "r+b") as f:  # the Arrow header (same size): found when the shard is opened
+        f.write(b"\xff" * 64)
+    _flip_middle(paths[BAD])  # only in the tokens: not seen at open
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prep = prepare(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 2 and "cut short" in lines[0] and str(paths[1]) in lines[0], lines
+    assert str(paths[2]) in lines[1] and "does not read as Arrow" in lines[1]
+    assert "checksums by `archscale tokenize --verify`" in caplog.text
+    assert _tokens(prep) != fresh[0]  # the flipped tokens went through: the documented limit
+    caplog.clear()
+    from train.cli import main
+
+    ov = ["data.source=files", f"data.train_files=[{corpus / 'docs.jsonl'}]", "data.tokenizer=builtin-bytes",
+          "data.eval_fraction=0.1", f"data.cache_dir={tmp_path}", f"data.shard_documents={SHARD}", "data.num_proc=1"]
+    with caplog.at_level("INFO", logger="archscale.data"):
+        assert main(["tokenize", *ov, "--verify"]) == 0
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and str(paths[BAD]) in lines[0] and "checksum differs" in lines[0], lines
+    assert shards.VERIFY_BYTES == 0  # --verify is for that command only
+    assert _tokens(prepare(cfg)) == fresh[0]
+
+
+def test_a_cache_written_before_records_is_trusted_if_it_reads(corpus, fresh, tmp_path, monkeypatch, caplog):
+    cfg = _cfg(corpus, tmp_path)
+    prepare(cfg)
+    paths = _shards(tmp_path)
+    for p in paths:
+        checksums.record_path(p).unlink()
+    _truncate(paths[BAD])  # an old cache with a shard cut short: it does not read, so it is rebuilt
+    rebuilt = []
+    monkeypatch.setattr(shards, "after_shard", rebuilt.append)
+    monkeypatch.setattr(shards, "VERIFY_BYTES", 0)  # a large cache: trusted, not hashed at open
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prep = prepare(cfg)
+    assert rebuilt == [BAD] and _tokens(prep) == fresh[0]
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and str(paths[BAD]) in lines[0] and "does not read as Arrow" in lines[0], lines
+    assert caplog.text.count("have no checksum record") == 1
+    assert "6 cached shard(s) have no checksum record (written before records existed, e.g. " in caplog.text
+    assert "they read, so they are trusted; `archscale tokenize --verify` records them" in caplog.text
+    assert [checksums.has_record(p) for p in paths] == [i == BAD for i in range(7)]
+    monkeypatch.setattr(shards, "VERIFY_BYTES", 4 << 30)  # a small cache: recorded at the first open
+    caplog.clear()
+    with caplog.at_level("INFO", logger="archscale.data"):
+        assert _tokens(prepare(cfg)) == fresh[0]
+    assert "they read, so they are trusted; records written now" in caplog.text and rebuilt == [BAD]
+    assert all(checksums.problem(p) is None for p in paths)  # the next open checks them
+
+
+def test_a_corrupt_cached_tokenizer_is_named_and_trained_again(tmp_path, caplog):
+    from train.data.tokenizer import builtin_bpe_path, load_tokenizer, tokenizer_fingerprint
+
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    path = builtin_bpe_path(cfg)
+    clean = open(path, "rb").read()
+    text = "def f(x):\n    return x + 1  # a comment\n"
+    tok, _ = load_tokenizer(cfg)
+    want = (tok(text)["input_ids"], tokenizer_fingerprint(tok))
+    os.truncate(path, len(clean) // 3)
+    with caplog.at_level("INFO", logger="archscale.data"):
+        tok, _ = load_tokenizer(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert f"the cached tokenizer {path} is corrupt (it is {len(clean) // 3} bytes, written as {len(clean)}: cut " \
+           f"short); training it again" in lines[0]
+    assert (tok(text)["input_ids"], tokenizer_fingerprint(tok)) == want and open(path, "rb").read() == clean
+    # written before records existed: a whole file is trusted and recorded; one cut short is trained again
+    checksums.record_path(path).unlink()
+    caplog.clear()
+    assert builtin_bpe_path(cfg) == path and _warnings(caplog) == [] and checksums.problem(path) is None
+    checksums.record_path(path).unlink()
+    os.truncate(path, len(clean) // 3)
+    with caplog.at_level("INFO", logger="archscale.data"):
+        tok, _ = load_tokenizer(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and "it does not parse: EOF while parsing" in lines[0], lines
+    assert tokenizer_fingerprint(tok) == want[1] and open(path, "rb").read() == clean
