@@ -109,3 +109,17 @@ def test_chain_file_goes_through_the_same_reader(tmp_path, capsys):
     chain.write_text("stages:\n  - {config: a.yaml, run_dir: r, run_dir: s}\n")
     line = _refused(capsys, ["chain", str(chain), "--dry-run"])
     assert "'stages[0].run_dir' is given twice, line 2" in line
+
+
+def test_a_mapping_override_and_a_compare_grid_refuse_a_key_given_twice(tmp_path, capsys):
+    line = _refused(capsys, ["train", "optim={lr: 0.001, lr: 0.5}", "model.size=debug", "--dry-run"])
+    assert "override 'optim={lr: 0.001, lr: 0.5}': key 'lr' is given twice, line 1 (columns 2 and 13)" in line
+    from train.commands.compare import cells
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("cells:\n  - {cell: cd:flm, set: {optim.lr: 0.1, optim.lr: 0.2}}\n")
+    with pytest.raises(cells.CellError, match=r"g.yaml: key 'cells\[0\].set.optim.lr' is given twice, line 2"):
+        cells.load_grid(grid)
+    grid.write_text("cells: [cd:flm]\nset: !!python/object/apply:os.system [true]\n")
+    with pytest.raises(cells.CellError, match=r"g.yaml, line 2: not valid YAML: the tag !!python/object/apply"):
+        cells.load_grid(grid)

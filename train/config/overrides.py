@@ -22,6 +22,10 @@ def parse_override(text: str) -> tuple[list[str], Any, str]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # e.g. "a: b" unquoted: keep the text; the field's type decides
+    if isinstance(value, (dict, list)):  # `optim={lr: 1, lr: 2}`: refused as in a file (train/yamlfile.py)
+        from ..yamlfile import parse_yaml
+
+        parse_yaml(raw, f"override {text!r}")
     return key.split("."), value, raw
 
 

@@ -15,6 +15,12 @@ A grid file (`--grid cells.yaml`):
     match: params                       # as --match
     match_to: cd:flm                    # as --match-to
 
+A grid cell's own `match:` (params | flops | none) replaces the comparison's for that cell, so one
+grid holds an encoder-decoder matched on FLOPs per token beside one matched on parameters:
+
+      - {cell: ed:plm, label: ed-flops, match: flops}
+      - {cell: ed:plm, label: ed-params, match: params}
+
 Each cell's overrides come after compare's own settings and `--set`, so a cell can change its
 size, depth, lengths or any option. In a cell's own values, `{out}` is compare's --out and
 `{seed}` the seed index of the run, so a cell can start from another cell's run of the same
@@ -29,10 +35,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ... import registry
 from ...objectives.config import OBJECTIVES
 
+CELL_MATCHES = ("params", "flops", "none")  # a grid cell's own `match:` (compare --match's kinds, or none)
 CELL_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "prompted")  # pretraining: prompted needs multitask data
 
 
@@ -48,6 +56,7 @@ class Cell:
     objective: str
     overrides: tuple[str, ...] = ()
     label: str = ""
+    match: Optional[str] = None  # the grid cell's own match: params | flops | none (None: the comparison's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(self.overrides))  # a list given is kept as a tuple
@@ -132,15 +141,13 @@ def _yaml_overrides(value, where: str) -> list[str]:
 
 def load_grid(path: str | Path) -> dict:
     """A grid file -> {"cells": [Cell], "set": [...], "match": str|None, "match_to": str|None}."""
-    import yaml
+    from ...yamlfile import load_yaml
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CellError(f"grid file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CellError(f"grid file {path} is not valid YAML ({type(e).__name__}); fix the syntax") from None
+    try:  # the one YAML reader: safe tags only, no key given twice, the line of a syntax error
+        data = load_yaml(path, "grid file")
+    except ValueError as e:  # ConfigError
+        raise CellError(str(e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not data["cells"]:
         raise CellError(f"grid file {path} needs a non-empty `cells:` list (see `archscale compare --help`)")
     unknown = set(data) - {"cells", "set", "match", "match_to"}
@@ -154,12 +161,14 @@ def load_grid(path: str | Path) -> dict:
             continue
         if not isinstance(item, dict) or "cell" not in item:
             raise CellError(f"{where} must be 'ARCH:OBJECTIVE' or a mapping with `cell:` (and label, set)")
-        bad = set(item) - {"cell", "label", "set"}
+        bad = set(item) - {"cell", "label", "set", "match"}
         if bad:
-            raise CellError(f"{where}: unknown key(s) {sorted(bad)}; use cell, label, set")
+            raise CellError(f"{where}: unknown key(s) {sorted(bad)}; use cell, label, set, match")
+        if item.get("match") not in (None, *CELL_MATCHES):
+            raise CellError(f"{where}: match {item['match']!r} must be one of {', '.join(CELL_MATCHES)}")
         c = parse_cell(str(item["cell"]))
         cells.append(Cell(c.arch, c.objective, c.overrides + tuple(_yaml_overrides(item.get("set"), where)),
-                          str(item.get("label") or "")))
+                          str(item.get("label") or ""), item.get("match")))
     return {"cells": cells, "set": _yaml_overrides(data.get("set"), str(path)), "match": data.get("match"),
             "match_to": data.get("match_to")}
 
