@@ -207,3 +207,20 @@ def test_a_corrupt_cached_tokenizer_is_named_and_trained_again(tmp_path, caplog)
     lines = _warnings(caplog)
     assert len(lines) == 1 and "it does not parse: EOF while parsing" in lines[0], lines
     assert tokenizer_fingerprint(tok) == want[1] and open(path, "rb").read() == clean
+
+
+def test_a_corrupt_datasets_cache_of_the_source_files_is_built_again(corpus, fresh, tmp_path, caplog):
+    """datasets' own Arrow cache of the source files (CACHE/datasets/...) cut short: was a one-line
+    'datasets could not read N json file(s)' that blamed the files; now rebuilt from them."""
+    cfg = _cfg(corpus, tmp_path)
+    prepare(cfg)
+    (source,) = (tmp_path / "datasets").rglob("*.arrow")
+    _truncate(source)
+    for p in _shards(tmp_path):  # tokenized again from the rebuilt source: the same tokens
+        p.unlink()
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prep = prepare(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 1 and "datasets' cache of these files under" in lines[0], lines
+    assert "did not read (OSError: Expected to be able to read" in lines[0] and "built it again" in lines[0]
+    assert _tokens(prep) == fresh[0] and [p.read_bytes() for p in _shards(tmp_path)] == fresh[2]

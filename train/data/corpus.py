@@ -131,9 +131,15 @@ def load_files(files: list[str], builder: str, cfg: DataConfig, what: str):
     # files they only mislead (nothing is downloaded), and the data log line already says what was read
     was_on = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
+    cache = os.path.join(cfg.resolved_cache_dir(), "datasets")
     try:
-        ds = datasets.load_dataset(builder, data_files={"train": files}, split="train",
-                                   cache_dir=os.path.join(cfg.resolved_cache_dir(), "datasets"), **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache, **kwargs)
+        except Exception as e:  # a corrupt Arrow cache of the files (cut short, ...): built again from them
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache,
+                                       download_mode="force_redownload", **kwargs)
+            log.warning("data.%s: datasets' cache of these files under %s did not read (%s: %s); built it again from "
+                        "the files", what, cache, type(e).__name__, " ".join(str(e).split())[:120])
     except Exception as e:  # datasets wraps the cause: find a decode error to name the file
         cause = e
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
