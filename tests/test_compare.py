@@ -108,6 +108,25 @@ def test_match_sizes_the_other_family_by_width_and_depth(kind):
     assert cfg["ed-mlm"].model.overrides["head_dim"] == 16  # the debug size's head_dim is kept
 
 
+def test_a_grid_cell_chooses_its_own_match(tmp_path):
+    """su-ed-params' shape: one grid, an ED matched on FLOPs per token, one on parameters, one
+    keeping its shape, each against the same decoder."""
+    from train.commands.compare import parse_args, plan_cells
+
+    g = tmp_path / "g.yaml"
+    g.write_text("match_to: cd:plm\ncells:\n  - cd:plm\n  - {cell: ed:plm, label: ed-flops, match: flops}\n"
+                 "  - {cell: ed:plm, label: ed-params, match: params}\n  - {cell: ed:plm, label: ed-own, match: none}\n")
+    args = parse_args(["--grid", str(g), *TINY])
+    plan = plan_cells(args)
+    assert set(plan.matches) == {"ed-flops", "ed-params"} and set(plan.matched) == {"ed-flops", "ed-params"}
+    assert [plan.matches[k].kind for k in ("ed-flops", "ed-params")] == ["flops", "params"]
+    assert all(abs(m.gap) <= 0.05 and m.searched for m in plan.matches.values())
+    assert plan.matches["ed-params"].shape != plan.matches["ed-flops"].shape
+    g.write_text("cells:\n  - {cell: ed:plm, match: depth}\n")
+    with pytest.raises(C.CellError, match="match 'depth' must be one of params, flops, none"):
+        parse_args(["--grid", str(g)])
+
+
 def test_match_refuses_in_one_line_before_training(tmp_path, capsys):
     """A cell whose own overrides leave the search nothing to move: refused, with the fix."""
     from train.commands.compare import main
@@ -200,11 +219,12 @@ def test_compare_match_params_prints_both_counts_and_the_gap(tmp_path, capsys):
     cd, ed = doc["cells"]
     assert f"data: files {tmp_path / 'corpus' / '*.txt'}" in printed and "embedded corpus" not in printed
     assert "non-emb params" in printed and "emb share" in printed
-    assert "--match params to cd-flm: non-embedding parameters" in printed
+    assert "--match to cd-flm: each cell within 5% of its params" in printed
     run = ed["runs"][0]
     assert abs(ed["match"]["gap"]) <= 0.05 and ed["match"]["searched"] and not cd["match"]["searched"]
     assert ed["match"]["value"] == run["non_embedding_params"] and cd["match"]["value"] == ed["match"]["target"]
-    assert f"ED:MLM: {run['non_embedding_params']:,.0f} ({ed['match']['gap']:+.1%}), searched: d_model=" in printed
+    assert (f"ED:MLM: non-embedding parameters {run['non_embedding_params']:,.0f} against {cd['match']['value']:,.0f} "
+            f"({ed['match']['gap']:+.1%}), searched: d_model=") in printed
     share = 1 - run["non_embedding_params"] / run["params"]
     assert f"{run['non_embedding_params'] / 1e6:.3f}M" in printed and f"{run['params'] / 1e6:.3f}M" in printed
     assert f"{100 * share:.1f}%" in printed

@@ -77,19 +77,19 @@ def cell_table(cells: list[dict]) -> str:
 
 
 def match_lines(cells: list[dict]) -> list[str]:
-    """--match: the matched quantity of every cell against the named cell's, with its gap and the
-    shape (searched, or the cell's own for a cell of the named cell's family). Empty without."""
+    """--match: each matched cell's quantity against the named cell's, with its gap and shape
+    (searched, or its own for a cell of the named cell's family). Empty without --match."""
     ms = [(c, c.get("match")) for c in cells if c.get("match")]
     if not ms:
         return []
-    m0 = ms[0][1]
-    what, fmt = ("non-embedding parameters", ",.0f") if m0["kind"] == "params" else ("training FLOPs per token", ".4g")
-    out = [f"--match {m0['kind']} to {m0['to']}: {what} {m0['target']:{fmt}}, each cell within 5% "
-           f"(compare/matching.py: d_model, n_heads, d_ff, n_layers searched for the other family)"]
+    out = [f"--match to {ms[0][1]['to']}: each cell within 5% of its {' / '.join(sorted({m['kind'] for _, m in ms}))} "
+           f"(compare/matching.py: d_model, n_heads, d_ff, n_layers searched for another family)"]
     for c, m in ms:
+        what, fmt = ("non-embedding parameters", ",.0f") if m["kind"] == "params" else ("training FLOPs per token", ".4g")
         how = "searched" if m["searched"] else "its own shape"
         shape = " ".join(f"{k}={v}" for k, v in m["shape"].items())
-        out.append(f"  {c['name']}: {m['value']:{fmt}} ({m['gap']:+.1%}), {how}: {shape}")
+        out.append(f"  {c['name']}: {what} {m['value']:{fmt}} against {m['target']:{fmt}} ({m['gap']:+.1%}), "
+                   f"{how}: {shape}")
     return out
 
 

@@ -84,6 +84,11 @@ class CompareArgs:
                       "match_to": given.get("match_to") or (grid or {}).get("match_to"),
                       "grid_set": tuple(grid["set"]) if grid else (), "set": tuple(given.get("set") or ())})
 
+    def match_kind(self, cell: Cell) -> Optional[str]:
+        """What `cell` is matched on: its grid entry's own `match:` if given, else --match (None: keeps its shape)."""
+        kind = cell.match if cell.match is not None else self.match
+        return None if kind == "none" else kind
+
     def match_target(self) -> Cell:
         """The --match-to cell (label, ARCH:OBJECTIVE or its full spec; None: the first)."""
         for c in self.cells:
@@ -207,12 +212,12 @@ def plan_cells(args: CompareArgs) -> CellPlan:
 
     base = lambda c, extra=(): load_config(None, base_overrides(c, args, extra))  # noqa: E731
     matched, matches = {}, {}
-    if args.match:
-        target = args.match_target()
-        reference = base(target)
-        for c in args.cells:
+    kinds = {c.label: args.match_kind(c) for c in args.cells}
+    if any(kinds.values()):
+        reference = base(args.match_target())
+        for c in (c for c in args.cells if kinds[c.label]):
             cfg = base(c)
-            m = match_cell(args.match, reference, cfg, name=f"cell {c.label}")
+            m = match_cell(kinds[c.label], reference, cfg, name=f"cell {c.label}")
             matches[c.label] = m
             if m.searched:  # a cell of another family: the searched shape (the user's own values stay)
                 matched[c.label] = tuple(f"model.overrides.{k}={v}" for k, v in m.shape.overrides().items()
