@@ -108,6 +108,18 @@ def test_match_sizes_the_other_family_by_width_and_depth(kind):
     assert cfg["ed-mlm"].model.overrides["head_dim"] == 16  # the debug size's head_dim is kept
 
 
+def test_a_cells_own_model_override_wins_over_the_search():
+    from train.commands.compare import parse_args, plan_cells
+
+    args = parse_args(["--cells", "cd:flm", "ed:mlm:model.overrides.n_heads=2", "--match", "params", *TINY])
+    plan = plan_cells(args)
+    m = plan.matches["ed-mlm-n_heads2"]
+    assert m.shape.n_heads == 2 and abs(m.gap) <= 0.05  # the count checked is the run's, with its own heads
+    assert not any(o.startswith("model.overrides.n_heads=") for o in plan.matched["ed-mlm-n_heads2"])
+    free = plan_cells(parse_args(["--cells", "cd:flm", "ed:mlm", "--match", "params", *TINY])).matches["ed-mlm"]
+    assert m.shape.d_ff > free.shape.d_ff  # fewer heads: the search gave the MLP what attention gave up
+
+
 def test_a_grid_cell_chooses_its_own_match(tmp_path):
     """su-ed-params' shape: one grid, an ED matched on FLOPs per token, one on parameters, one
     keeping its shape, each against the same decoder."""

@@ -137,7 +137,7 @@ def search_shape(kind: str, measure: Callable[[Shape], Optional[float]], ref: Sh
             if abs(match.gap) <= tolerance and (best is None or key < best[:3]):
                 best = (*key, match)
     if best is None:
-        near = (f"the nearest, {nearest.shape.text()}, is {nearest.gap:+.1%} off" if nearest
+        near = (f"the nearest searched, {nearest.shape.text()}, is {nearest.gap:+.1%} off" if nearest
                 else "no candidate is a valid model")
         raise MatchError(f"--match {kind}: no shape of {what} (d_model a multiple of {u} up to {2 * ref.d_model}, "
                          f"1 to {max_layers} layers, d_ff a multiple of {u}) has {QUANTITY[kind]} within "

@@ -222,6 +222,8 @@ def match_cell(kind: str, reference, cfg, name: str = "the cell"):
     """The Match (compare/matching.py) of a cell's config `cfg` against the reference cell's config
     `reference` on `kind` (params | flops): the searched shape, within 5%, for a cell of another
     family; its own shape, with its gap, for one of the same family. Raises MatchError."""
+    import dataclasses
+
     from .matching import Match, Shape, quantity, search_shape
 
     ref_arch, ref_build = _model_builder(reference)
@@ -239,4 +241,5 @@ def match_cell(kind: str, reference, cfg, name: str = "the cell"):
             return None
         return quantity(kind, arch, mc, cfg.objective)
 
-    return search_shape(kind, measure, Shape.of(ref_mc), target, max_layers=4 * ref_arch.num_layers(ref_mc), what=name)
+    m = search_shape(kind, measure, Shape.of(ref_mc), target, max_layers=4 * ref_arch.num_layers(ref_mc), what=name)
+    return dataclasses.replace(m, shape=Shape.of(build(m.shape.overrides())))  # as the run has it: the user's values win
