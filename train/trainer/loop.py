@@ -7,7 +7,8 @@ and when SIGTERM / SIGUSR1 arrives (then it returns with `stopped_by` set, for a
 
 Start-up (`_start`) builds a `Trainer`; the loop (`_train`) runs its steps and calls the
 callbacks of train/trainer/callbacks.py around them: the non-finite guard, metrics and progress, the
-held-out loss, signals, checkpoints and the end of the run.
+held-out loss, signals, checkpoints and the end of the run. The Trainer holds one `Engine`
+(train/engine/engines.py), plain or pipelined: neither the loop nor a callback asks which.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from . import checkpointing as ckpt
 from .integrity import RunLock, verify_checkpoint
 from ..engine import runtime as eng
-from ..engine.engines import ENGINE_TAG, UNIVERSAL_TAG, Engine, StepLosses
+from ..engine.engines import ENGINE_TAG, UNIVERSAL_TAG, Engine, StepLosses, build_engine
 from .. import registry
 from ..atomic import atomic_path
 from .callbacks import Callback, Signals, default_callbacks
@@ -73,8 +74,8 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
     num_layers = arch.num_layers(model_config)
-    return derive(cfg, world_size, num_layers=num_layers, tokens_per_sequence=arch.tokens_per_row(cfg.objective),
-                  bf16_supported=bf16_supported)
+    # tokens per row: derive's default, the row shape's (a ConfigError when the lengths do not fit)
+    return derive(cfg, world_size, num_layers=num_layers, bf16_supported=bf16_supported)
 
 
 def train(cfg: RunConfig, *, max_steps_now: Optional[int] = None, desc: Optional[str] = None,
@@ -200,8 +201,6 @@ class Trainer:
 def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed_batch: bool) -> Trainer:
     """Check the config, prepare the data, write the run files, build the model and the engine,
     load the init weights or resume: the Trainer of the first step."""
-    from ..engine.engines import build_engine
-
     dist = eng.setup_distributed()
     arch, derived, layout, resume_dir, state = _preflight(cfg, lock, dist)
     torch.manual_seed(cfg.seed)
