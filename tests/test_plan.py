@@ -640,3 +640,128 @@ def test_reference_plan_shape():
     assert ref["total_gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in ok))
     assert all(r["peak_gib"] <= 80 * 0.9 for r in ok)
     assert rows["CD:FLM"]["tokens"] >= 168e9 and rows["CD:FLM -> NC-A (ND:MLM)"]["tokens"] >= 51e9
+
+
+# ------------------------------------------------------------------------------ any GPU (issue 31 item 3)
+NEW_GPUS = ["b200", "gb200", "mi300x", "l40s", "a10g", "v100-16gb", "v100-32gb"]
+
+
+@pytest.mark.parametrize("gpu", NEW_GPUS)
+def test_every_new_gpu_plans_debug_fits_and_the_48b_verdict_follows_its_memory(gpu):
+    g = plan.get_gpu(gpu)
+    assert g.source and g.memory_gib > 0 and (g.peak_tflops or g.fp32_tflops)
+    debug = _plan(["model.size=debug", "schedule.max_steps=10"], gpu=gpu)
+    assert debug["memory"]["fits"] and debug["hardware"]["gpu"] == gpu
+    assert debug["hardware"]["memory_gib"] == g.memory_gib
+    big = _plan(["model.size=4.8b", "schedule.max_steps=1"], gpus=8, gpu=gpu, fix=False)
+    # 4.8B at ZeRO-0 needs ~92 GiB per GPU in bf16 (more in fp32): only the >= 179 GiB GPUs hold it
+    assert big["memory"]["fits"] == (g.memory_gib * 0.9 > big["memory"]["peak_gib"])
+    assert big["memory"]["fits"] == (gpu in ("b200", "gb200", "mi300x"))
+
+
+def test_normalise_device_knows_the_new_gpus():
+    for text, name in [("NVIDIA B200", "b200"), ("NVIDIA GB200", "gb200"), ("AMD Instinct MI300X", "mi300x"),
+                       ("NVIDIA L40S", "l40s"), ("NVIDIA A10G", "a10g"), ("Tesla V100-SXM2-16GB", "v100-16gb"),
+                       ("Tesla V100-SXM2-32GB", "v100-32gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+                       ("NVIDIA H100 80GB HBM3", "h100-80gb")]:
+        assert plan.normalise_device(text) == name, text
+    assert plan.normalise_device("NVIDIA L40") is None  # not an L40S
+
+
+def test_v100_plans_in_fp32_at_the_fp32_peak_and_says_so(capsys):
+    args = ["model.size=small", "schedule.max_steps=10"]
+    v, h = _plan(args, gpu="v100-16gb", mfu=0.4), _plan(args, gpu="a100-80gb", mfu=0.4)
+    assert v["parallel"]["precision"] == "fp32" and h["parallel"]["precision"] == "bf16"
+    assert v["hardware"]["peak_tflops"] == 15.7 and v["hardware"]["bf16_tflops"] is None
+    t = v["time"]  # compute at the fp32 peak: FLOPs / (MFU x 15.7 TFLOP/s)
+    assert t["compute_seconds"] == pytest.approx(t["flops_per_step"] / (0.4 * 15.7e12))
+    # fp32 sizes: 4-byte weights (ZeRO-0, no optimizer wrapper) against bf16's 2
+    assert v["memory"]["stages"][0]["weights"] == pytest.approx(2 * h["memory"]["stages"][0]["weights"])
+    assert "v100-16gb has no bf16: planned in fp32 at 15.7 TFLOP/s" in v["hardware"]["precision_note"]
+    assert h["hardware"]["precision_note"] is None
+    assert plan.main(args + ["--gpu", "v100-16gb"]) == 0
+    out = capsys.readouterr().out
+    precision = [line for line in out.splitlines() if line.startswith("precision")]
+    assert len(precision) == 1 and "no fp16 path" in precision[0]
+    assert "15.7 TFLOP/s fp32 dense" in out
+    assert plan.main(args + ["--gpu", "v100-16gb", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["hardware"]["precision"] == printed["parallel"]["precision"] == "fp32"
+    assert printed["hardware"]["precision_note"].startswith("v100-16gb has no bf16")
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_with_the_fix(capsys):
+    with pytest.raises(plan.PlanError, match="parallel.precision=bf16 on v100-32gb, which has no bf16.*precision=fp32"):
+        _plan(["model.size=debug", "schedule.max_steps=1", "parallel.precision=bf16"], gpu="v100-32gb")
+    with pytest.raises(plan.PlanError, match="ds_preset=bf16 .*no bf16.*preset without bf16"):
+        _plan(["model.size=debug", "schedule.max_steps=1", "parallel.ds_preset=bf16"], gpu="v100-16gb")
+    assert plan.main(["model.size=debug", "schedule.max_steps=1", "--gpu", "v100-16gb",
+                      "parallel.precision=bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "set parallel.precision=fp32" in err
+
+
+def test_explicit_fp32_on_a_bf16_gpu_uses_its_fp32_peak():
+    p = _plan(["model.size=debug", "schedule.max_steps=1", "parallel.precision=fp32"], gpu="h100-80gb")
+    assert p["hardware"]["peak_tflops"] == 67.0 and p["hardware"]["precision"] == "fp32"
+
+
+def test_gpu_spec_numbers_show_up_in_the_plan(capsys):
+    args = ["model.size=small", "schedule.max_steps=10", "--mfu", "0.5"]
+    assert plan.main(args + ["--gpu-spec", "memory_gib=23.5,bf16_tflops=123,bandwidth_gbs=17"]) == 0
+    out = capsys.readouterr().out
+    assert "1 x custom (--gpu-spec memory_gib=23.5,bf16_tflops=123,bandwidth_gbs=17): 23.5 GiB, 123 TFLOP/s bf16" in out
+    assert "usable: 23.5 GiB - 10% headroom = 21.15 GiB" in out
+    assert plan.main(args + ["--gpu-spec", "memory_gib=23.5,bf16_tflops=123,bandwidth_gbs=17", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["hardware"]["memory_gib"] == 23.5 and p["hardware"]["peak_tflops"] == 123.0
+    assert p["hardware"]["interconnect_gbs"] == 17.0
+    assert p["time"]["compute_seconds"] == pytest.approx(p["time"]["flops_per_step"] / (0.5 * 123e12))
+    # without bf16_tflops: a GPU without bf16, planned in fp32 at fp32_tflops
+    g = plan.parse_gpu_spec("memory_gib=16,fp32_tflops=14,bandwidth_gbs=16")
+    p = _plan(["model.size=small", "schedule.max_steps=10"], gpu=g)
+    assert p["parallel"]["precision"] == "fp32" and p["hardware"]["peak_tflops"] == 14.0
+    assert "custom has no bf16: planned in fp32 at 14 TFLOP/s" in p["hardware"]["precision_note"]
+
+
+def test_gpu_spec_with_gpu_overrides_those_fields_only():
+    g = plan.parse_gpu_spec("memory_gib=10,network_gbs=12.5", plan.get_gpu("a100-80gb"))
+    base = plan.get_gpu("a100-80gb")
+    assert (g.name, g.memory_gib, g.network_gbs) == ("a100-80gb", 10.0, 12.5)
+    assert (g.peak_tflops, g.nvlink_gbs, g.gpus_per_node) == (base.peak_tflops, base.nvlink_gbs, base.gpus_per_node)
+    p = _plan(["model.size=debug", "schedule.max_steps=1"], gpus=16, gpu=g)
+    assert p["hardware"]["memory_gib"] == 10.0 and p["hardware"]["interconnect_gbs"] == 12.5
+    assert p["hardware"]["gpu_spec"] == "memory_gib=10,network_gbs=12.5"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("memory_gib=24,bf16_tflop=30,bandwidth_gbs=16", "unknown key 'bf16_tflop'; valid keys: memory_gib, bf16_tflops"),
+    ("memory_gib=lots,bf16_tflops=30,bandwidth_gbs=16", "memory_gib='lots' is not a number"),
+    ("memory_gib=24,bf16_tflops=-3,bandwidth_gbs=16", "bf16_tflops=-3 must be a positive number"),
+    ("memory_gib=24,bf16_tflops=30,bandwidth_gbs=16,gpus_per_node=4.5", "gpus_per_node='4.5' is not a whole number"),
+    ("memory_gib=24,bf16_tflops=30,bandwidth_gbs", "item 'bandwidth_gbs' is not KEY=VALUE"),
+    ("memory_gib=24,memory_gib=30,bf16_tflops=1,bandwidth_gbs=1", "memory_gib is given twice"),
+    ("memory_gib=24,bandwidth_gbs=16", "needs bf16_tflops (or fp32_tflops for a GPU without bf16)"),
+    ("bf16_tflops=30", "needs memory_gib, bandwidth_gbs"),
+])
+def test_bad_gpu_specs_are_one_line_errors(spec, message, capsys):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan.parse_gpu_spec(spec)
+    assert plan.main(["model.size=debug", "schedule.max_steps=1", "--gpu-spec", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --gpu-spec") and "\n" not in err
+
+
+def test_unknown_gpu_names_the_table_and_gpu_spec(capsys):
+    assert plan.main(["model.size=debug", "schedule.max_steps=1", "--gpu", "v100"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown GPU 'v100'" in err and "v100-16gb" in err and "--gpu-spec memory_gib=" in err
+
+
+def test_gpu_spec_across_nodes_needs_a_network_figure():
+    g = plan.parse_gpu_spec("memory_gib=80,bf16_tflops=300,bandwidth_gbs=100,gpus_per_node=4")
+    with pytest.raises(plan.PlanError, match="no network_gbs: add network_gbs="):
+        _plan(["model.size=debug", "schedule.max_steps=1"], gpus=8, gpu=g)
+    assert _plan(["model.size=debug", "schedule.max_steps=1"], gpus=4, gpu=g)["hardware"]["interconnect_gbs"] == 100
+    assert _plan(["model.size=debug", "schedule.max_steps=1"], gpus=8, gpu=g, bandwidth_gbs=5)["hardware"][
+        "interconnect_gbs"] == 5

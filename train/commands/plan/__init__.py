@@ -38,7 +38,7 @@ parameter with its shape: a row and a column of the second moment per matrix, 4 
 a full vector for 1-D parameters; + 4P for a first moment when optim.beta1 is set); Adafactor flat
 (whenever DeepSpeed hands it flat partitions: ZeRO >= 1 and BF16_Optimizer): 4P (+4P with beta1).
 
-Modules: hardware (the GPUs), mfu (measured / assumed MFU, checkpointing's recompute), shapes
+Modules: hardware (the GPUs, --gpu-spec), mfu (measured / assumed MFU, checkpointing's recompute), shapes
 (parameter shapes per pipeline layer, over the registry's layer layout; stage boundaries),
 memory (model states, buffers), activations, timing (step time, communication), planner
 (plan_config, plan, find_fix), fix (the fix search), reference (the reference experiment),
@@ -50,7 +50,7 @@ from .activations import (activation_bytes, head_loss_bytes, layer_activation_by
                           resolve_loss_impl)
 from .fix import FIX_ORDER, _apply, _candidates, _fix_result, _overrides_of
 from .hardware import (DEFAULT_CPU_ADAM_PARAMS_PER_S, DEFAULT_HEADROOM, DEFAULT_PCIE_GBS, GIB, GPU, GPU_ALIASES, GPUS,
-                       REPO, get_gpu, normalise_device)
+                       REPO, SPEC_KEYS, get_gpu, normalise_device, parse_gpu_spec)
 from .memory import (ModelStates, adafactor_is_flat, adafactor_state_bytes, buffer_bytes, model_state_bytes,
                      optimizer_wrapper, pipeline_buffer_bytes)
 from .mfu import (CHECKPOINT_POLICIES, DEFAULT_MFU, SELECTIVE_RECOMPUTE, _bench_entries, _bench_policy, _float,
@@ -72,5 +72,5 @@ __all__ = [
     "measured_mfu", "model_shapes", "model_state_bytes", "normalise_device", "numel", "optimizer_wrapper",
     "param_shapes", "partition_balanced", "pipeline_bubble", "pipeline_buffer_bytes", "pipeline_layout",
     "pipeline_parts", "plan", "plan_config", "recompute_factor", "reference_plan", "resolve_loss_impl",
-    "ring_seconds", "stage_shapes", "step_time",
+    "ring_seconds", "stage_shapes", "step_time", "parse_gpu_spec", "SPEC_KEYS",
 ]

@@ -26,19 +26,20 @@ Changes that would hand Adafactor flat partitions (ZeRO >= 1, or pipeline stages
 skipped unless optim.allow_flat_adafactor=true: the config refuses them too."""
 
 
-def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str], str]]:
-    """(description, overrides, kind) for each single change of FIX_ORDER that applies to `cfg`."""
+def _candidates(cfg, gpus: int, n_blocks: int, bf16_supported: bool = True) -> list[tuple[str, list[str], str]]:
+    """(description, overrides, kind) for each single change of FIX_ORDER that applies to `cfg`
+    (precision=auto resolved as on the GPU: bf16 where it has bf16, else fp32)."""
     from ...config.presets import resolve_parallel
 
     p = cfg.parallel
-    par = resolve_parallel(p, bf16_supported=True)
+    par = resolve_parallel(p, bf16_supported=bf16_supported)
     base = ["parallel.ds_preset=null", f"parallel.zero_stage={par.zero_stage}",
             f"parallel.offload_optimizer={str(par.offload_optimizer).lower()}",
             f"parallel.offload_param={str(par.offload_param).lower()}", f"parallel.precision={par.precision}"]
     if p.global_batch_size is None:  # keep the global batch fixed while the micro-batch changes
         from ...config import derive
 
-        d = derive(cfg, gpus, bf16_supported=True)
+        d = derive(cfg, gpus, bf16_supported=bf16_supported)
         base += [f"parallel.global_batch_size={d.global_batch_size}", "parallel.gradient_accumulation_steps=null"]
     else:
         base += ["parallel.gradient_accumulation_steps=null"]
@@ -80,7 +81,7 @@ def _candidates(cfg, gpus: int, n_blocks: int) -> list[tuple[str, list[str], str
 
 
 
-def search(cfg, plan_once: Callable[[Any], dict], *, gpus: int, vocab=None) -> dict:
+def search(cfg, plan_once: Callable[[Any], dict], *, gpus: int, vocab=None, bf16_supported: bool = True) -> dict:
     """find_fix's search (its docstring), planning each candidate with `plan_once(cfg) -> plan`."""
     from ... import registry
     from ...config import ConfigError
@@ -99,7 +100,7 @@ def search(cfg, plan_once: Callable[[Any], dict], *, gpus: int, vocab=None) -> d
             return None, None
         return new, p
 
-    singles = _candidates(cfg, gpus, n_blocks)
+    singles = _candidates(cfg, gpus, n_blocks, bf16_supported)
     tried = [desc for desc, _, _ in singles]
     for desc, ov, _ in singles:
         _, p = attempt(cfg, ov)

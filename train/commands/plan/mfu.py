@@ -77,7 +77,8 @@ def _from_bench_row(row, env: dict) -> Optional[dict]:
     gpu = normalise_device(str(env.get("device", "")))
     if gpu is None:
         return None
-    return {"mfu": _float(row["tflops"]) / GPUS[gpu].peak_tflops, "device": env["device"],
+    peak = GPUS[gpu].peak_tflops or GPUS[gpu].fp32_tflops  # a GPU without bf16 (V100) ran in fp32
+    return {"mfu": _float(row["tflops"]) / peak, "device": env["device"],
             "arch": str(row.get("name", "")).split(":")[0].lower(), "checkpointing": row.get("checkpointing") or "none",
             "bench_row": row.get("name")}
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import fix as _fix
 from .activations import activation_bytes, resolve_loss_impl
-from .hardware import DEFAULT_HEADROOM, GIB, REPO, get_gpu
+from .hardware import DEFAULT_HEADROOM, GIB, GPU, REPO, get_gpu
 from .memory import (adafactor_is_flat, adafactor_state_bytes, buffer_bytes, model_state_bytes, optimizer_wrapper,
                      pipeline_buffer_bytes)
 from .mfu import CHECKPOINT_POLICIES
@@ -46,9 +46,10 @@ class _Run:
     loss_impl: str          # the loss implementation the model resolves on CUDA
 
 
-def _resolve(cfg, gpus: int, vocab: Optional[int]) -> _Run:
-    """The registry entry, model config, derived numbers and preset of `cfg`; PlanError for a
-    config that cannot run at all."""
+def _resolve(cfg, gpus: int, vocab: Optional[int], g: GPU) -> _Run:
+    """The registry entry, model config, derived numbers and preset of `cfg` on GPUs `g`
+    (precision=auto resolves to bf16 where `g` has it, else fp32); PlanError for a config that
+    cannot run at all."""
     from ... import registry
     from ...config import ConfigError, derive
     from ...config.presets import load_preset
@@ -57,9 +58,10 @@ def _resolve(cfg, gpus: int, vocab: Optional[int]) -> _Run:
     model_config = spec.make_config(cfg.model, vocab)
     n_blocks = spec.num_layers(model_config)
     try:
-        d = derive(cfg, gpus, num_layers=n_blocks, bf16_supported=True)
+        d = derive(cfg, gpus, num_layers=n_blocks, bf16_supported=g.has_bf16)
     except ConfigError as e:
         raise PlanError(str(e)) from None
+    _check_precision(cfg, d.precision, g)
     try:
         preset = load_preset(d.ds_preset)
     except Exception:  # a preset path that is not here: plan with DeepSpeed's defaults
@@ -79,6 +81,28 @@ def _resolve(cfg, gpus: int, vocab: Optional[int]) -> _Run:
         raise PlanError(f"parallel.checkpoint_policy={cfg.parallel.checkpoint_policy!r} is not valid; choose one of "
                         f"full, selective")
     return _Run(spec, model_config, n_blocks, d, preset, grad_accum, sub_group, lengths, policy, loss_impl)
+
+
+def _check_precision(cfg, precision: str, g: GPU) -> None:
+    """bf16 asked for (parallel.precision or the named preset's bf16.enabled) on a GPU without
+    it: PlanError with the fix. The trainer has bf16 and fp32 paths only (no fp16 loss scaling),
+    so there is nothing narrower than fp32 to fall back to on a V100."""
+    if precision != "bf16" or g.has_bf16:
+        return
+    asked = "parallel.precision=bf16" if cfg.parallel.precision == "bf16" else \
+        f"parallel.ds_preset={cfg.parallel.ds_preset} (bf16.enabled)"
+    fix = "set parallel.precision=fp32 (or leave it auto: fp32 on this GPU)" if cfg.parallel.precision == "bf16" \
+        else "name a preset without bf16 (zero0-zero3) or none, with parallel.precision=auto or fp32"
+    raise PlanError(f"{asked} on {g.name}, which has no bf16 (the trainer has no fp16 path): {fix}")
+
+
+def _precision_note(g: GPU, precision: str, peak: float) -> Optional[str]:
+    """One line saying which precision the plan assumed, for a GPU without bf16; None otherwise."""
+    if g.has_bf16:
+        return None
+    fp16 = f"; its {g.fp16_tflops:g} TFLOP/s fp16 tensor peak goes unused" if g.fp16_tflops else ""
+    return (f"{g.name} has no bf16: planned in {precision} at {peak:g} TFLOP/s dense, {precision} sizes for weights, "
+            f"gradients and activations (the trainer has no fp16 path{fp16})")
 
 
 def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int) -> dict:
@@ -115,15 +139,16 @@ def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int)
     }
 
 
-def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float = DEFAULT_HEADROOM,
+def plan_config(cfg, *, gpus: int = 1, gpu: "str | GPU" = "h100-80gb", headroom: float = DEFAULT_HEADROOM,
                 mfu: Optional[float] = None, bandwidth_gbs: Optional[float] = None, vocab: Optional[int] = None,
                 bench_dir: Path = REPO / "bench", fix: bool = True) -> dict:
-    """The plan of one run config on `gpus` GPUs of kind `gpu`, as a JSON-ready dict.
+    """The plan of one run config on `gpus` GPUs of kind `gpu` (a name of the GPU table or a
+    hardware.GPU, e.g. from --gpu-spec), as a JSON-ready dict.
 
     Raises PlanError (with the config machinery's message) for a config that cannot run at all.
     """
     g = get_gpu(gpu)
-    run = _resolve(cfg, gpus, vocab)
+    run = _resolve(cfg, gpus, vocab, g)
     d, mc = run.d, run.model_config
     parts = pipeline_parts(mc, d.pipeline_stages, cfg.parallel.pipeline_partition)
     largest = largest_layer_params(mc)
@@ -134,19 +159,28 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
     fits = worst["peak"] <= usable
     multi_node = gpus > g.gpus_per_node
     bw = bandwidth_gbs or (g.network_gbs if multi_node else g.nvlink_gbs)
+    if bw is None:
+        raise PlanError(f"{gpus} GPUs span nodes of {g.gpus_per_node} and --gpu-spec gives no network_gbs: add "
+                        f"network_gbs=... (GB/s per GPU between nodes) to --gpu-spec, or pass --bandwidth")
+    try:
+        peak = g.peak_for(d.precision)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     flops = (run.spec.row_flops(mc, cfg.objective), run.spec.step_flops(mc, cfg.objective, d.global_batch_size))
     time = step_time(cfg, d, mc, run.lengths, flops, run.policy, g, gpus, worst["parameters"], bw, run.grad_accum,
                      mfu, bench_dir)
     interconnect = "network (per GPU, between nodes)" if multi_node and not bandwidth_gbs else \
-        ("given" if bandwidth_gbs else "NVLink (one node)")
+        ("given" if bandwidth_gbs else f"{g.link} (one node)")
     plan = {
         "schema": 1,
         "model": _model_section(cfg, run, largest),
         "objective": {"name": cfg.objective.name, "encoder_tokens": run.lengths.encoder,
                       "decoder_tokens": run.lengths.decoder, "tokens_per_row": d.tokens_per_sequence},
-        "hardware": {"gpu": g.name, "gpus": gpus, "memory_gib": g.memory_gib, "peak_tflops": g.peak_tflops,
+        "hardware": {"gpu": g.name, "gpus": gpus, "memory_gib": g.memory_gib, "peak_tflops": peak,
+                     "precision": d.precision, "precision_note": _precision_note(g, d.precision, peak),
+                     "bf16_tflops": g.peak_tflops, "fp32_tflops": g.fp32_tflops, "fp16_tflops": g.fp16_tflops,
                      "headroom": headroom, "usable_gib": usable / GIB, "interconnect_gbs": bw,
-                     "interconnect": interconnect, "source": g.source},
+                     "interconnect": interconnect, "gpu_spec": g.spec or None, "source": g.source},
         "parallel": _parallel_section(cfg, run, wrapper),
         "memory": {"stages": [{k: (v / GIB if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
                    "binding_stage": worst["stage"], "peak_gib": worst["peak"] / GIB, "usable_gib": usable / GIB,
@@ -156,7 +190,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: str = "h100-80gb", headroom: float =
         "fix": None,
     }
     if not fits and fix:
-        plan["fix"] = find_fix(cfg, gpus=gpus, gpu=gpu, headroom=headroom, vocab=vocab, bench_dir=bench_dir,
+        plan["fix"] = find_fix(cfg, gpus=gpus, gpu=g, headroom=headroom, vocab=vocab, bench_dir=bench_dir,
                                mfu=mfu, bandwidth_gbs=bandwidth_gbs)
     return plan
 
@@ -190,7 +224,7 @@ def _warnings(cfg, d, wrapper: str, flat: bool) -> list[str]:
 
 
 
-def find_fix(cfg, *, gpus: int, gpu: str, headroom: float = DEFAULT_HEADROOM, vocab: Optional[int] = None,
+def find_fix(cfg, *, gpus: int, gpu: "str | GPU", headroom: float = DEFAULT_HEADROOM, vocab: Optional[int] = None,
              bench_dir: Path = REPO / "bench", mfu: Optional[float] = None,
              bandwidth_gbs: Optional[float] = None) -> dict:
     """The first change (fix.FIX_ORDER) under which the run fits: {"change", "overrides", "peak_gib",
@@ -202,7 +236,7 @@ def find_fix(cfg, *, gpus: int, gpu: str, headroom: float = DEFAULT_HEADROOM, vo
         return plan_config(new, gpus=gpus, gpu=gpu, headroom=headroom, vocab=vocab, bench_dir=bench_dir,
                            mfu=mfu, bandwidth_gbs=bandwidth_gbs, fix=False)
 
-    return _fix.search(cfg, plan_once, gpus=gpus, vocab=vocab)
+    return _fix.search(cfg, plan_once, gpus=gpus, vocab=vocab, bf16_supported=get_gpu(gpu).has_bf16)
 
 
 def plan(config_path: Optional[str] = None, overrides: Sequence[str] = (), **kwargs) -> dict:

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Optional
 
-from .hardware import DEFAULT_HEADROOM, GPUS, get_gpu
+from .hardware import DEFAULT_HEADROOM, GPUS, SPEC_SYNTAX, get_gpu, parse_gpu_spec
 from .mfu import DEFAULT_MFU
 from .planner import PlanError, plan
 from .reference import format_reference, reference_plan
@@ -28,12 +28,13 @@ def _run_lines(p: dict) -> list[str]:
     m, h, par, t, ob = p["model"], p["hardware"], p["parallel"], p["time"], p["objective"]
     toks = (f"encoder {ob['encoder_tokens']} / decoder {ob['decoder_tokens']} tokens" if ob["encoder_tokens"]
             else f"{ob['decoder_tokens']} tokens")
-    return [
+    lines = [
         f"model      {m['arch'].upper()} {m['size']}: {m['parameters']:,} parameters (vocab {m['vocab_size']}, "
         f"{m['layers']} blocks); objective {ob['name']} ({toks} per row); loss {m['loss_impl_resolved']}"
         + (" (auto on CUDA)" if m["loss_impl"] == "auto" else "")
         + (f", chunks of {m['loss_chunk_size']} rows" if m["loss_impl_resolved"] == "chunked" else ""),
-        f"hardware   {h['gpus']} x {h['gpu']}: {h['memory_gib']} GiB, {h['peak_tflops']:g} TFLOP/s bf16 dense, "
+        f"hardware   {h['gpus']} x {h['gpu']}" + (f" (--gpu-spec {h['gpu_spec']})" if h.get("gpu_spec") else "")
+        + f": {h['memory_gib']} GiB, {h['peak_tflops']:g} TFLOP/s {h.get('precision', 'bf16')} dense, "
         f"{h['interconnect_gbs']:g} GB/s {h['interconnect']}",
         f"layout     {par['pipeline_stages']} pipeline stage(s) x {par['data_parallel']} data-parallel; micro-batch "
         f"{par['micro_batch_size']} x accumulation {par['gradient_accumulation_steps']} = global "
@@ -43,6 +44,9 @@ def _run_lines(p: dict) -> list[str]:
         + f", optimizer {par['optimizer']} under {par['optimizer_wrapper']}, activation checkpointing "
         + (par["checkpoint_policy"] if par["activation_checkpointing"] else "off") + f" (preset {par['ds_preset']})",
     ]
+    if h.get("precision_note"):  # a GPU without bf16: which precision the plan assumed
+        lines.insert(2, f"precision  {h['precision_note']}")
+    return lines
 
 
 _MEMORY_ROWS = [("parameters on the GPU's stage", "parameters"), ("weights", "weights"), ("gradients", "gradients"),
@@ -103,7 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  "(analytic; no GPU, no DeepSpeed, no model built). See docs/planning.md.")
     ap.add_argument("args", nargs="*", help="[CONFIG.yaml] then overrides a.b=c (defaults < file < overrides)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default 1; --reference: 64)")
-    ap.add_argument("--gpu", default="h100-80gb", help=f"GPU kind: {', '.join(GPUS)} (default h100-80gb)")
+    ap.add_argument("--gpu", default=None, help=f"GPU kind: {', '.join(GPUS)} (default h100-80gb; the table "
+                    "with its sources: docs/planning.md)")
+    ap.add_argument("--gpu-spec", default=None, metavar="K=V,...", help=f"a GPU the table lacks: {SPEC_SYNTAX} "
+                    "(GiB, dense TFLOP/s, GB/s one way); with --gpu, overrides those fields of the named GPU")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilisation to assume (default: measured "
                     f"in bench/ for this GPU, else {DEFAULT_MFU})")
@@ -113,15 +120,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model size's, 32128 for "
                     "the reference sizes; the trainer takes it from the tokenizer)")
     ap.add_argument("--reference", action="store_true", help="the reference experiment's plan (docs/planning.md)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may follow the options: CONFIG --gpu G a.b=c
     try:
-        get_gpu(a.gpu)
+        g = get_gpu(a.gpu or "h100-80gb") if a.gpu or not a.gpu_spec else None
+        if a.gpu_spec is not None:
+            g = parse_gpu_spec(a.gpu_spec, g)
         if a.reference:
-            ref = reference_plan(a.gpus or 64, a.gpu, mfu=a.mfu, headroom=a.headroom)
+            ref = reference_plan(a.gpus or 64, g if g.spec else g.name, mfu=a.mfu, headroom=a.headroom)
+            ref["gpu"] = g.name + (f" (--gpu-spec {g.spec})" if g.spec else "")
             print(json.dumps(ref, indent=1) if a.json else format_reference(ref))
             return 0
         path, overrides = split_config_args(a.args)
-        p = plan(path, overrides, gpus=a.gpus or 1, gpu=a.gpu, mfu=a.mfu, headroom=a.headroom,
+        p = plan(path, overrides, gpus=a.gpus or 1, gpu=g, mfu=a.mfu, headroom=a.headroom,
                  bandwidth_gbs=a.bandwidth, vocab=a.vocab)
     except (PlanError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -83,7 +83,7 @@ def step_time(cfg, d, model_config, lengths: "Lengths", flops: tuple[float, floa
         mfu_used, mfu_source = DEFAULT_MFU, f"assumed default {DEFAULT_MFU} (no bench/ measurement for {g.name})"
     # a measured MFU already includes the recompute of the policy it was measured with
     recompute = recompute_factor(policy) / recompute_factor(bench["checkpoint_policy"] if bench else "none")
-    compute_s = flops_step / gpus / (mfu_used * g.peak_tflops * 1e12) * recompute
+    compute_s = flops_step / gpus / (mfu_used * g.peak_for(d.precision) * 1e12) * recompute  # bf16 or fp32 peak
     bubble = pipeline_bubble(S, M)
     compute_s /= (1 - bubble)
     comm = _comm_seconds(d, model_config, lengths, stage_params, bw, grad_accum)
