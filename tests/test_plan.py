@@ -765,3 +765,14 @@ def test_gpu_spec_across_nodes_needs_a_network_figure():
     assert _plan(["model.size=debug", "schedule.max_steps=1"], gpus=4, gpu=g)["hardware"]["interconnect_gbs"] == 100
     assert _plan(["model.size=debug", "schedule.max_steps=1"], gpus=8, gpu=g, bandwidth_gbs=5)["hardware"][
         "interconnect_gbs"] == 5
+
+
+def test_a_bench_run_on_a_v100_gives_its_mfu_over_the_fp32_peak(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({
+        "env": {"device": "Tesla V100-SXM2-32GB", "smoke": False},
+        "rows": [{"group": "archscale", "name": "CD:FLM", "shape": "", "ms": 1.0, "tflops": 7.85,
+                  "checkpointing": "none"}]}))
+    assert plan.measured_mfu("v100-32gb", "cd", "small", bench_dir=tmp_path)["mfu"] == pytest.approx(7.85 / 15.7)
+    assert plan.measured_mfu("v100-16gb", "cd", "small", bench_dir=tmp_path) is None
+    p = _plan(["model.size=small", "schedule.max_steps=10"], gpu="v100-32gb", bench_dir=tmp_path)
+    assert p["time"]["mfu"] == pytest.approx(0.5) and "measured" in p["time"]["mfu_source"]
