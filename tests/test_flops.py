@@ -43,8 +43,8 @@ def _data(work: Path) -> list[str]:
             "logging.every_n_steps=1"]
 
 
-COMPARE = dict(size="debug", seq_len=SEQ, micro_batch=MICRO, tokens=1, eval_every=0, eval_batches=1,
-               checkpoint_every=1000)
+COMPARE = dict(size="debug", seq_len=SEQ, micro_batch=MICRO, budget=f"steps={STEPS}", eval_every=0, eval_batches=1,
+               checkpoint_every=1000)  # the budget in steps: compare refuses a schedule that misses its budget
 
 
 def _compare_args(work: Path) -> list[str]:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .config import ObjectiveConfig
+
+# numpy is imported where used: derive reads tokens_per_row through the registry on a login node
+# (`archscale submit`, config loading), which imports neither numpy nor torch (tests/test_config.py)
 
 MIN_PIECE = 2  # one token to condition on and one to predict; shorter pieces are skipped and counted
 
@@ -106,10 +107,14 @@ class DecoderRows(RowShape):
 
     def footprint(self, inputs_length, targets_length):
         """inputs + targets, 0."""
+        import numpy as np
+
         return inputs_length + targets_length, np.zeros_like(np.asarray(targets_length))
 
     def fitting_footprint(self, variant, n):
         """inputs + targets is deterministic (a PLM split only moves the border)."""
+        import numpy as np
+
         return variant.total_length(n), np.zeros_like(n)
 
     def text(self) -> str:
@@ -211,6 +216,8 @@ class EncoderDecoderLayout:
 def max_fitting_piece(variant, shape: RowShape, what: str, cap: int | None = None) -> int:
     """Largest n such that every piece of m in [MIN_PIECE, n] tokens fits an empty row, whatever its
     random draw (split point) turns out to be."""
+    import numpy as np
+
     cap_a, cap_b = shape.capacity
     bound = 4 * (cap_a + cap_b) + 16
     n = np.arange(MIN_PIECE, bound + 1)

@@ -16,7 +16,7 @@ class DecoderSpec(ArchSpec):
     @property
     def layout(self):
         """How train/objectives lays out this architecture's rows."""
-        from ..objectives.core import DecoderLayout
+        from ..objectives.rows import DecoderLayout
 
         return DecoderLayout(self.bidirectional_prefix)
 
@@ -85,18 +85,11 @@ class DecoderSpec(ArchSpec):
         """The rank a full attention matrix over `ids` rows can have."""
         return ids.shape[1]
 
-    def row_lengths(self, objective) -> Lengths:
-        self.check_objective(objective.name)
-        return Lengths(decoder=objective.seq_length)
-
-    def tokens_per_row(self, objective) -> int:
-        return objective.seq_length
-
     def row_flops(self, config, objective) -> float:
         """One row of seq_length T: causal (CD, and every FLM row); ND: prefix = inputs_length for
-        mlm / ul2 / prompted, uniform over the row for plm (the mean over split points)."""
-        self.check_objective(objective.name)
-        o, T = objective, objective.seq_length
+        mlm / ul2 / prompted, uniform over the row for plm (the mean over split points). T is the
+        row shape's (`row_shape`: the rows the packer fills)."""
+        o, T = objective, self.row_shape(objective).tokens_per_row
         if not self.bidirectional_prefix or o.name == "flm":
             return train_flops(config, T)
         if o.name == "plm":

@@ -15,7 +15,7 @@ class EncoderDecoderSpec(ArchSpec):
     @property
     def layout(self):
         """How train/objectives lays out this architecture's rows."""
-        from ..objectives.core import EncoderDecoderLayout
+        from ..objectives.rows import EncoderDecoderLayout
 
         return EncoderDecoderLayout()
 
@@ -77,32 +77,22 @@ class EncoderDecoderSpec(ArchSpec):
         """Each stack sees half of a row."""
         return ids.shape[1] // 2
 
-    def row_lengths(self, objective) -> Lengths:
-        self.check_objective(objective.name)
-        if objective.name == "plm":
-            return Lengths(decoder=objective.seq_length, encoder=objective.seq_length)
-        return Lengths(decoder=objective.targets_length, encoder=objective.inputs_length)
-
-    def tokens_per_row(self, objective) -> int:
-        """inputs_length + targets_length (reference: 512 + 114 = 626, the decoder's 626); plm:
-        seq_length (its examples of seq_length // k tokens, split between encoder and decoder)."""
-        if objective.name == "plm":
-            return objective.seq_length
-        return objective.inputs_length + objective.targets_length
-
     def row_flops(self, config, objective) -> float:
-        """Encoder inputs_length / decoder targets_length; plm: `ed_plm_examples_per_row` examples
-        of seq_length // k tokens, each split uniformly (mean over split points), plus the padding
-        of both rows (on average half of each) counted as one more example, as computed."""
-        self.check_objective(objective.name)
-        o = objective
-        if o.name != "plm":
-            return train_flops(config, o.inputs_length, target_len=o.targets_length)
-        k, T = o.ed_plm_examples_per_row, o.seq_length
-        n = T // k
+        """Encoder / decoder rows as the row shape gives them (`row_shape`, the rows the packer
+        fills). mlm, ul2, prompted: one example of inputs_length / targets_length. plm: the row
+        holds k = tokens_per_row // n examples of n = the layout's plm_piece (seq_length // k)
+        tokens, each split uniformly (the mean over split points), plus the padding of both rows
+        (encoder_length - k n / 2 and decoder_length - k n / 2 on average) counted as one more
+        example, as the model computes it."""
+        shape = self.row_shape(objective)
+        enc, dec = shape.lengths
+        if objective.name != "plm":
+            return train_flops(config, enc, target_len=dec)
+        n = self.layout.plm_piece(objective, None, shape)
+        k = shape.tokens_per_row // n
         real = k * sum(train_flops(config, p, target_len=n - p) for p in range(1, n)) / (n - 1)
-        pad = T - k * n / 2  # tokens of padding in each of the two rows, on average
-        return real + train_flops(config, int(round(pad)), target_len=int(round(pad)))
+        pad_enc, pad_dec = (int(round(side - k * n / 2)) for side in (enc, dec))  # tokens of padding, on average
+        return real + train_flops(config, pad_enc, target_len=pad_dec)
 
     def random_batch(self, rows: int, lengths: Lengths, vocab_size: int, generator) -> dict:
         import torch

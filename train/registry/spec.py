@@ -115,17 +115,30 @@ class ArchSpec:
     # ------------------------------------------------------------------ family: rows and FLOPs
     @property
     def layout(self):
-        """family: how train/objectives lays out rows (objectives.core's DecoderLayout or
-        EncoderDecoderLayout): build_objective(cfg, spec, tokens) asks it."""
+        """family: how train/objectives lays out rows (objectives.rows' DecoderLayout or
+        EncoderDecoderLayout): build_objective(cfg, spec, tokens) and `row_shape` ask it."""
         raise NotImplementedError
+
+    def row_shape(self, objective):
+        """The row train/objectives packs for this objective (objectives.rows.RowShape): the one
+        owner of a row's lengths and of the tokens it carries, which the packer fills and
+        `row_lengths`, `tokens_per_row` and `row_flops` read. Raises ValueError (one line, with the
+        fix) for an objective that does not fit, or lengths that do not fit each other."""
+        self.check_objective(objective.name)
+        return self.layout.shape(objective, self.name)
 
     def row_lengths(self, objective) -> Lengths:
-        """family: the row shape train/objectives produces (ObjectiveConfig's docstring)."""
-        raise NotImplementedError
+        """The lengths the model reads per row: `row_shape`'s (encoder, decoder)."""
+        encoder, decoder = self.row_shape(objective).lengths
+        return Lengths(decoder=decoder, encoder=encoder)
 
     def tokens_per_row(self, objective) -> int:
-        """family: tokens a batch row carries, the unit of the token budget (tokens seen)."""
-        raise NotImplementedError
+        """Tokens a full batch row carries (encoder + decoder for ED), the unit of the token
+        budget (tokens seen; train/config/derived.py) and the packer's total per row: the row
+        shape's. Rows are full but for padding (document ends, an ED row whose two sides fill
+        unevenly); compare counts a cell's real stream to meet its budget (commands/compare/sizing.py)."""
+        return self.row_shape(objective).tokens_per_row
+
 
     def row_flops(self, config, objective) -> float:
         """family: expected training FLOPs of one batch row as computed (model_zoo.train_flops;

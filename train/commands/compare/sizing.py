@@ -75,12 +75,11 @@ def global_batch(cfg) -> int:
     """The cell's global batch in rows on one process (as compare trains it): derive's answer."""
     import dataclasses
 
-    from ... import registry
     from ...config import derive
 
     if cfg.schedule.max_steps is None and cfg.schedule.train_tokens is None:  # derive needs a length; any will do
         cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, max_steps=1))
-    return derive(cfg, 1, tokens_per_sequence=registry.get(cfg.model.arch).tokens_per_row(cfg.objective)).global_batch_size
+    return derive(cfg, 1).global_batch_size
 
 
 def _counted_steps(cfg, world_size: int = 1, flops: bool = False):
