@@ -411,4 +411,7 @@ def _to_universal(step_dir: Path) -> str:
 
 
 def _bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """Whether precision=auto may choose bf16: a CUDA device with bf16 in hardware. Emulated bf16
+    (what is_bf16_supported() also counts by default, e.g. on a V100) is slower than fp32 there,
+    and the planner plans such a GPU in fp32 (train/commands/plan/hardware.py)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
