@@ -64,8 +64,10 @@ class ObjectiveConfig:
     Row lengths by architecture family:
       decoder (cd, nd): rows of `seq_length` tokens (inputs and targets concatenated);
       encoder-decoder (ed): encoder rows / decoder rows of
-        flm: not available; plm: seq_length / seq_length;
+        flm: not available; plm: seq_length / seq_length, seq_length tokens in all;
         mlm, ul2, prompted: inputs_length / targets_length.
+    The row shapes, and the tokens a row carries (the token budget's unit), are
+    train/objectives/rows.py's.
     """
 
     name: str = "flm"
@@ -86,7 +88,9 @@ class ObjectiveConfig:
     ed_plm_examples_per_row: int = 2
     """ed plm: examples packed per row. Each example is a piece of seq_length // this many tokens
     split uniformly; its prefix goes to the encoder and its rest to the decoder (rows of seq_length
-    each), so k examples always fit. The reference packs two (2); 1 = one seq_length example per row."""
+    each, so either side fits whatever the split), and a row holds k pieces' tokens in all (the
+    seq_length a decoder row carries: tokens seen match). The reference packs two (2); 1 = one
+    seq_length example per row."""
     denoisers: list[DenoiserConfig] = field(default_factory=default_ul2_denoisers)
     """ul2: the mixture. Each entry: kind, mode, noise_density, mean_span_length, rate (dicts accepted)."""
 
