@@ -1,7 +1,7 @@
 """archscale's model zoo: CD, ND and ED transformers on one block library.
 
     import model_zoo
-    model = model_zoo.build("nd", "debug")            # or "cd", "ed"; sizes: model_zoo.SIZES
+    model = model_zoo.build("nd", "debug")            # or "cd", "ed" (model_zoo.ARCHS); sizes: model_zoo.SIZES
     out = model(input_ids, prefix_lengths=torch.tensor([3, 5]))
     out.logits                                          # (B, T, vocab)
 
@@ -11,9 +11,10 @@ classes so `AutoModelForCausalLM.from_pretrained(dir)` and `AutoModelForSeq2SeqL
 """
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from .config import DecoderConfig, EncoderDecoderConfig, option_names
+from .config import DecoderConfig, EncoderDecoderConfig
 from .models import DecoderLM, EncoderDecoderLM, LMOutput
-from .sizes import ALIASES, ARCHS, SIZES, build, embedding_params, make_config, num_params, size_names, train_flops
+from .sizes import (ALIASES, ARCHS, MODEL_CLASSES, SIZES, build, embedding_params, instantiate, make_config, model_class,
+                    num_params, option_names, size_names, sized_config, train_flops)
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
 AutoConfig.register(EncoderDecoderConfig.model_type, EncoderDecoderConfig, exist_ok=True)
@@ -33,9 +34,9 @@ def load(path, **kwargs):
         if config.model_type == "llama":
             return from_llama(LlamaForCausalLM.from_pretrained(path, **kwargs))
         return from_t5(T5ForConditionalGeneration.from_pretrained(path, **kwargs))
-    cls = EncoderDecoderLM if config.model_type == EncoderDecoderConfig.model_type else DecoderLM
-    return cls.from_pretrained(path, **kwargs)
+    return model_class(config).from_pretrained(path, **kwargs)
 
 
-__all__ = ["ALIASES", "ARCHS", "SIZES", "DecoderConfig", "DecoderLM", "EncoderDecoderConfig", "EncoderDecoderLM",
-           "LMOutput", "build", "embedding_params", "load", "make_config", "num_params", "option_names", "size_names", "train_flops"]
+__all__ = ["ALIASES", "ARCHS", "MODEL_CLASSES", "SIZES", "DecoderConfig", "DecoderLM", "EncoderDecoderConfig",
+           "EncoderDecoderLM", "LMOutput", "build", "embedding_params", "instantiate", "load", "make_config", "model_class",
+           "num_params", "option_names", "size_names", "sized_config", "train_flops"]

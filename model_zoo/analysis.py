@@ -63,7 +63,7 @@ def spectrum_stats(singular_values: Tensor) -> dict:
 
 def _self_attentions(model):
     """(stack name, layer index, Attention module) of every self-attention."""
-    if model.config.arch == "ed":
+    if model.config.is_encoder_decoder:
         stacks = [("encoder", model.encoder), ("decoder", model.decoder)]
     else:
         stacks = [("decoder", model.model)]
@@ -118,7 +118,7 @@ def attention_spectra(model, batch: dict, top_k: int = 8, block: str = "segment"
         raise ValueError(f"block={block!r} is not valid; choose segment or bidirectional")
     model.eval()
     records = _record(model, batch)
-    ed = model.config.arch == "ed"
+    ed = model.config.is_encoder_decoder  # an encoder (all bidirectional) and a causal decoder
     seg_key = {"encoder": "segment_ids", "decoder": "decoder_segment_ids" if ed else "segment_ids"}
     rows = []
     for name, layer, probs in records:  # probs (B, H, T, T)
@@ -168,7 +168,7 @@ def summarize(rows: list[dict]) -> str:
 def random_batch(config, batch: int, seq_len: int, prefix: Optional[int], seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, config.vocab_size, (batch, seq_len), generator=g)
-    if config.arch == "ed":
+    if config.is_encoder_decoder:
         return {"input_ids": ids, "decoder_input_ids": torch.randint(2, config.vocab_size, (batch, seq_len), generator=g)}
     out = {"input_ids": ids}
     if prefix is not None:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     batch = random_batch(model.config, args.batch, args.seq_len, prefix, args.seed)
     rows = attention_spectra(model, batch, block=args.block)
     print(f"{model.config.arch.upper()} model, {args.batch} random rows of {args.seq_len} tokens"
-          + (f", prefix {prefix}" if model.config.arch == "nd" else ""))
+          + (f", prefix {prefix}" if getattr(model.config, "prefix_attention", False) else ""))
     print(summarize(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -100,6 +100,11 @@ class _ArchscaleConfig(PretrainedConfig):
         super().__init__(pad_token_id=own["pad_token_id"], eos_token_id=own["eos_token_id"], **kwargs)
         self.validate_options()
 
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The options a user may set on this config (`sizes.make_config`'s overrides)."""
+        return set(COMMON_DEFAULTS)
+
     def validate_options(self) -> None:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("mlp", self.mlp, MLPS)
@@ -141,6 +146,7 @@ class DecoderConfig(_ArchscaleConfig):
 
     @property
     def arch(self) -> str:
+        """A label for messages and export records (nothing branches on it: the fields decide)."""
         return "nd" if self.prefix_attention else "cd"
 
     @property
@@ -169,6 +175,10 @@ class EncoderDecoderConfig(_ArchscaleConfig):
         super().__init__(**kwargs)
         self.decoder_start_token_id = self.pad_token_id if decoder_start_token_id is None else decoder_start_token_id
 
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return super().option_names() | set(ED_DEFAULTS) | {"decoder_start_token_id"}
+
     def validate_options(self) -> None:
         super().validate_options()
         _positive_or_none("n_encoder_layers", self.n_encoder_layers)
@@ -189,13 +199,8 @@ class EncoderDecoderConfig(_ArchscaleConfig):
 
     @property
     def arch(self) -> str:
+        """A label for messages and export records (nothing branches on it)."""
         return "ed"
-
-
-def option_names(arch: str | None = None) -> list[str]:
-    """The model options a user may set through `build(arch, ..., **overrides)` (None: those of
-    every architecture)."""
-    return sorted(set(COMMON_DEFAULTS) | (set(ED_DEFAULTS) | {"decoder_start_token_id"} if arch == "ed" else set()))
 
 
 def non_default_controls(config) -> list[str]:

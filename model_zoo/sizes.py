@@ -8,7 +8,10 @@ option keeps the reference defaults (config.COMMON_DEFAULTS) unless overridden.
 """
 from __future__ import annotations
 
-from .config import DecoderConfig, EncoderDecoderConfig, option_names
+from types import MappingProxyType
+
+from .config import DecoderConfig, EncoderDecoderConfig
+from .models import DecoderLM, EncoderDecoderLM
 
 SIZES: dict[str, dict] = {
     # tiny, for tests and CPU debugging: seconds per step on a laptop
@@ -21,52 +24,95 @@ SIZES: dict[str, dict] = {
     "xxl": dict(d_model=4096, n_layers=24, n_heads=64, head_dim=64, d_ff=10240),  # the reference shape
 }
 ALIASES = {"4.8b": "xxl", "11b": "xxl"}  # the reference CD/ND and ED models
-ARCHS = ("cd", "nd", "ed")
+MODEL_CLASSES = (DecoderLM, EncoderDecoderLM)  # every model class; each names its config_class
+
+# The notebook names (`build("nd", "debug")`): the one table from a name to a model class and the
+# settings that make it that architecture. Nothing in model_zoo reads a name again: behaviour
+# follows the config's class and fields. train/registry builds through the classes, not this table.
+ARCHS = MappingProxyType({
+    "cd": (DecoderLM, MappingProxyType({})),
+    "nd": (DecoderLM, MappingProxyType({"prefix_attention": True})),
+    "ed": (EncoderDecoderLM, MappingProxyType({})),
+})
 
 
 def size_names() -> list[str]:
     return list(SIZES) + list(ALIASES)
 
 
-def make_config(arch: str, size: str = "debug", **overrides):
-    """The HF config of `arch` ("cd" | "nd" | "ed") at a named `size`, with option overrides."""
-    arch = arch.lower() if isinstance(arch, str) else arch
-    if arch not in ARCHS:
+def _arch(arch: str):
+    """(model class, fixed settings) of a notebook name; one line naming the valid ones if unknown."""
+    key = arch.lower() if isinstance(arch, str) else arch
+    if key not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[key]
+
+
+def option_names(arch=None) -> list[str]:
+    """The model options a user may set (`build(arch, ..., **overrides)`): of a notebook name or a
+    config class (None: those of every architecture)."""
+    if arch is None:
+        return sorted(set().union(*(m.config_class.option_names() for m in MODEL_CLASSES)))
+    config_class = _arch(arch)[0].config_class if isinstance(arch, str) else arch
+    return sorted(config_class.option_names())
+
+
+def sized_config(config_class, size: str = "debug", fixed=None, **options):
+    """`config_class` at a named `size`, with the user's `options` (validated against
+    config_class.option_names()) over the `fixed` settings that make an architecture what it is
+    (ND: prefix_attention=True). Pitfall: an option may not contradict a fixed setting (that
+    would silently be another architecture); it fails naming both."""
     key = ALIASES.get(size, size)
     if key not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(size_names())}")
-    valid = set(option_names(arch))
-    unknown = sorted(set(overrides) - valid)
+    valid = config_class.option_names()
+    unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
-    kwargs = {**SIZES[key], **overrides}
-    if arch == "ed":
-        return EncoderDecoderConfig(**kwargs)
-    return DecoderConfig(prefix_attention=(arch == "nd"), **kwargs)
+    fixed = dict(fixed or {})
+    clash = [f"{k}={options[k]!r}" for k in fixed if k in options and options[k] != fixed[k]]
+    if clash:
+        raise ValueError(f"model option {', '.join(clash)} contradicts this architecture's "
+                         f"{', '.join(f'{k}={v!r}' for k, v in fixed.items())}; drop the option or choose the other architecture")
+    return config_class(**{**SIZES[key], **options, **fixed})
 
 
-def build(arch: str, size: str = "debug", *, device=None, dtype=None, **overrides):
-    """A freshly initialised model: `build("cd", "debug")`, `build("ed", "11b", device="meta")`.
-
-    device="meta" builds the structure without memory (parameter counting, planning).
-    """
+def instantiate(model_class, config, *, device=None, dtype=None):
+    """A freshly initialised `model_class(config)`; device="meta" builds the structure without
+    memory (parameter counting, planning)."""
     import torch
 
-    from .models import DecoderLM, EncoderDecoderLM
-
-    config = make_config(arch, size, **overrides)
-    cls = EncoderDecoderLM if config.arch == "ed" else DecoderLM
     if device is not None and str(device) == "meta":
         with torch.device("meta"):
-            model = cls(config)
+            model = model_class(config)
     else:
-        model = cls(config)
+        model = model_class(config)
         if device is not None:
             model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def model_class(config):
+    """The model class that runs `config` (by its config class)."""
+    for cls in MODEL_CLASSES:
+        if isinstance(config, cls.config_class):
+            return cls
+    raise ValueError(f"{type(config).__name__} is not an archscale config; "
+                     f"use one of {', '.join(m.config_class.__name__ for m in MODEL_CLASSES)}")
+
+
+def make_config(arch: str, size: str = "debug", **overrides):
+    """The HF config of a notebook name (`ARCHS`: "cd" | "nd" | "ed") at a named `size`."""
+    cls, fixed = _arch(arch)
+    return sized_config(cls.config_class, size, fixed, **overrides)
+
+
+def build(arch: str, size: str = "debug", *, device=None, dtype=None, **overrides):
+    """A freshly initialised model: `build("cd", "debug")`, `build("ed", "11b", device="meta")`."""
+    cls, fixed = _arch(arch)
+    return instantiate(cls, sized_config(cls.config_class, size, fixed, **overrides), device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------- parameters
@@ -102,7 +148,7 @@ def num_params(config, embeddings: bool = True) -> int:
         return num_params(c) - embedding_params(c)
     embed = c.vocab_size * c.d_model
     head = 0 if c.tie_embeddings else embed
-    if c.arch == "ed":
+    if c.is_encoder_decoder:
         return (embed + head + _stack_params(c, c.encoder_depth, cross=False)
                 + _stack_params(c, c.decoder_depth, cross=True, shared=c.share_encoder_decoder))
     return embed + head + _stack_params(c, c.n_layers, cross=False)
@@ -142,9 +188,9 @@ def train_flops(config, seq_len: int, prefix_len: int = 0, target_len: int = 0) 
     attn_proj = 4 * d * inner
     mlp = (3 if c.mlp in ("geglu", "swiglu") else 2) * d * c.d_ff
     head = c.vocab_size * d
-    if c.arch != "ed":
+    if not c.is_encoder_decoder:
         fwd = 2 * (L * (attn_proj + mlp) + head) * seq_len
-        fwd += 4 * L * inner * attended_pairs(seq_len, prefix_len if c.arch == "nd" else 0, causal=True)
+        fwd += 4 * L * inner * attended_pairs(seq_len, prefix_len if c.prefix_attention else 0, causal=True)
         return 3.0 * fwd
     ti, to, le, ld = seq_len, target_len, c.encoder_depth, c.decoder_depth
     enc = 2 * le * (attn_proj + mlp) * ti + 4 * le * inner * attended_pairs(ti, causal=False)

@@ -21,7 +21,8 @@ class ModelConfig:
     """Which architecture and size; handed to the model registry's ``build``."""
 
     arch: ArchName = "cd"
-    """cd = causal decoder, nd = prefix (non-causal) decoder, ed = encoder-decoder (SCIENCE.md)."""
+    """cd = causal decoder, nd = prefix (non-causal) decoder, ed = encoder-decoder (SCIENCE.md); eds = ED
+    with shared encoder/decoder weights. The train/registry entries (docs/design.md)."""
     size: str = "debug"
     """A named size from model_zoo (``debug`` for tests/CI, the reference sizes, ...)."""
     overrides: dict[str, Any] = field(default_factory=dict)

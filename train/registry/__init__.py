@@ -1,15 +1,14 @@
 """What the trainer asks of an architecture: one registry entry per architecture.
 
 The trainer never branches on the architecture's name or family; it looks up
-`ARCHITECTURES[arch]` and calls what the entry gives: build a model (also on the meta device),
-the tokens a batch row carries, the exact training FLOPs of a batch and the analytic FLOPs of a
-row, parameter counts, and the pipeline layers. An entry is a family class (decoder.py,
-encoder_decoder.py: each overrides spec.ArchSpec's family methods) with its settings; a fourth
-architecture is one entry here (and its model in model_zoo/), a new family one subclass.
+`ARCHITECTURES[arch]` once and hands the entry on. An entry is a family class (decoder.py,
+encoder_decoder.py: each names its model_zoo model class and overrides spec.ArchSpec's family
+methods) with its settings, among them `model_options`, the config settings that make it what it
+is. A variant is one line here (docs/design.md, "Adding an architecture": eds); a new family one
+subclass and its model in model_zoo/.
 """
 from __future__ import annotations
 
-from ..objectives.config import OBJECTIVES
 from .decoder import DecoderSpec
 from .encoder_decoder import EncoderDecoderSpec
 from .spec import ArchSpec, Lengths
@@ -17,12 +16,14 @@ from .spec import ArchSpec, Lengths
 __all__ = ["ARCHITECTURES", "ArchSpec", "DecoderSpec", "EncoderDecoderSpec", "Lengths", "get", "padded_vocab"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "cd": DecoderSpec("cd", "causal decoder", OBJECTIVES, reference_size="4.8b"),
-    "nd": DecoderSpec("nd", "prefix (non-causal) decoder", OBJECTIVES, reference_size="4.8b",
-                      bidirectional_prefix=True),
-    # flm has no encoder input
-    "ed": EncoderDecoderSpec("ed", "encoder-decoder", tuple(o for o in OBJECTIVES if o != "flm"),
-                             reference_size="11b"),
+    "cd": DecoderSpec("cd", "causal decoder", reference_size="4.8b"),
+    "nd": DecoderSpec("nd", "prefix (non-causal) decoder", reference_size="4.8b",
+                      model_options={"prefix_attention": True}),
+    "ed": EncoderDecoderSpec("ed", "encoder-decoder", reference_size="11b"),
+    # ED whose decoder block i runs encoder block i's self-attention and MLP (a decoder-only model's
+    # parameters plus cross-attention); not in the reference experiment, so no reference_size
+    "eds": EncoderDecoderSpec("eds", "encoder-decoder with shared encoder/decoder weights",
+                              model_options={"share_encoder_decoder": True}),
 }
 
 

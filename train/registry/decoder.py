@@ -10,8 +10,18 @@ from .spec import ArchSpec, Lengths, segments, train_flops
 
 @dataclass(frozen=True)
 class DecoderSpec(ArchSpec):
-    bidirectional_prefix: bool = False  # a row's prefix is attended bidirectionally (ND)
     family = "decoder"
+
+    @property
+    def model_class(self):
+        from model_zoo import DecoderLM
+
+        return DecoderLM
+
+    @property
+    def bidirectional_prefix(self) -> bool:
+        """A row's prefix is attended bidirectionally (ND): the entry's prefix_attention."""
+        return bool(self.model_options.get("prefix_attention", False))
 
     @property
     def layout(self):

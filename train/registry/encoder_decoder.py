@@ -11,6 +11,18 @@ from .spec import ArchSpec, Lengths, segments, train_flops
 @dataclass(frozen=True)
 class EncoderDecoderSpec(ArchSpec):
     family = "encoder_decoder"
+    unfit = {"flm": "has no encoder input"}  # the one place that says ED takes no FLM
+
+    @property
+    def model_class(self):
+        from model_zoo import EncoderDecoderLM
+
+        return EncoderDecoderLM
+
+    def accepts_weights_of(self, other: ArchSpec) -> bool:
+        """The same family with the same model_options: shared encoder / decoder weights (EDS)
+        have other parameters than ED's."""
+        return self.same_family(other) and dict(self.model_options) == dict(other.model_options)
 
     @property
     def layout(self):
@@ -139,7 +151,3 @@ class EncoderDecoderSpec(ArchSpec):
     def pipeline_carry_tokens(self, lengths: Lengths) -> int:
         """The residual stream and the encoder output, each bounded by the longer row."""
         return 2 * max(lengths.encoder, lengths.decoder)
-
-    def unfit_reason(self, objective_name: str) -> str:
-        """The objectives ED leaves out are those without an encoder input (flm)."""
-        return f"objective {objective_name} has no encoder input for {self.name.upper()}"

@@ -8,7 +8,10 @@ through this package on a login node (`archscale submit`), which never imports t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+from ..objectives.config import OBJECTIVES
 
 
 def train_flops(config, *args, **kwargs) -> float:
@@ -55,22 +58,36 @@ class Lengths:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One architecture. Subclasses (a family) override the methods marked 'family'."""
+    """One architecture: a family (a subclass, which overrides the methods marked 'family' and
+    names its model class) plus the settings that make this entry what it is (`model_options`).
+    As torchtitan's TrainSpec, the entry holds its model class and config class: nothing reads
+    the entry's name back to find them."""
 
     name: str
     description: str
-    objectives: tuple[str, ...]  # the objectives that fit (train.objectives.OBJECTIVES)
     reference_size: str = ""  # model_zoo size of the reference experiment (shared/SCIENCE.md; plan --reference)
+    # model_zoo config settings that make this entry what it is, over its config class's defaults
+    # (ND: prefix_attention=True; EDS: share_encoder_decoder=True); a run's model.overrides may not contradict them
+    model_options: Mapping[str, object] = field(default_factory=dict, hash=False)
     family = "?"  # the family's name, for messages (a subclass sets it)
+    # family: objective -> why it does not fit, in a few words (ED: flm "has no encoder input"); the one
+    # statement of a misfit: `objectives`, `check_objective`, `unfit_reason` and build_objective read it
+    unfit: ClassVar[Mapping[str, str]] = {}
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives that fit (train.objectives.OBJECTIVES less the family's `unfit`)."""
+        return tuple(o for o in OBJECTIVES if o not in self.unfit)
 
     def check_objective(self, objective_name: str) -> None:
         """Raises ValueError (one line, with the fix) if the objective does not fit: the one check
-        that train, --dry-run, plan, submit and sweep share (through train.config.derive)."""
+        that train, --dry-run, plan, submit, sweep and build_objective share (train.config.derive)."""
         if objective_name not in self.objectives:
             from . import ARCHITECTURES
 
             fits = [a for a, s in ARCHITECTURES.items() if objective_name in s.objectives]
-            raise ValueError(f"objective {objective_name!r} does not fit arch {self.name!r} ({self.description}); "
+            why = f": {objective_name} {self.unfit[objective_name]}" if objective_name in self.unfit else ""
+            raise ValueError(f"objective {objective_name!r} does not fit arch {self.name!r} ({self.description}{why}); "
                              f"use objective {' or '.join(repr(o) for o in self.objectives)} for {self.name}, "
                              f"or arch {' / '.join(repr(a) for a in fits)} for {objective_name}")
 
@@ -139,7 +156,6 @@ class ArchSpec:
         unevenly); compare counts a cell's real stream to meet its budget (commands/compare/sizing.py)."""
         return self.row_shape(objective).tokens_per_row
 
-
     def row_flops(self, config, objective) -> float:
         """family: expected training FLOPs of one batch row as computed (model_zoo.train_flops;
         padding computed): the one analytic figure that --dry-run, plan and the reports use per
@@ -162,6 +178,16 @@ class ArchSpec:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ the model
+    @property
+    def model_class(self):
+        """family: the model_zoo class this entry builds (imported on first use: no torch on a login node)."""
+        raise NotImplementedError
+
+    @property
+    def config_class(self):
+        """The model_zoo config class (the model class's `config_class`)."""
+        return self.model_class.config_class
+
     @staticmethod
     def _options(model_cfg, vocab_size: int | None) -> dict:
         options = {"attn_impl": model_cfg.attn_impl, "z_loss": model_cfg.z_loss, "loss_impl": model_cfg.loss_impl}
@@ -170,15 +196,19 @@ class ArchSpec:
         return {**options, **model_cfg.overrides}  # explicit overrides win
 
     def make_config(self, model_cfg, vocab_size: int | None = None):
-        """The model_zoo config for this run's `model` section (vocab from the tokenizer)."""
+        """The model_zoo config for this run's `model` section (vocab from the tokenizer): the
+        named size, this entry's `model_options`, the run's options over them (a contradiction of
+        `model_options` fails naming both)."""
         import model_zoo
 
-        return model_zoo.make_config(self.name, model_cfg.size, **self._options(model_cfg, vocab_size))
+        return model_zoo.sized_config(self.config_class, model_cfg.size, self.model_options,
+                                      **self._options(model_cfg, vocab_size))
 
     def build(self, model_cfg, vocab_size: int | None = None, device=None):
+        """A freshly initialised model of this entry (device="meta": the structure only)."""
         import model_zoo
 
-        return model_zoo.build(self.name, model_cfg.size, device=device, **self._options(model_cfg, vocab_size))
+        return model_zoo.instantiate(self.model_class, self.make_config(model_cfg, vocab_size), device=device)
 
     def num_params(self, config, embeddings: bool = True) -> int:
         """Parameters of the model `config` describes; embeddings=False: the non-embedding count
@@ -215,5 +245,5 @@ class ArchSpec:
 
     def unfit_reason(self, objective_name: str) -> str:
         """Why an objective that is not in `objectives` does not fit, in a few words (plan's
-        reference experiment lists it)."""
-        return f"objective {objective_name} does not fit {self.name.upper()}"
+        reference experiment lists it): the family's `unfit`."""
+        return f"objective {objective_name} {self.unfit.get(objective_name, 'does not fit')} for {self.name.upper()}"

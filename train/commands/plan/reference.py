@@ -11,7 +11,9 @@ from .planner import plan
 REFERENCE_COMMON = ["optim.name=adafactor", "optim.lr=0.01", "schedule.name=inverse_sqrt", "schedule.rsqrt_steps=10000",
                     "model.z_loss=1e-4", "parallel.global_batch_size=2048", "parallel.micro_batch_size=8",
                     "parallel.zero_stage=0"]
-REFERENCE_CELLS = [(a, o) for a in ("cd", "nd", "ed") for o in ("flm", "plm", "mlm")]
+# the reference experiment's architectures: the registry entries with a reference size (CD, ND, ED)
+REFERENCE_CELLS = [(a, o) for a, spec in registry.ARCHITECTURES.items() if spec.reference_size
+                   for o in ("flm", "plm", "mlm")]
 # SCIENCE.md gives the adaptation length for NC-A (~51B tokens); LM-A is planned at the same length
 REFERENCE_TOKENS = {"pretrain": 168e9, "nc-a": 51e9, "lm-a": 51e9, "mt-f": 13e9}
 
