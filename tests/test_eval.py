@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model_zoo
+from train import registry
 from train.data import DataConfig, load_tokenizer
 from train.eval.evaluate import Scorer, aggregate, rank_classify, read_task_file, select_checkpoints
 from train.objectives.batch import collate_decoder, collate_encoder_decoder, pop_counts
@@ -49,7 +50,7 @@ def test_loglikelihoods_equal_direct_computation(arch):
     torch.manual_seed(0)
     model = model_zoo.build(arch, "debug").eval()
     reqs = random_requests(7, model.config.vocab_size)
-    got = Scorer(model, batch_size=3).loglikelihoods(reqs)  # padded batches of mixed lengths
+    got = Scorer(model, registry.get(arch), batch_size=3).loglikelihoods(reqs)  # padded batches of mixed lengths
     with torch.no_grad():
         for (ctx, tgt), s in zip(reqs, got):
             want, greedy = direct_loglikelihood(model, arch, ctx, tgt)
@@ -66,7 +67,7 @@ def test_nd_scores_the_context_as_a_bidirectional_prefix():
     cd = model_zoo.build("cd", "debug").eval()
     cd.load_state_dict(nd.state_dict())
     reqs = [(c + [5, 6, 7], t) for c, t in random_requests(4, nd.config.vocab_size, seed=1)]  # >= 4 context tokens
-    s_nd, s_cd = Scorer(nd).loglikelihoods(reqs), Scorer(cd).loglikelihoods(reqs)
+    s_nd, s_cd = Scorer(nd, registry.get("nd")).loglikelihoods(reqs), Scorer(cd, registry.get("cd")).loglikelihoods(reqs)
     assert all(abs(a.sum - b.sum) > 1e-4 for a, b in zip(s_nd, s_cd))
     with torch.no_grad():
         for (ctx, tgt), b in zip(reqs, s_cd):
@@ -142,7 +143,7 @@ def test_rank_classification_is_right_on_a_learnt_task(arch, bytes_tok, tmp_path
     # threshold: one CPU's numerics decide where the loss lands (a 0.05 bound failed on AMD EPYC,
     # CD 0.0546; issue 20). Measured there, seeds 0-3, 1 and 2 threads: the smallest margin of any
     # record was 4.1 nats (ED), so 1 nat leaves room for other CPUs and still fails a coin flip.
-    preds = rank_classify(Scorer(model, batch_size=5), bytes_tok, recs)
+    preds = rank_classify(Scorer(model, registry.get(arch), batch_size=5), bytes_tok, recs)
     margins = [(s0 - s1) * (1 if p["label"] == 0 else -1) for p in preds for (s0, _), (s1, _) in [p["scores"]]]
     assert len(margins) == len(recs) and min(margins) > 1.0, margins
     res = aggregate(preds)

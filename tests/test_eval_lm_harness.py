@@ -72,14 +72,14 @@ def test_request_types(exported):
 
     # loglikelihood: the context's trailing space moves to the continuation
     (ll, greedy), = lm.loglikelihood([req("loglikelihood", ("is cat ", "yes"))])
-    direct = Scorer(lm.model).loglikelihoods([(tok.encode("is cat"), tok.encode(" yes"))])[0]
+    direct = Scorer(lm.model, lm.scorer.arch).loglikelihoods([(tok.encode("is cat"), tok.encode(" yes"))])[0]
     assert ll == pytest.approx(direct.sum, abs=1e-5) and greedy == direct.greedy
 
     # rolling: every token once, the first given EOS; windows of max_length cover the same tokens
     text = "is dog yes is red no"
     ids = tok.encode(text)
     (rolled,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
-    assert rolled == pytest.approx(Scorer(lm.model).loglikelihoods([([tok.eos_token_id], ids)])[0].sum, abs=1e-4)
+    assert rolled == pytest.approx(Scorer(lm.model, lm.scorer.arch).loglikelihoods([([tok.eos_token_id], ids)])[0].sum, abs=1e-4)
     lm.max_length = lm.scorer.max_length = 8
     windowed = lm.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])[0]
     assert windowed < 0 and windowed != pytest.approx(rolled, abs=1e-6)  # shorter contexts, same tokens
@@ -92,6 +92,7 @@ def test_request_types(exported):
 
 def test_adapter_loads_a_run_checkpoint(tmp_path, monkeypatch):
     """`pretrained` may be a run directory: its newest complete checkpoint, and the run's length."""
+    from train import registry
     from train.eval.lm_eval_adapter import load_for_eval
 
     calls = {}
@@ -104,5 +105,6 @@ def test_adapter_loads_a_run_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr("train.trainer.weights.load_model", fake_load_model)
     monkeypatch.setattr("train.trainer.weights.checkpoint_dir", lambda path, step: tmp_path / "checkpoints" / f"step-{step}")
-    _, _, max_length = load_for_eval(tmp_path, step=3)
+    _, _, max_length, arch = load_for_eval(tmp_path, step=3)
     assert calls["step_dir"].name == "step-3" and max_length == 512  # ED: the encoder's input length
+    assert arch is registry.get("ed")  # the run's entry, handed to the Scorer

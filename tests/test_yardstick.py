@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import model_zoo
+from train import registry
 from train.config import load_config
 from train.eval.scoring import Scorer
 from train.eval.stats import binomial_se, mean_std, paired_difference, t975, window_difference_se
@@ -38,6 +39,9 @@ def make_ys(n=6, w=24, fractions=(0.5,), k=3, seed=0) -> Yardstick:
                      _choices(list(range(n)), k), "test")
 
 
+CD, ND = registry.get("cd"), registry.get("nd")
+
+
 def objective(name):
     return ObjectiveConfig(name=name)
 
@@ -49,13 +53,13 @@ def test_cd_and_nd_agree_without_prefix_and_differ_with_one():
     cd = model_zoo.build("cd", "debug", vocab_size=300).eval()
     cd.load_state_dict(nd.state_dict())
     zero = make_ys(fractions=(0.0,))
-    a = score_yardstick(Scorer(cd), zero, objective("plm"), TOKENS)
-    b = score_yardstick(Scorer(nd), zero, objective("plm"), TOKENS)
+    a = score_yardstick(Scorer(cd, CD), zero, objective("plm"), TOKENS)
+    b = score_yardstick(Scorer(nd, ND), zero, objective("plm"), TOKENS)
     assert a["continuation"]["nats_per_token"] == pytest.approx(b["continuation"]["nats_per_token"], abs=1e-6)
     assert a["per_window"]["nll"] == pytest.approx(b["per_window"]["nll"], abs=1e-4)
     half = make_ys(fractions=(0.5,))
-    a = score_yardstick(Scorer(cd), half, objective("plm"), TOKENS)
-    b = score_yardstick(Scorer(nd), half, objective("plm"), TOKENS)
+    a = score_yardstick(Scorer(cd, CD), half, objective("plm"), TOKENS)
+    b = score_yardstick(Scorer(nd, ND), half, objective("plm"), TOKENS)
     assert abs(a["continuation"]["nats_per_token"] - b["continuation"]["nats_per_token"]) > 1e-4
     assert all(abs(x - y) > 1e-5 for x, y in zip(a["per_window"]["nll"], b["per_window"]["nll"]))
 
@@ -65,9 +69,9 @@ def test_cd_shares_one_pass_over_a_window_for_every_cut():
     torch.manual_seed(1)
     cd = model_zoo.build("cd", "debug", vocab_size=300).eval()
     ys = make_ys(fractions=(0.25, 0.5, 0.75))
-    together = score_yardstick(Scorer(cd), ys, objective("flm"), TOKENS)["continuation"]["by_fraction"]
+    together = score_yardstick(Scorer(cd, CD), ys, objective("flm"), TOKENS)["continuation"]["by_fraction"]
     for f in ys.fractions:
-        alone = score_yardstick(Scorer(cd), make_ys(fractions=(f,)), objective("flm"), TOKENS)
+        alone = score_yardstick(Scorer(cd, CD), make_ys(fractions=(f,)), objective("flm"), TOKENS)
         assert together[str(f)]["nats_per_token"] == pytest.approx(alone["continuation"]["nats_per_token"], rel=1e-5)
 
 
@@ -97,7 +101,7 @@ def test_cd_scoring_equals_transformers_llama():
     ref = hf_llama()
     ours = from_llama(ref).eval()
     ys = make_ys()
-    got = score_yardstick(Scorer(ours, batch_size=4), ys, objective("flm"), TOKENS)
+    got = score_yardstick(Scorer(ours, CD, batch_size=4), ys, objective("flm"), TOKENS)
     c = ys.cuts[0]
     with torch.no_grad():
         logp = torch.log_softmax(ref(torch.tensor(ys.tokens)).logits.double(), -1)  # (N, W, V)
@@ -115,7 +119,7 @@ def test_ed_scoring_equals_transformers_t5(name):
     ref = hf_t5()
     ours = from_t5(ref).eval()
     ys = make_ys(k=3)
-    got = score_yardstick(Scorer(ours, batch_size=4), ys, objective(name), TOKENS)
+    got = score_yardstick(Scorer(ours, registry.get("ed"), batch_size=4), ys, objective(name), TOKENS)
     c = ys.cuts[0]
     want, rows = [], ys.tokens.tolist()
     with torch.no_grad():

@@ -41,12 +41,10 @@ def text_rows(cfg, tok, rows: int, seq_len: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def measure(model, ids: torch.Tensor, prefix: int) -> dict[str, list[dict]]:
-    """{mask name: attention_spectra rows} on the same token rows (the registry entry says which
-    masks its architecture compares)."""
-    from .. import registry
-
-    return registry.get(model.config.arch).attention_views(model, ids, prefix)
+def measure(arch, model, ids: torch.Tensor, prefix: int) -> dict[str, list[dict]]:
+    """{mask name: attention_spectra rows} on the same token rows (`arch`, the run's registry
+    entry, says which masks its architecture compares)."""
+    return arch.attention_views(model, ids, prefix)
 
 
 def per_layer(rows: list[dict], key: str = "effective_rank") -> dict[int, float]:
@@ -101,11 +99,12 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prefix = a.prefix if a.prefix is not None else a.seq_len // 2
-    results = measure(model.float(), ids, prefix)
     from .. import registry
 
-    n = registry.get(model.config.arch).attention_full_rank(ids)
+    arch = registry.get(cfg.model.arch)  # the run's entry, looked up once
+    prefix = a.prefix if a.prefix is not None else a.seq_len // 2
+    results = measure(arch, model.float(), ids, prefix)
+    n = arch.attention_full_rank(ids)
     print(f"{cfg.model.arch.upper()} {step_dir}: {a.rows} held-out rows of {a.seq_len} tokens; per attention "
           f"matrix (mean over heads): effective rank (exp of the entropy of the normalised singular values), "
           f"that entropy over ln n, the 90%-energy rank")

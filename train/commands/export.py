@@ -21,16 +21,22 @@ from pathlib import Path
 
 from model_zoo.export import save_for_transformers
 
+from ..atomic import atomic_write_text
 from ..trainer import checkpointing as ckpt
 from ..trainer.weights import checkpoint_dir, load_model
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> tuple[Path, str]:
-    """(the directory, the form written: "llama" | "t5" | "remote-code")."""
+    """(the directory, the form written: "llama" | "t5" | "remote-code"). The record
+    (archscale_export.json) names the run's registry entry as its `arch` (e.g. eds, where the
+    model's own label says ed), for whoever evaluates the directory (the lm-eval adapter)."""
     step_dir = checkpoint_dir(run_dir, step)
-    model, tok, _ = load_model(step_dir)
+    model, tok, cfg = load_model(step_dir)
     out = Path(out) if out else Path(run_dir) / "export" / step_dir.name
-    return out, save_for_transformers(model.eval(), out, tok)
+    form = save_for_transformers(model.eval(), out, tok)
+    record = out / "archscale_export.json"
+    atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "arch": cfg.model.arch}, indent=1) + "\n")
+    return out, form
 
 
 def main(argv=None) -> int:

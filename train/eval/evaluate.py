@@ -166,6 +166,7 @@ def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overr
     """The common yardstick (train/eval/yardstick.py) of a loaded model on its run's held-out
     split, or on the files `corpus` (all of their documents held out); `eval_overrides`: eval
     section fields that replace the run's (windows, window_tokens, prefix_fractions, choices)."""
+    from .. import registry
     from ..data import prepare
     from .yardstick import build_yardstick, evaluate_model
 
@@ -183,7 +184,8 @@ def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overr
         return {"skipped": str(e)}
     if ys is None:
         return {"skipped": "no held-out split of documents in the run's data; pass --corpus FILES"}
-    res = evaluate_model(model, ys, cfg.objective, tok, prepared.tokens, batch_size=batch_size or ev.score_batch_size)
+    res = evaluate_model(model, registry.get(cfg.model.arch), ys, cfg.objective, tok, prepared.tokens,
+                         batch_size=batch_size or ev.score_batch_size)
     res["split"] = ys.split
     return res
 
@@ -218,7 +220,8 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
     if yardstick:
         result["yardstick"] = checkpoint_yardstick(model, tok, cfg, corpus, eval_overrides)
     if records:
-        scorer = Scorer(model, batch_size=batch_size, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        scorer = Scorer(model, registry.get(cfg.model.arch), batch_size=batch_size, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id)
         preds = rank_classify(scorer, tok, records)
         result["zero_shot"] = aggregate(preds)
     result["seconds"] = round(time.perf_counter() - t0, 2)

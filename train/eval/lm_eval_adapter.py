@@ -48,22 +48,29 @@ NAME = "archscale"
 
 
 def load_for_eval(pretrained: str | Path, step: Optional[int] = None):
-    """(model, tokenizer, max_length or None) from a run / checkpoint / export directory."""
+    """(model, tokenizer, max_length or None, registry entry) from a run / checkpoint / export
+    directory: the run's model.arch, or the entry `archscale export` recorded."""
+    from .. import registry
     from ..trainer import checkpointing as ckpt
     from ..trainer.weights import checkpoint_dir, load_model
 
     path = Path(pretrained)
     if (path / "config.json").is_file() and not (path / ckpt.STATE_FILE).is_file():  # archscale export
+        import json
+
         import model_zoo
         from transformers import AutoTokenizer
 
-        return model_zoo.load(path), AutoTokenizer.from_pretrained(path), None
+        model, record = model_zoo.load(path), path / "archscale_export.json"
+        # the run's entry as `archscale export` recorded it; a bare save_pretrained directory has only
+        # its config's label (cd / nd / ed), which names an entry of the same family
+        arch = json.loads(record.read_text())["arch"] if record.is_file() else model.config.arch
+        return model, AutoTokenizer.from_pretrained(path), None, registry.get(arch)
     step_dir = path if (path / ckpt.STATE_FILE).is_file() else checkpoint_dir(path, step)
     model, tok, cfg = load_model(step_dir)
-    from .. import registry
-
+    arch = registry.get(cfg.model.arch)
     # the longest input the run trained on: decoder rows, or the encoder's inputs
-    return model, tok, registry.get(cfg.model.arch).row_lengths(cfg.objective).model_input
+    return model, tok, arch.row_lengths(cfg.objective).model_input, arch
 
 
 @register_model(NAME)
@@ -77,7 +84,7 @@ class ArchscaleLM(LM):
         super().__init__()
         import torch
 
-        model, tok, trained_length = load_for_eval(pretrained, None if step in (None, "") else int(step))
+        model, tok, trained_length, arch = load_for_eval(pretrained, None if step in (None, "") else int(step))
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         self._device = torch.device(device)
@@ -86,7 +93,7 @@ class ArchscaleLM(LM):
         self.max_length = int(max_length or trained_length or 2048)
         self.max_gen_toks = int(max_gen_toks)
         bs = 16 if batch_size in (None, "", "auto") or str(batch_size).startswith("auto") else int(batch_size)
-        self.scorer = Scorer(self.model, batch_size=bs, max_length=self.max_length, eos_id=tok.eos_token_id,
+        self.scorer = Scorer(self.model, arch, batch_size=bs, max_length=self.max_length, eos_id=tok.eos_token_id,
                              pad_id=tok.pad_token_id)
 
     @property

@@ -35,15 +35,13 @@ class Scorer:
     longer than this keep the end of the context (None = no limit).
     """
 
-    def __init__(self, model, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
+    def __init__(self, model, arch, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
                  pad_id: int = 0):
         self.model = model.eval()
+        self.arch = arch  # the model's registry entry: how its architecture lays out a scored request
         self.batch_size = batch_size
         self.max_length = max_length
         self.eos_id, self.pad_id = eos_id, pad_id
-        from .. import registry
-
-        self.arch = registry.get(model.config.arch)  # how its architecture lays out a scored request
         self.device = next(model.parameters()).device
 
     def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[LogLikelihood]:

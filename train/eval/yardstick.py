@@ -206,10 +206,10 @@ def flat_metrics(result: Optional[dict]) -> dict:
     return out
 
 
-def evaluate_model(model, ys: Yardstick, objective, tokenizer, tokens, *, batch_size: int = 32,
+def evaluate_model(model, arch, ys: Yardstick, objective, tokenizer, tokens, *, batch_size: int = 32,
                    task_records: Sequence[dict] = ()) -> dict:
-    """score_yardstick (and the task files' rank classification) of a model, in eval mode; the
-    model's train/eval mode is restored afterwards."""
+    """score_yardstick (and the task files' rank classification) of a model (`arch`: its registry
+    entry), in eval mode; the model's train/eval mode is restored afterwards."""
     import torch
 
     from .scoring import Scorer
@@ -218,7 +218,7 @@ def evaluate_model(model, ys: Yardstick, objective, tokenizer, tokens, *, batch_
     was_training = model.training
     try:
         with torch.no_grad():
-            scorer = Scorer(model, batch_size=batch_size, eos_id=tokens.eos_id, pad_id=tokens.pad_id)
+            scorer = Scorer(model, arch, batch_size=batch_size, eos_id=tokens.eos_id, pad_id=tokens.pad_id)
             res = score_yardstick(scorer, ys, objective, tokens)
             if task_records:
                 res["tasks"] = aggregate(rank_classify(scorer, tokenizer, list(task_records)))

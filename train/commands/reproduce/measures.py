@@ -92,6 +92,7 @@ def measure_lengths(doc: dict, names: dict, windows: int = 32) -> list[dict]:
     paired differences (comparison.pairs' format, seeds' spread only)."""
     import dataclasses
 
+    from ... import registry
     from ...data import prepare
     from ...eval.scoring import Scorer
     from ...eval.yardstick import build_yardstick
@@ -109,7 +110,7 @@ def measure_lengths(doc: dict, names: dict, windows: int = 32) -> list[dict]:
                 for m in LENGTHS:
                     ev = dataclasses.replace(cfg.eval, window_tokens=m * n, windows=windows)
                     sets[m] = build_yardstick(prepared, ev, cfg.data, tok).tokens.tolist()
-            scorer = Scorer(model, batch_size=cfg.eval.score_batch_size)
+            scorer = Scorer(model, registry.get(cfg.model.arch), batch_size=cfg.eval.score_batch_size)
             for m in LENGTHS:
                 lls = scorer.loglikelihoods([(w[:1], w[1:]) for w in sets[m]])
                 tail = [-lp for ll in lls for lp in ll.token_logprobs[-(n // 2):]]
@@ -192,6 +193,7 @@ def measure_zero_shot(doc: dict, names: dict) -> list[dict]:
     before MT-F, then MT-F (configs/mtf.yaml from the run's checkpoint, MTF_STEPS steps on the toy
     mixture, run directory OUT/LABEL-mtf/seed-I) and both again on the same windows, the finetuned
     model asked the prompted way. Adds pre_*/mtf_* keys to each run; returns their differences."""
+    from ... import registry
     from ...config import load_config
     from ...data import prepare
     from ...eval.tasks import read_task_file
@@ -211,8 +213,9 @@ def measure_zero_shot(doc: dict, names: dict) -> list[dict]:
             model, tok, cfg = load_model(ckpt.newest_checkpoint(run / "checkpoints"))
             prepared = prepare(cfg.data, None)
             ys = ys or build_yardstick(prepared, cfg.eval, cfg.data, tok)
+            arch = registry.get(cfg.model.arch)  # the MT-F run continues the same architecture
             score = lambda m, objective: flat_metrics(evaluate_model(  # noqa: E731
-                m, ys, objective, tok, prepared.tokens, batch_size=cfg.eval.score_batch_size, task_records=records))
+                m, arch, ys, objective, tok, prepared.tokens, batch_size=cfg.eval.score_batch_size, task_records=records))
             pre = score(model, cfg.objective)
             mtf = load_config(REPO / "configs" / "mtf.yaml", [
                 f"model.arch={cfg.model.arch}", f"model.size={cfg.model.size}", f"seed={cfg.seed}",
