@@ -131,8 +131,8 @@ def test_ed_plm_meets_tokens_seen_through_its_row_shape(data, tmp_path):
 def test_a_run_that_would_miss_its_budget_is_refused_before_training(data, tmp_path):
     """A schedule set by hand (--set) that misses the budget, and a budget under half a step: one
     line each, with why and the fix."""
-    with pytest.raises(ValueError, match=r"cannot meet tokens-seen = 6,000 within 2%: 3 steps of 4 rows give "
-                                         r".*no schedule\.\* in --set"):
+    with pytest.raises(ValueError, match=r"cell 'cd:flm': tokens-seen = 6,000 cannot be met within 2%: 3 steps of "
+                                         r"4 rows give .*no schedule\.\* in --set"):
         _compare("cd:flm", "tokens-seen=6000", data, tmp_path, "schedule.max_steps=3", "schedule.train_tokens=null")
     with pytest.raises(BudgetError, match="less than half of one step.*raise the budget"):
         _compare("cd:flm", "target-tokens=10", data, tmp_path)

@@ -184,12 +184,11 @@ def budget_refusal(budget: Budget, cfg, world_size: int = 1) -> str:
         step = got / max(steps, 1)
     if abs(got - budget.value) <= max(TOLERANCE * budget.value, step):
         return ""
-    cell = f"{cfg.model.arch}:{cfg.objective.name}"
     why = f"{d.max_steps} steps of {d.global_batch_size} rows give {got:,.4g} ({got / budget.value:.0%})"
     if budget.kind == "tokens-seen" and cfg.schedule.max_steps is None:
         why += (f": its rows carry {got / max(d.max_steps, 1) / d.global_batch_size:.1f} of the "
                 f"{registry.get(cfg.model.arch).tokens_per_row(cfg.objective)} tokens per row its row shape plans")
-    return (f"{cell} cannot meet {budget.text()} within {TOLERANCE:.0%}: {why}; plan it with compare's schedule "
+    return (f"{budget.text()} cannot be met within {TOLERANCE:.0%}: {why}; plan it with compare's schedule "
             f"(no schedule.* in --set or the cell's settings) or give the budget in steps (--budget steps=N)")
 
 
