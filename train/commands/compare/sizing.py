@@ -176,12 +176,11 @@ def budget_refusal(budget: Budget, cfg, world_size: int = 1) -> str:
     if budget.kind == "steps":
         got, step = float(d.max_steps), 1.0
     else:
-        key, got, steps = COUNT_OF[budget.kind], 0.0, 0
-        for counts in _counted_steps(cfg, world_size, flops=budget.kind == "flops"):
-            if steps == d.max_steps:
-                break
-            got, steps = got + counts[key], steps + 1
-        step = got / max(steps, 1)
+        import itertools
+
+        run = itertools.islice(_counted_steps(cfg, world_size, flops=budget.kind == "flops"), d.max_steps)
+        got = float(sum(counts[COUNT_OF[budget.kind]] for counts in run))
+        step = got / max(d.max_steps, 1)
     if abs(got - budget.value) <= max(TOLERANCE * budget.value, step):
         return ""
     why = f"{d.max_steps} steps of {d.global_batch_size} rows give {got:,.4g} ({got / budget.value:.0%})"
