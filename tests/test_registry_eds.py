@@ -61,6 +61,21 @@ def test_what_eds_takes_is_stated_once():
     assert eds.pipeline_refusal(eds.make_config(_model_section()))  # shared weights cannot be split
 
 
+def test_a_config_alone_finds_its_entry_by_class_and_fields():
+    """Code handed a model_zoo config alone (the pipeline plan, the planner's shapes) finds its entry
+    by class and fields: an EDS config is eds, though its own label says ed."""
+    from train.commands.plan.shapes import pipeline_layout
+    from train.engine.pipeline.specs import arch_spec
+
+    for name, spec in registry.ARCHITECTURES.items():
+        config = spec.make_config(load_config(None, [f"model.arch={name}", "objective.name=plm"]).model)
+        assert registry.entry_of(config) is spec and arch_spec(config) is spec
+        assert pipeline_layout(config) == spec.pipeline_layers_layout(config)
+    assert registry.get("eds").make_config(_model_section()).arch == "ed"  # the label, which nothing reads back
+    with pytest.raises(ValueError, match="matches no registry entry"):
+        registry.entry_of(object())
+
+
 # --------------------------------------------------------------------- model_zoo, by class
 def test_model_zoo_follows_the_config_class_not_a_name():
     with pytest.raises(ValueError, match=r"^unknown architecture 'eds'; choose one of cd, nd, ed$"):

@@ -62,10 +62,10 @@ def load_for_eval(pretrained: str | Path, step: Optional[int] = None):
         from transformers import AutoTokenizer
 
         model, record = model_zoo.load(path), path / "archscale_export.json"
-        # the run's entry as `archscale export` recorded it; a bare save_pretrained directory has only
-        # its config's label (cd / nd / ed), which names an entry of the same family
-        arch = json.loads(record.read_text())["arch"] if record.is_file() else model.config.arch
-        return model, AutoTokenizer.from_pretrained(path), None, registry.get(arch)
+        # the run's entry as `archscale export` recorded it; a bare save_pretrained directory: the
+        # entry its config is an instance of
+        arch = registry.get(json.loads(record.read_text())["arch"]) if record.is_file() else registry.entry_of(model.config)
+        return model, AutoTokenizer.from_pretrained(path), None, arch
     step_dir = path if (path / ckpt.STATE_FILE).is_file() else checkpoint_dir(path, step)
     model, tok, cfg = load_model(step_dir)
     arch = registry.get(cfg.model.arch)

@@ -13,7 +13,7 @@ from .decoder import DecoderSpec
 from .encoder_decoder import EncoderDecoderSpec
 from .spec import ArchSpec, Lengths
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "DecoderSpec", "EncoderDecoderSpec", "Lengths", "get", "padded_vocab"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "DecoderSpec", "EncoderDecoderSpec", "Lengths", "entry_of", "get", "padded_vocab"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "cd": DecoderSpec("cd", "causal decoder", reference_size="4.8b"),
@@ -31,6 +31,20 @@ def get(arch: str) -> ArchSpec:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch]
+
+
+def entry_of(config) -> ArchSpec:
+    """The entry a model_zoo config is an instance of, by its class and fields (never its label):
+    of the entries whose config_class it is and whose every model_option it holds, the one that
+    fixes the most (a shared-weights ED config is eds, a plain one ed; prefix_attention makes nd).
+    For code handed a config alone (the pipeline's layer plan, the planner's shapes); a caller
+    that knows the run's entry passes that instead."""
+    fits = [s for s in ARCHITECTURES.values() if isinstance(config, s.config_class)
+            and all(getattr(config, k, None) == v for k, v in s.model_options.items())]
+    if not fits:
+        raise ValueError(f"{type(config).__name__} matches no registry entry; "
+                         f"the entries: {', '.join(ARCHITECTURES)}")
+    return max(fits, key=lambda s: len(s.model_options))
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:

@@ -9,8 +9,9 @@ from ... import registry
 
 
 def pipeline_layout(config):
-    """The registry's pipeline layer layout of a model_zoo config (train/registry/layers.py)."""
-    return registry.get(config.arch).pipeline_layers_layout(config)
+    """The registry's pipeline layer layout of a model_zoo config (train/registry/layers.py); its
+    entry by class and fields (registry.entry_of)."""
+    return registry.entry_of(config).pipeline_layers_layout(config)
 
 
 def param_shapes(config) -> list[list[tuple[int, ...]]]:

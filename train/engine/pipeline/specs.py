@@ -17,8 +17,9 @@ TIED_KEY = "embed"  # the TiedLayerSpec key of the token embedding (shared with 
 
 
 def arch_spec(config) -> registry.ArchSpec:
-    """The registry entry of a model_zoo config."""
-    return registry.get(config.arch)
+    """The registry entry of a model_zoo config, by its class and fields (registry.entry_of: the
+    pipeline's API takes a config alone)."""
+    return registry.entry_of(config)
 
 
 def pipeline_layout(config) -> PipelineLayout:
