@@ -139,3 +139,16 @@ def test_a_run_that_would_miss_its_budget_is_refused_before_training(data, tmp_p
     cfg, _ = _compare("cd:flm", "steps=5", data, tmp_path)
     assert budget_refusal(Budget("steps", 5), cfg) == ""
     assert "5 steps of 4 rows give 5 (50%)" in budget_refusal(Budget("steps", 10), cfg)
+
+
+def test_reproduce_refuses_a_run_that_would_miss_its_budget(data, tmp_path, capsys):
+    """reproduce plans through compare's plan_runs, locally and with --submit: the same refusal,
+    before anything trains or is submitted."""
+    from train.commands import reproduce as R
+
+    miss = ["--tokens", "6000", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+            "--set", *data, "schedule.max_steps=3", "schedule.train_tokens=null"]
+    for extra in ([], ["--submit", "--dry-run", "--gpus-per-node", "0"]):
+        assert R.main(["su-gpt-vs-unilm", *extra, *miss]) == 2
+        assert "tokens-seen = 6,000 cannot be met within 2%" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/seed-*"))  # nothing trained, no job written
