@@ -12,7 +12,9 @@ a function of (seed, e, doc, piece), see `train.objectives.rng`.
 
 Packing, per *global* batch. Global batch b is planned from lengths alone, identically on every
 rank: its pieces, taken in order from the cursor, go best-fit into `global_batch_size` rows
-(least room left wins; ties to the lowest row). A piece that fits no row waits for the next batch
+(least room left wins; ties to the lowest row), each holding at most the row shape's
+`tokens_per_row` tokens in all (train/objectives/rows.py: the token budget's unit; it binds
+ED:PLM's two rows of seq_length, which together may carry only seq_length). A piece that fits no row waits for the next batch
 (at most `pack_lookahead` pieces wait; when that many wait, or no row has room for the smallest
 example, the batch is closed). Waiting pieces open the next batch, where they always fit.
 Rank r then builds and collates rows [r*B, (r+1)*B), B = global_batch_size / world_size only.
