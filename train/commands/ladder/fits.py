@@ -13,7 +13,8 @@ Pitfalls:
   absolute stopping tolerance (it compares changes against max(|f|, 1)): it would stop at once.
   The objective is therefore divided by delta^2 (same minimiser); `huber` reports the unscaled sum.
 - E is bounded above by the smallest observed loss (OLMo-core's bound: the floor cannot exceed
-  what was reached), alpha and beta to [0.01, 2].
+  what was reached), alpha and beta to [0.01, 2]; a and b are free (`minimise` explains the
+  centred logs the optimiser works in).
 - the grid follows OLMo-core's ranges (alpha, beta in 0.2..0.8; E from near 0 to L_min) with
   Hoffmann's range for a and b (0..20: A and B of order e^0..e^20). `starts=n` runs L-BFGS-B
   from the n grid starts with the lowest objective only (all are scored in one vectorised pass);
@@ -45,7 +46,6 @@ HUBER_DELTA = 1e-3
 GRID_SLICES = 4
 PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
 EXP_BOUNDS = (0.01, 2.0)      # alpha, beta (OLMo-core)
-LOG_COEF_BOUNDS = (-25.0, 60.0)  # a = log A, b = log B
 E_FLOOR_DECADES = 12.0        # e >= log(L_min) - 12: E may go (almost) to 0
 
 
@@ -147,22 +147,27 @@ def screen(grid: np.ndarray, lnN, lnD, lnL) -> np.ndarray:
 
 def bounds_for(L_min: float) -> list[tuple[float, float]]:
     e_hi = float(np.log(L_min))
-    return [LOG_COEF_BOUNDS, LOG_COEF_BOUNDS, (e_hi - E_FLOOR_DECADES, e_hi), EXP_BOUNDS, EXP_BOUNDS]
+    return [(None, None), (None, None), (e_hi - E_FLOOR_DECADES, e_hi), EXP_BOUNDS, EXP_BOUNDS]
 
 
 def minimise(starts: np.ndarray, lnN, lnD, lnL, bounds) -> Optional[tuple[np.ndarray, float]]:
     """The best (x, scaled objective) of L-BFGS-B from each start, or None when every start
-    failed (an exception, or a non-finite result)."""
+    failed (an exception, or a non-finite result). The optimiser sees centred logs, z = (a -
+    alpha mean(log N), b - beta mean(log D), e, alpha, beta) against log N - mean(log N), the same
+    law: uncentred, a and alpha move together along a long valley (log N ~ 15), and L-BFGS-B
+    needs several times more steps."""
+    cN, cD = float(lnN.mean()), float(lnD.mean())
+    shift = lambda x, sign: x + sign * np.array([x[3] * cN, x[4] * cD, 0.0, 0.0, 0.0])  # noqa: E731
     best = None
     with threadpool_limits(1):
         for x0 in starts:
             try:
-                r = minimize(objective, x0, args=(lnN, lnD, lnL), jac=True, method="L-BFGS-B", bounds=bounds,
-                             options={"maxiter": 2000})
+                r = minimize(objective, shift(x0, -1), args=(lnN - cN, lnD - cD, lnL), jac=True, method="L-BFGS-B",
+                             bounds=bounds, options={"maxiter": 2000})
             except (ValueError, FloatingPointError, np.linalg.LinAlgError):
                 continue
             if np.all(np.isfinite(r.x)) and np.isfinite(r.fun) and (best is None or r.fun < best[1]):
-                best = (r.x, float(r.fun))
+                best = (shift(r.x, +1), float(r.fun))
     return best
 
 
@@ -214,7 +219,8 @@ def cell_fit(cell: str, points: Sequence[LadderPoint], x: np.ndarray, bounds) ->
     params = ChinchillaParams.from_x(x)
     resid = lnL - np.log(params.loss(np.exp(lnN), np.exp(lnD)))
     names = ("A", "B", "E", "alpha", "beta")
-    hit = tuple(n for n, v, (lo, hi) in zip(names, x, bounds) if np.isclose(v, lo, atol=1e-6) or np.isclose(v, hi, atol=1e-6))
+    hit = tuple(n for n, v, bound in zip(names, x, bounds) if any(b is not None and np.isclose(v, b, atol=1e-6)
+                                                                   for b in bound))
     return CellFit(cell, params, flops_per_param_token(points), float(huber(HUBER_DELTA, -resid).sum()), resid, hit,
                    np.asarray(x, dtype=float))
 
