@@ -13,6 +13,7 @@ from scipy.optimize import minimize_scalar
 from train.commands.ladder import (ChinchillaParams, LadderError, LadderPoint, Target, check_points, fit_cell,
                                    fit_ladder, judge, page_text, plot_isoflop, plot_loss_vs_flops, rollout_cv,
                                    summary_text, write_page)
+from train.commands.ladder import bootstrap as bootstrap_mod
 from train.commands.ladder import fits as fits_mod
 from train.commands.ladder.points import PairedResampler, by_cell
 
@@ -183,6 +184,29 @@ def test_a_failed_fit_is_one_line(points, monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(LadderError, match="loss=nan is not a positive finite number"):
         LadderPoint("CD:FLM", 0, 1, 1e6, 1e7, 6e13, float("nan"))
+
+
+def test_failed_refits_are_counted_and_reported(points, monkeypatch):
+    real, calls = bootstrap_mod.refit, []
+
+    def every_third_fails(*a):
+        calls.append(1)
+        return None if len(calls) % 3 == 0 else real(*a)
+    monkeypatch.setattr(bootstrap_mod, "refit", every_third_fails)
+    lf = fit_ladder(points, resamples=6, starts=2)
+    assert [b.failed for b in lf.cells.values()] == [2, 2]  # calls alternate between the 2 cells
+    assert "CD:FLM: 2 of 6 bootstrap refits failed and are left out" in lf.notes
+    assert np.all(np.isfinite(lf.cells["CD:FLM"].predict(1e9, 1e10).pi))
+    monkeypatch.setattr(bootstrap_mod, "refit", lambda *a: None)
+    with pytest.raises(LadderError, match="cell CD:FLM: all 3 bootstrap refits failed"):
+        fit_ladder(points, resamples=3, starts=2)
+
+
+def test_numpy_numbers_are_points_and_rollout_checks_the_whole_ladder(points):
+    p = LadderPoint("CD:FLM", np.int64(0), 1, np.int64(10**6), np.float32(1e7), 6e13, np.float64(3.0))
+    assert p.N == 10**6
+    with pytest.raises(LadderError, match="has 2 rung\\(s\\); the fit needs at least 3"):
+        rollout_cv([q for q in points if q.rung in ("r0", "r1")], resamples=2, starts=2)
 
 
 def test_pictures_and_page_hold_the_numbers(ladder, points, tmp_path):

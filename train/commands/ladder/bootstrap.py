@@ -11,8 +11,9 @@
 - Few seeds make the percentile bootstrap too narrow: resampling m seeds from m gives a mean's
   variance times (m - 1) / m (2/3 for 3 seeds), and synthetic ladders then cover the truth ~85%
   of the time. Every interval is therefore widened about the point fit by sqrt(m / (m - 1)), m
-  the mean number of seeds per rung (`inflation`): a refit's value v_j enters as
-  v_hat + sqrt(m / (m - 1)) (v_j - v_hat). (The crossings of verdicts.py use the raw refits.)
+  the mean number of seeds over the rungs with more than one (`inflation`): a refit's value v_j
+  enters as v_hat + sqrt(m / (m - 1)) (v_j - v_hat). (The crossings of verdicts.py use the raw
+  refits.)
 - A refit fails when every start fails or a resample lost all variation in N or D; failures are
   counted (`failed`), left out of every percentile, and a cell all of whose refits failed is an
   error.
@@ -121,7 +122,7 @@ def fit_ladder(points: Sequence[LadderPoint], resamples: int = 1000, seed: int =
             if theta is not None:
                 samples[c][j] = theta
     noise = np.random.default_rng([seed, 1]).standard_normal((len(cells), resamples))
-    m = float(np.mean([len(s) for s in sampler.groups.values()]))
+    m = float(np.mean([len(s) for s in sampler.groups.values() if len(s) > 1]))  # check_points: some rung has 2
     inflation = float(np.sqrt(m / (m - 1))) if m > 1 else 1.0
     out = {c: CellBootstrap(fits[c], cells[c], samples[c], noise[i] * fits[c].residual_scale, inflation)
            for i, c in enumerate(cells)}

@@ -78,8 +78,9 @@ def page_text(ladder: LadderFit, rollout: Optional[Rollout], verdicts: Verdicts,
                   + f"; {sum(r.inside for r in rollout.rows)} of {len(rollout.rows)} runs inside their interval.", ""]
         lines += rollout_table(rollout, verdicts.level)
     lines += ["", "## Verdicts at the target", ""] + verdict_tables(verdicts)
-    if verdicts.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in verdicts.notes]
+    notes = list(verdicts.notes) + ([f"rollout fit: {n}" for n in rollout.fit.notes] if rollout is not None else [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     if pictures:
         lines += ["", "## Pictures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ for every cell, so a difference between two cells is a paired difference.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
@@ -46,7 +47,7 @@ class LadderPoint:
     def __post_init__(self):
         for name in ("N", "D", "C", "loss"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):
                 raise LadderError(f"ladder point {self.cell} seed {self.seed} rung {self.rung}: {name}={v!r} "
                                   f"is not a positive finite number; drop the run or fix its record")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .bootstrap import LEVEL, LadderFit, fit_ladder
-from .points import LadderError, LadderPoint, by_cell, rung_order
+from .points import LadderError, LadderPoint, check_points, rung_order
 
 
 @dataclass
@@ -51,7 +51,7 @@ def rollout_cv(points: Sequence[LadderPoint], resamples: int = 1000, seed: int =
                starts: Optional[int] = None, min_rungs: int = 3, level: float = LEVEL) -> Rollout:
     """Fit without each cell's largest rung (by median N; the fit keeps `min_rungs - 1` rungs at
     least, so `min_rungs` is the full ladder's minimum) and predict the rung's runs."""
-    cells = by_cell(points)
+    cells = check_points(points, min_rungs)
     held = {c: rung_order(pts)[-1] for c, pts in cells.items()}
     train = [p for p in points if p.rung != held[p.cell]]
     if not train:
