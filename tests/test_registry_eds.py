@@ -61,6 +61,15 @@ def test_what_eds_takes_is_stated_once():
     assert eds.pipeline_refusal(eds.make_config(_model_section()))  # shared weights cannot be split
 
 
+def test_a_pipelined_eds_is_refused_in_one_line():
+    from train.engine.pipeline import PipelineConfigError, check_pipeline
+
+    config = registry.get("eds").make_config(_model_section())
+    with pytest.raises(PipelineConfigError, match=r"^share_encoder_decoder=true cannot be pipelined .*pipeline_stages=1"):
+        check_pipeline(config, 2, 1)
+    check_pipeline(registry.get("ed").make_config(load_config(None, ["model.arch=ed"]).model), 2, 1)  # ED splits
+
+
 def test_a_config_alone_finds_its_entry_by_class_and_fields():
     """Code handed a model_zoo config alone (the pipeline plan, the planner's shapes) finds its entry
     by class and fields: an EDS config is eds, though its own label says ed."""

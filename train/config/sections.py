@@ -13,7 +13,7 @@ from train.objectives.config import ObjectiveConfig
 from ..errors import ConfigError
 from ..registry import ARCHITECTURES
 
-ArchName = Literal[tuple(ARCHITECTURES)]  # the registry's entries: "cd", "nd", "ed"
+ArchName = Literal[tuple(ARCHITECTURES)]  # the registry's entries: "cd", "nd", "ed", "eds"
 
 
 @dataclass
