@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
+from scipy.optimize import approx_fprime, minimize_scalar
 
 from train.commands.ladder import (ChinchillaParams, LadderError, LadderPoint, Target, check_points, fit_cell,
                                    fit_ladder, judge, page_text, plot_isoflop, plot_loss_vs_flops, rollout_cv,
@@ -93,6 +93,14 @@ def test_prediction_intervals_cover_200_held_out_runs():
     """100 ladders x 2 held-out runs (~30 s): the 95% prediction interval covers 90-99% of them."""
     _, held = coverage(100, 40)
     assert 0.90 <= held <= 0.99, held
+
+
+def test_the_analytic_gradient_is_the_numeric_one(points):
+    lnN, lnD, lnL = fits_mod.log_arrays([p for p in points if p.cell == "CD:FLM"])
+    for x in ([6.0, 6.0, 0.5, 0.34, 0.28], [2.0, 9.0, 0.1, 0.7, 0.2], [12.0, 1.0, 0.6, 0.5, 0.6]):
+        x = np.array(x)
+        num = approx_fprime(x, lambda z: fits_mod.objective(z, lnN, lnD, lnL)[0], 1e-7)
+        assert fits_mod.objective(x, lnN, lnD, lnL)[1] == pytest.approx(num, rel=1e-3, abs=1e-3 * np.abs(num).max())
 
 
 def test_screened_starts_find_the_optimum_of_more_starts(points):

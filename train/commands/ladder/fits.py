@@ -118,14 +118,14 @@ def objective(x: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray):
     clip(r, -delta, delta): d/da = sum psi w1, d/db = sum psi w2, d/de = sum psi w3,
     d/dalpha = -sum psi w1 log N, d/dbeta = -sum psi w2 log D."""
     a, b, e, alpha, beta = x
-    T = np.empty((3, lnN.size))  # (term, point)
-    T[0], T[1], T[2] = a - alpha * lnN, b - beta * lnD, e
-    lse = np.logaddexp.reduce(T, axis=0)
-    r = lse - lnL
-    w = np.exp(T - lse)  # softmax over the three terms
-    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA ** 2
-    p0, p1 = psi * w[0], psi * w[1]
-    grad = np.array([p0.sum(), p1.sum(), psi @ w[2], -(p0 @ lnN), -(p1 @ lnD)])
+    t0, t1 = a - alpha * lnN, b - beta * lnD  # (point,) the log power terms; the third is e
+    m = np.maximum(np.maximum(t0, t1), e)  # logsumexp written out: one pass, no reductions over axes
+    x0, x1, x2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(e - m)
+    s = x0 + x1 + x2
+    r = m + np.log(s) - lnL
+    psi = np.minimum(np.maximum(r, -HUBER_DELTA), HUBER_DELTA) / (HUBER_DELTA ** 2 * s)  # Huber' / delta^2 / s
+    p0, p1 = psi * x0, psi * x1  # psi * softmax weight of each term
+    grad = np.array([p0.sum(), p1.sum(), psi @ x2, -(p0 @ lnN), -(p1 @ lnD)])
     return huber(HUBER_DELTA, r).sum() / HUBER_DELTA ** 2, grad
 
 
