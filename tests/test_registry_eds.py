@@ -182,3 +182,7 @@ def test_eds_is_planned(capsys):
     config = registry.get("eds").make_config(load_config(None, args).model, vocab_size=eds["model"]["vocab_size"])
     assert eds["model"]["parameters"] == registry.get("eds").num_params(config)
     assert plan.main(args) in (0, 1) and "eds" in capsys.readouterr().out.lower()
+    # two pipeline stages: refused as the trainer refuses them, in one line
+    assert plan.main(args + ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "--gpus", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be pipelined" in err and len(err.splitlines()) == 1

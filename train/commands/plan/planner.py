@@ -61,6 +61,8 @@ def _resolve(cfg, gpus: int, vocab: Optional[int], g: GPU) -> _Run:
         d = derive(cfg, gpus, num_layers=n_blocks, bf16_supported=g.has_bf16)
     except ConfigError as e:
         raise PlanError(str(e)) from None
+    if d.pipeline_stages > 1 and spec.pipeline_refusal(model_config):  # what the trainer refuses (check_pipeline)
+        raise PlanError(spec.pipeline_refusal(model_config))
     _check_precision(cfg, d.precision, g)
     try:
         preset = load_preset(d.ds_preset)
