@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from .config import DecoderConfig, EncoderDecoderConfig
 from .models import DecoderLM, EncoderDecoderLM
 
 SIZES: dict[str, dict] = {
@@ -72,8 +71,9 @@ def sized_config(config_class, size: str = "debug", fixed=None, **options):
     fixed = dict(fixed or {})
     clash = [f"{k}={options[k]!r}" for k in fixed if k in options and options[k] != fixed[k]]
     if clash:
-        raise ValueError(f"model option {', '.join(clash)} contradicts this architecture's "
-                         f"{', '.join(f'{k}={v!r}' for k, v in fixed.items())}; drop the option or choose the other architecture")
+        what = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        raise ValueError(f"model option {', '.join(clash)} contradicts this architecture's {what}; "
+                         f"drop the option or choose the other architecture")
     return config_class(**{**SIZES[key], **options, **fixed})
 
 

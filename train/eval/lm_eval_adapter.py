@@ -64,7 +64,10 @@ def load_for_eval(pretrained: str | Path, step: Optional[int] = None):
         model, record = model_zoo.load(path), path / "archscale_export.json"
         # the run's entry as `archscale export` recorded it; a bare save_pretrained directory: the
         # entry its config is an instance of
-        arch = registry.get(json.loads(record.read_text())["arch"]) if record.is_file() else registry.entry_of(model.config)
+        if record.is_file():
+            arch = registry.get(json.loads(record.read_text())["arch"])
+        else:
+            arch = registry.entry_of(model.config)
         return model, AutoTokenizer.from_pretrained(path), None, arch
     step_dir = path if (path / ckpt.STATE_FILE).is_file() else checkpoint_dir(path, step)
     model, tok, cfg = load_model(step_dir)
