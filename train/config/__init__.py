@@ -20,7 +20,8 @@ The package re-exports every name below; its modules, by concern:
 ``sections`` (the typed dataclasses, one docstring per field), ``coerce`` (the generic machinery:
 field types, ``_coerce``, ``from_dict``, ``validate``, ``to_dict``), ``overrides`` (``a.b=c``
 parsing and placing a value at its dotted path), ``load`` (load, save, print, origins) and
-``derived`` (``Derived`` and ``derive``).
+``derived`` (``Derived`` and ``derive``) and ``wsd`` (where a warmup-stable-decay run's decay
+starts: ``wsd_branch_point``, ``branch_length``).
 """
 from __future__ import annotations
 
@@ -35,5 +36,6 @@ from .derived import Derived, derive  # noqa: F401
 from .load import (CLI, DEFAULT, FILE, _all_origins, _flatten, _with_origin, config_to_yaml,  # noqa: F401
                    format_config, load_config, load_config_with_origins, save_config, split_config_args)
 from .overrides import _default_of, _set_path, parse_override  # noqa: F401
+from .wsd import branch_length, decay_steps, wsd_branch_point  # noqa: F401
 from .sections import (CheckpointConfig, EvalConfig, InitConfig, LoggingConfig, ModelConfig,  # noqa: F401
                        OptimConfig, ParallelConfig, RunConfig, ScheduleConfig)

@@ -79,6 +79,10 @@ def derive(cfg: RunConfig, world_size: int, *, num_layers: Optional[int] = None,
             raise ConfigError(str(e)) from None
     tokens_per_step = glob * tokens_per_sequence
     steps = _max_steps(cfg.schedule, tokens_per_step)
+    if cfg.schedule.name == "wsd":
+        from .wsd import check_wsd
+
+        check_wsd(cfg.schedule.warmup_steps, steps, cfg.schedule.decay_fraction)
     _check_offload(par)
     _check_optimizer(cfg, par, stages)
     return Derived(world_size=world_size, pipeline_stages=stages, data_parallel_size=dp,

@@ -109,14 +109,19 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule and training length. lr(step) = optim.lr * multiplier(step)."""
 
-    name: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    name: Literal["cosine", "inverse_sqrt", "constant", "wsd"] = "cosine"
     """cosine: linear warmup then cosine decay to min_lr_ratio; inverse_sqrt: (after warmup)
     sqrt(rsqrt_steps / max(step, rsqrt_steps)), i.e. constant for rsqrt_steps then 1/sqrt(step)
-    decay (the reference); constant: (after warmup) 1."""
+    decay (the reference); constant: (after warmup) 1; wsd: warmup-stable-decay, (after warmup) 1,
+    then a linear decay to min_lr_ratio over the last round(decay_fraction x max_steps) steps
+    (OLMo-core's WSD; train/config/wsd.py)."""
     warmup_steps: int = 0
     """Linear warmup from ~0 to the peak over this many steps (all schedules)."""
     min_lr_ratio: float = 0.1
-    """cosine: final lr as a fraction of the peak."""
+    """cosine, wsd: final lr as a fraction of the peak."""
+    decay_fraction: float = 0.1
+    """wsd only: the fraction of max_steps the final linear decay takes, D = round(decay_fraction x
+    max_steps), in [0, 1); 0 = never decay (the stable run that decay branches resume from)."""
     rsqrt_steps: int = 10_000
     """inverse_sqrt: steps at the peak before the 1/sqrt decay starts (reference: 10^4)."""
     max_steps: Optional[int] = None
@@ -137,6 +142,9 @@ class ScheduleConfig:
             raise ConfigError("schedule.warmup_steps must be >= 0 and schedule.rsqrt_steps >= 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 <= self.decay_fraction < 1.0:
+            raise ConfigError(f"schedule.decay_fraction={self.decay_fraction} must be in [0, 1) "
+                              f"(0 = never decay: the stable run of a WSD ladder)")
 
 
 @dataclass
@@ -200,15 +208,23 @@ class CheckpointConfig:
     """Keep the newest this many complete checkpoints; 0 = keep all. The newest is never deleted."""
     keep_every_n_steps: int = 0
     """Never prune checkpoints whose step is a multiple of this (milestones for evaluation); 0 = none."""
+    at_steps: list[int] = field(default_factory=list)
+    """Also save at exactly these optimizer steps, and never prune them (a WSD stable run's branch
+    points, where decay branches resume); [] = none."""
     resume: str = "auto"
     """auto = the newest complete checkpoint of this run, if any; never = start fresh;
-    or a path to a checkpoint directory (or to another run's directory)."""
+    or a path to a checkpoint directory (or to another run's directory). A path into another run
+    is where this run starts (a decay branch, train/trainer/branch.py): once this run has a
+    checkpoint of its own, that one is resumed."""
 
     def check(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 0 or self.keep_every_n_steps < 0:
             raise ConfigError("checkpoint.every_n_steps must be >= 1, keep_last and keep_every_n_steps >= 0")
         if not self.resume:
             raise ConfigError("checkpoint.resume is empty: use auto, never or a checkpoint path")
+        bad = [s for s in self.at_steps if s < 1]
+        if bad:
+            raise ConfigError(f"checkpoint.at_steps={self.at_steps} has steps < 1 ({bad}): give optimizer steps >= 1")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from train.atomic import atomic_write_text
-from train.config import Derived, OptimConfig, RunConfig, ScheduleConfig
+from train.config import Derived, OptimConfig, RunConfig, ScheduleConfig, decay_steps
 from train.config.presets import load_preset
 
 _QUIET_STEPS = 1_000_000_000
@@ -142,12 +142,23 @@ def lr_multiplier(schedule: ScheduleConfig, step: int, max_steps: int) -> float:
     inverse_sqrt: sqrt(rsqrt_steps / max(step, rsqrt_steps)); with optim.lr = 0.01 and
     rsqrt_steps = 10^4 this is the reference's 1/sqrt(max(step, 10^4)).
     constant: 1.
+    wsd: 1 up to step S = max_steps - D, D = round(decay_fraction * max_steps) (train/config/wsd.py),
+    then linear: min_lr_ratio + (1 - min_lr_ratio) * (max_steps - step) / D, exactly 1 at step S and
+    min_lr_ratio at max_steps (OLMo-core's WSD: linear, not 1-sqrt). The multiplier at S (the rate
+    of step S + 1) is still the peak, as the stable run's there, so a decay branch resumed from the
+    stable run's step-S checkpoint continues it exactly; decay_fraction = 0 never decays.
     """
     w = schedule.warmup_steps
     if step < w:
         return (step + 1) / w
     if schedule.name == "constant":
         return 1.0
+    if schedule.name == "wsd":
+        d = decay_steps(max_steps, schedule.decay_fraction)
+        if d == 0 or step <= max_steps - d:
+            return 1.0
+        r = schedule.min_lr_ratio
+        return r + (1.0 - r) * max(0, max_steps - step) / d
     if schedule.name == "inverse_sqrt":
         n = schedule.rsqrt_steps
         return math.sqrt(n / max(step, n))
@@ -163,3 +174,19 @@ def build_lr_scheduler(optimizer, schedule: ScheduleConfig, max_steps: int, opti
     import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(schedule, step, max_steps))
+
+
+def sync_lr(scheduler) -> None:
+    """Set every param group's lr to what ``scheduler`` (a LambdaLR) gives at its step now.
+
+    After a load, the optimizer's groups hold the lr the *saving* run's schedule set, while the
+    loaded scheduler state keeps only its step count (its lambda is this run's): without this, the
+    first step after a resume would still run at the saver's rate. Equal to the saved value
+    (bitwise: the same product base_lr * multiplier) when the schedule is unchanged; for a decay
+    branch (another schedule.max_steps) it is the branch's rate from its first step on."""
+    if scheduler is None:
+        return
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

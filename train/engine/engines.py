@@ -77,6 +77,10 @@ class Engine:
         self.ds.load_checkpoint(str(step_dir), tag=UNIVERSAL_TAG if universal else ENGINE_TAG,
                                 load_module_strict=True, load_optimizer_states=True,
                                 load_lr_scheduler_states=schedule)
+        if schedule:  # the groups' lr as this run's schedule gives it at the loaded step (a decay branch's)
+            from .ds_config import sync_lr
+
+            sync_lr(self.ds.lr_scheduler)
         if universal:
             eng.untie_optimizer_steps(self.ds)  # DeepSpeed's ZeRO-3 universal load shares one step tensor
 

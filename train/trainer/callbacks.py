@@ -284,14 +284,16 @@ class SignalCallback(Callback):
 
 # ---------------------------------------------------------------------------------- checkpoints
 class CheckpointCallback(Callback):
-    """A checkpoint every checkpoint.every_n_steps steps and one of the last step (unless it was
+    """A checkpoint every checkpoint.every_n_steps steps and at checkpoint.at_steps (a WSD stable
+    run's branch points; never pruned), and one of the last step (unless it was
     just saved); a fresh run that stops at step 0 saves step 0 (an init.from_checkpoint child's start)."""
 
     def pre_train(self, t) -> None:
         self.last_saved = t.step
 
     def post_step(self, t) -> None:
-        if t.stopped_by is None and t.step % t.cfg.checkpoint.every_n_steps == 0:
+        c = t.cfg.checkpoint
+        if t.stopped_by is None and (t.step % c.every_n_steps == 0 or t.step in c.at_steps):
             save(t)
             self.last_saved = t.step
 
@@ -312,11 +314,12 @@ def save(t) -> Path:
     rngs = eng.all_gather_object(ckpt.capture_rng_state())
     st = ckpt.TrainerState(step=t.step, tokens_seen=t.tokens_seen, target_tokens=t.target_tokens, flops=t.flops,
                            data_position=t.stream.state_dict(), rng_states=rngs, world_size=t.dist.world_size,
-                           init=t.init_info, config=yaml.safe_load(t.config_yaml))
+                           init=t.init_info, branch=t.branch_info, config=yaml.safe_load(t.config_yaml))
     cfg = t.cfg.checkpoint
     return ckpt.save_checkpoint(t.layout.checkpoints, st, write_engine, is_rank0=t.dist.is_rank0,
                                 barrier=eng.barrier, keep_last=cfg.keep_last,
-                                keep_every_n_steps=cfg.keep_every_n_steps, config_yaml=t.config_yaml)
+                                keep_every_n_steps=cfg.keep_every_n_steps, keep_steps=tuple(cfg.at_steps),
+                                config_yaml=t.config_yaml)
 
 
 # ---------------------------------------------------------------------------------- the end

@@ -155,6 +155,9 @@ class TrainerState:
     """Where the weights came from (init.from_checkpoint): the parent checkpoint's resolved path,
     step, tokens_seen, target_tokens and flops, so the cost of every phase adds up. Empty for a
     run trained from scratch."""
+    branch: dict = field(default_factory=dict)
+    """For a decay branch (a run resumed from another run's checkpoint, e.g. a WSD-S budget): its
+    parent_run_dir, parent_checkpoint and parent_step, as RUN/branch.json. Empty otherwise."""
     version: int = 1
     """Format version of this file."""
 
@@ -274,7 +277,8 @@ def newest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
 def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
                     write_engine: Callable[[Path], None], *, is_rank0: bool = True,
                     barrier: Callable[[], None] = lambda: None, keep_last: int = 0,
-                    keep_every_n_steps: int = 0, config_yaml: Optional[str] = None) -> Path:
+                    keep_every_n_steps: int = 0, keep_steps: tuple[int, ...] = (),
+                    config_yaml: Optional[str] = None) -> Path:
     """Write checkpoint ``step-{state.step}`` atomically; call on every rank.
 
     1. rank 0 makes a fresh ``step-N.tmp`` (removing a leftover of a crashed save); barrier
@@ -302,7 +306,7 @@ def save_checkpoint(checkpoints_dir: str | Path, state: TrainerState,
     if is_rank0:
         _publish(ckpt, tmp, final)
         if keep_last:
-            prune_checkpoints(ckpt, keep_last, keep_every_n_steps, protect=(final,))
+            prune_checkpoints(ckpt, keep_last, keep_every_n_steps, protect=(final,), keep_steps=keep_steps)
     barrier()
     return final
 
@@ -373,11 +377,11 @@ def _disk_full(e: BaseException, where: Path) -> bool:
 
 
 def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, keep_every_n_steps: int = 0,
-                      protect: tuple[Path, ...] = ()) -> list[Path]:
+                      protect: tuple[Path, ...] = (), keep_steps: tuple[int, ...] = ()) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only); returns what it deleted.
 
-    Never deleted: the newest complete checkpoint, the one ``latest`` names, ``protect``, and steps
-    that are multiples of ``keep_every_n_steps``. Leftover ``step-N.tmp`` / ``.old`` dirs of
+    Never deleted: the newest complete checkpoint, the one ``latest`` names, ``protect``, steps
+    that are multiples of ``keep_every_n_steps`` and the steps in ``keep_steps`` (checkpoint.at_steps). Leftover ``step-N.tmp`` / ``.old`` dirs of
     crashed saves go too (call this only while no save is in progress). keep_last=0 keeps all.
     """
     ckpt = Path(checkpoints_dir)
@@ -396,7 +400,7 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, keep_every_n_
     if latest is not None:
         keep.add(latest.resolve())
     for step, p in complete:
-        if p.resolve() in keep or (keep_every_n_steps and step % keep_every_n_steps == 0):
+        if p.resolve() in keep or step in keep_steps or (keep_every_n_steps and step % keep_every_n_steps == 0):
             continue
         shutil.rmtree(p)
         removed.append(p)
@@ -410,11 +414,24 @@ def find_resume_point(run_dir: str | Path, resume: str = "auto", *,
     resume="never": None. "auto": the newest complete checkpoint of this run (``latest``, else the
     highest complete step), None if there is none. A path: a complete checkpoint directory, or a
     run / checkpoints directory (its newest complete checkpoint); anything else is an error.
+    A path outside this run's checkpoints (another run's: a decay branch's parent) is where the
+    run *starts*: once this run holds a complete checkpoint of its own, that one is resumed
+    (the same command continues a branch after a kill or a requeue, never restarts it).
     """
     if resume == "never":
         return None
+    layout = RunLayout.of(run_dir, checkpoints_dir)
     if resume == "auto":
-        return newest_checkpoint(RunLayout.of(run_dir, checkpoints_dir).checkpoints)
+        return newest_checkpoint(layout.checkpoints)
+    found = _resume_path(resume)  # a bad path is an error, also for a run that has checkpoints
+    own = newest_checkpoint(layout.checkpoints)
+    if own is not None and found.resolve().parent != layout.checkpoints.resolve():
+        return own
+    return found
+
+
+def _resume_path(resume: str) -> Path:
+    """The complete checkpoint a checkpoint.resume path names (find_resume_point)."""
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"checkpoint.resume={resume}: no such path")

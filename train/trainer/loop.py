@@ -29,6 +29,7 @@ from ..engine import runtime as eng
 from ..engine.engines import ENGINE_TAG, UNIVERSAL_TAG, Engine, StepLosses, build_engine
 from .. import registry
 from ..atomic import atomic_path
+from .branch import branch_of, write_branch_file
 from .callbacks import Callback, Signals, default_callbacks
 from ..config import ConfigError, Derived, RunConfig, config_to_yaml, derive
 
@@ -134,8 +135,9 @@ class Trainer:
     stream: Any
     config_yaml: str
     init_info: dict  # TrainerState.init
-    resumed: bool  # started from a checkpoint of this run
+    resumed: bool  # started from a checkpoint (of this run, or of a decay branch's parent)
     result: RunResult
+    branch_info: dict = field(default_factory=dict)  # TrainerState.branch: a decay branch's parent
     step: int = 0
     tokens_seen: int = 0
     target_tokens: int = 0
@@ -203,6 +205,7 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     load the init weights or resume: the Trainer of the first step."""
     dist = eng.setup_distributed()
     arch, derived, layout, resume_dir, state = _preflight(cfg, lock, dist)
+    branch = branch_of(cfg, derived, layout, resume_dir, state)  # a decay branch: refused unless it continues
     torch.manual_seed(cfg.seed)
     prepared = _prepare_data(cfg, dist)  # bad data: refused before the run directory is made
     if dist.is_rank0 and lock.fd is None:
@@ -211,6 +214,8 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     universal = state is not None and state.world_size != dist.world_size and (
         derived.zero_stage >= 1 or derived.pipeline_stages > 1)
     ds_config, config_yaml = _write_run_files(cfg, derived, layout, dist, universal)
+    if dist.is_rank0:
+        write_branch_file(layout.root, branch)
 
     model = arch.build(cfg.model, vocab)
     init_info, init_dir = (dict(state.init) if state is not None else {}), None
@@ -219,7 +224,8 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     engine = build_engine(cfg, model, derived, ds_config, dist)
     t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
                 engine=engine, stream=_stream(cfg, prepared, derived, engine, fixed_batch), config_yaml=config_yaml,
-                init_info=init_info, resumed=state is not None, result=_result(cfg, arch, model, derived))
+                init_info=init_info, resumed=state is not None, result=_result(cfg, arch, model, derived),
+                branch_info=branch)
     if init_dir is not None and cfg.init.load_optimizer:
         # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
         engine.load(init_dir, schedule=False)
