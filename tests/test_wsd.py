@@ -122,10 +122,12 @@ def run(overrides: list[str], **kw):
 
 
 def common(work: Path) -> list[str]:
-    """CD:FLM, debug size, ZeRO-1 (fp32 weights read back by zero_to_fp32), warmup 2, no periodic saves."""
+    """CD:FLM, debug size, ZeRO-1 (fp32 weights read back by zero_to_fp32), warmup 2, no periodic
+    saves, the held-out loss every 4 steps (at 4 and 8: before and after the branch point)."""
     return [o for o in base_overrides(work) if not o.startswith("schedule.name")] + [
         "model.arch=cd", "objective.name=flm", "schedule.name=wsd", "schedule.warmup_steps=2",
-        "checkpoint.every_n_steps=100", "eval.yardstick=false", "parallel.zero_stage=1"]
+        "checkpoint.every_n_steps=100", "eval.yardstick=false", "parallel.zero_stage=1",
+        "eval.every_n_steps=4"]
 
 
 def branch_args(work: Path, run_dir: Path, **kw) -> list[str]:
@@ -162,6 +164,9 @@ def test_stable_plus_branch_equals_one_wsd_run_bitwise(runs):
     ref_lrs = {r["step"]: r["lr"] for r in metrics(runs["reference"]) if "lr" in r}
     assert lrs and lrs == {k: ref_lrs[k] for k in lrs}
     assert ref_lrs[S - 1] == ref_lrs[S - 2] > lrs[S + 1] > lrs[T - 1] > lrs[T]  # it did decay, after S
+    evals = {r["step"]: r["eval_loss"] for r in metrics(runs["branch"]) if "eval_loss" in r}
+    ref_evals = {r["step"]: r["eval_loss"] for r in metrics(runs["reference"]) if "eval_loss" in r}
+    assert sorted(evals) == [8, T] and evals == {k: ref_evals[k] for k in evals}
     final = f"step-{T:08d}"
     w_ref = fp32_weights(runs["reference"] / "checkpoints" / final)
     w_run = fp32_weights(runs["branch"] / "checkpoints" / final)
