@@ -4,6 +4,7 @@
         [--overfit [--overfit-steps 200] [--overfit-threshold 0.5] | --determinism-check [--steps 5]]
     archscale compare [--out DIR] [--seeds N] [--tokens N | --budget KIND=VALUE] ...  cells on one yardstick
     archscale reproduce NAME [--seeds N] [--size S] | --list  a published claim, judged by a stated rule
+    archscale ladder [--cells ..] [--sizes ..] [--budgets ..] [--submit]  scaling ladders, fitted and judged at a target
     archscale export RUN_DIR [--out DIR] [--step N]         a Hugging Face model directory
     archscale inspect [CONFIG.yaml] [a.b=c ...] [--mask DIR]  decoded batches and mask pictures
     archscale analyze RUN_DIR [--step N]                   attention rank per layer: causal vs bidirectional
@@ -172,6 +173,7 @@ COMMANDS = {
     "eval": lambda argv: __import__("train.eval.evaluate", fromlist=["main"]).main(argv),  # archscale eval RUN_DIR --tasks F.jsonl
     "report": lambda argv: __import__("train.commands.report", fromlist=["main"]).main(argv),  # archscale report RUNS... | SWEEP_DIR
     "reproduce": lambda argv: __import__("train.commands.reproduce", fromlist=["main"]).main(argv),  # archscale reproduce NAME
+    "ladder": lambda argv: __import__("train.commands.ladder.command", fromlist=["main"]).main(argv),  # archscale ladder
     "plan": lambda argv: __import__("train.commands.plan", fromlist=["main"]).main(argv),  # archscale plan CONFIG [a.b=c] --gpus N --gpu G [--json]
     "tokenize": lambda argv: __import__("train.commands.tokenize", fromlist=["main"]).main(argv),
     "submit": _slurm("submit"),
