@@ -586,7 +586,10 @@ def test_submit_checks_the_config_first(tmp_path, monkeypatch, capsys):
         assert len(lines) == 1 and lines[0].startswith("archscale submit: error: "), lines
         return lines[0]
 
-    assert "model.arch: 'zz' is not one of: cd, nd, ed (from command line)" in refused(str(cfg), "model.arch=zz")
+    from train.registry import ARCHITECTURES
+
+    archs = ", ".join(ARCHITECTURES)
+    assert f"model.arch: 'zz' is not one of: {archs} (from command line)" in refused(str(cfg), "model.arch=zz")
     assert "expected an integer, got 'many'" in refused(str(cfg), "schedule.max_steps=many")
     assert "parallel.global_batch_size=3 is not divisible" in refused(str(cfg), "parallel.global_batch_size=3",
                                                                       "parallel.micro_batch_size=2")
