@@ -136,7 +136,10 @@ def test_ci_sized_ladder_trains_branches_collects_points_and_refuses_a_two_rung_
         assert pt["loss"] == result["yardsticks"][-1]["yardstick_nats"] and 0 < pt["loss"] < 12
         assert pt["N"] == planned[str(run)].non_embedding_params
         parent = json.loads((Path(pt["parent"]) / "result.json").read_text())
-        assert parent["tokens_seen"] < pt["D"] or pt["branch_step"] == parent["step"]
+        assert parent["step"] == max(p["branch_step"] for p in doc["points"] if p["parent"] == pt["parent"])
+        # the branch continues its parent's stream: the same tokens per step, counted from step 0
+        assert abs(pt["D"] / pt["step"] / (parent["tokens_seen"] / parent["step"]) - 1) < 0.02
+        assert (pt["step"] > parent["step"]) == (pt["D"] > parent["tokens_seen"])
     # the budgets vary D within a rung, the rungs N; the larger budget sees more tokens
     for cell in ("CD:FLM", "ED:MLM"):
         for rung in ("64x2", "128x2"):
@@ -200,3 +203,11 @@ def test_finished_branches_are_fitted_judged_drawn_and_paged(tmp_path, capsys):
     assert (tmp_path / "lad" / "loss_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "lad" / "isoflop.png").stat().st_size > 1000
     assert "N[ED:MLM]=1.09e+10" in page  # ED judged at the 11b reference's non-embedding parameters
+    assert "## Points (47 finished branches" in page and "| CD:FLM | 64x2 |" in page
+    # archscale report on the ladder's directory: its points and the page's verdicts, read-only
+    from train.commands import report
+
+    assert report.main([str(tmp_path / "lad")]) == 0
+    shown = capsys.readouterr().out
+    assert "1 branch(es) unfinished" in shown and "| ED:MLM | 256x2 |" in shown and "## Verdicts at the target" in shown
+    assert (tmp_path / "lad" / "report" / "report.md").exists()

@@ -2,6 +2,7 @@
 
     archscale report runs/cd-flm runs/nd-plm runs/ed-mlm --out runs/report
     archscale report runs/sweep                     # every run directory below it -> runs/sweep/report
+    archscale report runs/ladder                    # an `archscale ladder` output: its points and verdicts
 
 Per run (a directory holding config.yaml; read-only, nothing is recomputed): architecture,
 objective, size, parameters, step, tokens seen, target tokens (tokens that carried a loss), FLOPs,
@@ -25,6 +26,10 @@ loss reaches the from-scratch run's final one (the NC-A shortcut of the referenc
 budget is the one most runs share (the value with the most runs within 5% of it; ties: the
 smallest); a run whose total tokens seen (or total FLOPs) differ from it by more than 5% is
 flagged in the table (`tokens`, `FLOPs`) and on the page.
+
+**A ladder** (the output directory of `archscale ladder`, holding ladder.json): its points per cell,
+rung and budget (N, D, C, the yardstick's loss over seeds) and the verdicts of its ladder.md, in
+report.md (ladder/table.py).
 
 **The common yardstick** (report_page.py): runs are grouped into cells across seeds, and
 report.md + yardstick.png show the yardstick table with error bars, the pairwise differences with
@@ -413,6 +418,10 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="run directories, or a sweep directory holding them")
     p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/report, or ./report)")
     a = p.parse_args(argv)
+    if len(a.paths) == 1 and (Path(a.paths[0]) / "ladder.json").is_file():  # an `archscale ladder` output directory
+        from .ladder.table import show
+
+        return show(Path(a.paths[0]), a.out)
     try:
         res = report(a.paths, a.out)
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:

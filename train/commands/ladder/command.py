@@ -220,6 +220,7 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
     """Collect the points, write ladder.json, then fit, judge, draw and write the page."""
     from . import fit_ladder, judge, plot_isoflop, plot_loss_vs_flops, rollout_cv, summary_text, write_page
     from ..reproduce.pages import _machine
+    from .table import points_table
 
     points, missing = write_points(plans, args)
     out = Path(args.out)
@@ -240,6 +241,9 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
     pics = [plot_loss_vs_flops(ladder, verdicts, out / "loss_vs_flops.png"), plot_isoflop(ladder, out / "isoflop.png")]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = write_page(out / "ladder.md", ladder, rollout, verdicts, command, _machine(), date, pics)
+    with open(page, "a") as f:
+        f.write(f"\n## Points ({len(points)} finished branches; every run in ladder.json)\n\n"
+                + points_table(json.loads((out / "ladder.json").read_text())) + "\n")
     print(summary_text(verdicts, rollout))
     print(f"\npage: {page}   pictures: {', '.join(str(p) for p in pics)}")
     return 0
