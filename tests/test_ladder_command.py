@@ -85,6 +85,12 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in err and "\n" not in err
 
 
+def test_cells_split_at_each_arch_objective_and_keep_their_own_settings():
+    _, args = L.parse_args(["--cells", "cd:plm,nd:plm:model.overrides.bidirectional_mode=mixed_heads,ed:mlm"])
+    assert [c.label for c in args.cells] == ["cd-plm", "nd-plm-bidirectional_modemixed_heads", "ed-mlm"]
+    assert args.cells[1].overrides == ("model.overrides.bidirectional_mode=mixed_heads",)
+
+
 def test_named_sizes_are_rungs_and_an_unmatchable_rung_is_refused_before_anything_trains(tmp_path, capsys):
     assert Rung.parse("tiny") == Rung("tiny", "tiny")
     assert L.main(["--cells", "cd:flm,ed:mlm", "--sizes", "32x1,64x2", "--out", str(tmp_path / "x")]) == 2

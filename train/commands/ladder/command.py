@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--cells", default=",".join(DEFAULT_CELLS),
-                   help="ARCH:OBJECTIVE cells, comma-separated (compare's syntax); the first is the match reference")
+                   help="ARCH:OBJECTIVE[:key=value,...] cells, comma-separated (compare's syntax); the first is the match "
+                        "reference")
     p.add_argument("--sizes", default=DEFAULT_SIZES,
                    help="rungs: model_zoo sizes or WIDTHxDEPTH (d_model x n_layers, d_ff = 2 d_model), comma-separated; "
                         "at least --min-rungs (3) for a fit")
@@ -92,7 +94,10 @@ def parse_args(argv) -> tuple[argparse.Namespace, LadderArgs]:
     ns = p.parse_args(argv)
     if ns.seeds < 1 or ns.min_rungs < 2:
         p.error("--seeds must be >= 1 and --min-rungs >= 2")
-    cells = tuple(parse_cell(c) for c in ns.cells.split(",") if c.strip())
+    if ns.dry_run and not ns.submit:
+        p.error("--dry-run prints what --submit would submit: give both")
+    # a comma starts a new cell only before ARCH:OBJECTIVE (a cell's own key=value,... stay with it)
+    cells = tuple(parse_cell(c) for c in re.split(r",(?=\w+:\w+(?::|,|$))", ns.cells) if c.strip())
     unique_labels(list(cells))
     try:
         budgets = tuple(float(b) for b in ns.budgets.split(",") if b.strip())
