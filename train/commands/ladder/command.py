@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (5 warm-up steps)")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations (and always at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="steps between checkpoints (a preempted job resumes from one), besides the branch points")
     p.add_argument("--seed", type=int, default=0, help="seed of each cell's first run (then +1 per seed)")
     p.add_argument("--set", nargs="*", default=[], metavar="a.b=c", help="more overrides for every run")
     g = p.add_argument_group("cluster (--submit)")
@@ -107,7 +109,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, LadderArgs]:
     args = LadderArgs(cells=cells, rungs=rungs, budgets=budgets, budget_unit=ns.budget_unit, seeds=ns.seeds,
                       decay_fraction=ns.decay_fraction, match=ns.match, out=ns.out, seq_len=ns.seq_len,
                       micro_batch=ns.micro_batch, accumulation=ns.accumulation, lr=ns.lr,
-                      eval_every=ns.eval_every, seed=ns.seed, set=tuple(ns.set))
+                      eval_every=ns.eval_every, checkpoint_every=ns.checkpoint_every, seed=ns.seed,
+                      set=tuple(ns.set))
     return ns, args
 
 

@@ -95,6 +95,7 @@ class LadderArgs:
     accumulation: int = 1
     lr: float = 3e-3
     eval_every: int = 1000
+    checkpoint_every: int = 1000  # besides the branch points (checkpoint.at_steps) and the end
     seed: int = 0
     set: tuple[str, ...] = ()
 
@@ -122,7 +123,7 @@ class LadderArgs:
         return CompareArgs(cells=cells, out=str(Path(self.out) / rung.label), budget=Budget("steps", 1),
                            match=self.match, size=rung.size, seq_len=self.seq_len, micro_batch=self.micro_batch,
                            accumulation=self.accumulation, lr=self.lr, eval_every=self.eval_every,
-                           checkpoint_every=10 ** 9, seed=self.seed, set=self.set)
+                           checkpoint_every=self.checkpoint_every, seed=self.seed, set=self.set)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ def show(path: Path, out: Path | None = None) -> int:
         start = text.find("## Verdicts at the target")
         verdicts = text[start:text.find("\n## ", start + 3)] if start >= 0 else ""
     else:
-        verdicts = f"not fitted yet ({PAGE_FILE} is missing): run the same archscale ladder command without --submit"
+        verdicts = (f"not fitted ({PAGE_FILE} is missing): the runs are not all finished, or the fit refused the "
+                    f"ladder; the archscale ladder command (without --submit) says which")
     print(head + "\n\n" + table + "\n\n" + verdicts.strip())
     out = Path(out) if out else path / "report"
     out.mkdir(parents=True, exist_ok=True)
