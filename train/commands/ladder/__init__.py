@@ -2,7 +2,9 @@
 frontiers L(C) (fits), the paired bootstrap over seeds (bootstrap), rollout cross-validation
 (rollout), verdicts at a target scale (verdicts), pictures (plots) and the markdown page (page).
 Pure analysis of finished runs: numpy, scipy and matplotlib, nothing of the trainer.
-docs/ladder.md has the math and how to read the output."""
+The command `archscale ladder` lives beside it (command, plan, submit; table for `archscale
+report`) and is not imported here, so the analysis stays light.
+docs/ladder.md has the math, how to read the output, and the command."""
 from .bootstrap import CellBootstrap, LadderFit, Prediction, fit_ladder
 from .fits import ChinchillaParams, CellFit, fit_cell, frontier, law_loss
 from .page import page_text, summary_text, write_page
