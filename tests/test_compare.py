@@ -241,3 +241,15 @@ def test_compare_match_params_prints_both_counts_and_the_gap(tmp_path, capsys):
     assert f"{run['non_embedding_params'] / 1e6:.3f}M" in printed and f"{run['params'] / 1e6:.3f}M" in printed
     assert f"{100 * share:.1f}%" in printed
     assert load_config(Path(run["run_dir"]) / "config.yaml").model.overrides == ed["match"]["shape"]
+
+
+def test_budget_lines_read_the_runs_as_compare_checks_them():
+    """Within 2% (compare/sizing.TOLERANCE) or one step where a step is coarser: no line; further: one."""
+    from train.commands.comparison import budget_lines
+
+    def cell(name, tokens, steps):
+        return {"name": name, "runs": [{"seed": 0, "tokens_seen": tokens, "step": steps}]}
+
+    cells = [cell("near", 101_500, 157), cell("far", 103_000, 157), cell("coarse", 103_000, 10)]
+    lines = budget_lines(cells, "tokens-seen", 100_000)
+    assert len(lines) == 1 and lines[0].startswith("budget not met: far ran 1.03e+05 tokens-seen (103%")

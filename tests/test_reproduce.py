@@ -35,7 +35,7 @@ def test_gpt_vs_unilm_rule(nd_cd, mix_nd, mix_cd, verdict):
     ((0.0, 0.02), (0.01, 0.02), "inconclusive"),
 ])
 def test_ed_params_rule(ed, half, verdict):
-    pairs = [pair(ED["ed"], ED["cd"], *ed), pair(ED["ed-half"], ED["cd"], *half)]
+    pairs = [pair(ED["ed"], ED["cd"], *ed), pair(ED["ed-params"], ED["cd"], *half)]
     assert R.rule_ed_params(pairs, ED)[0] == verdict
 
 

@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 
 from .cells import Cell, CellError, load_grid, parse_cell, unique_labels
 from .matching import Match, MatchError  # noqa: F401  (MatchError, BudgetError, CellError: what callers catch)
-from .sizing import BUDGETS, MATCHES, Budget, BudgetError, cell_facts, match_cell, schedule_overrides
+from .sizing import BUDGETS, MATCHES, TOLERANCE, Budget, BudgetError, cell_facts, match_cell, schedule_overrides
 
 DEFAULT_CELLS = ["cd:flm", "nd:plm", "ed:mlm"]
 
@@ -341,7 +341,7 @@ def print_summary(summary: list[dict], args: CompareArgs) -> None:
           "accuracy (chance 1/eval.choices); mean ± std over seeds. MLM cells are scored the T5 way "
           "(docs/evaluation.md): their known handicap before adaptation.")
     print(cell_table(summary))
-    for line in budget_lines(summary, args.budget.kind, args.budget.value):
+    for line in budget_lines(summary, args.budget.kind, args.budget.value, tolerance=TOLERANCE):
         print(line)
     print()
     print("Pairwise differences (paired by seed; 95% t interval):")

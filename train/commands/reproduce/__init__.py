@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .measures import (MTF_STEPS, measure_catch_up, measure_lengths, measure_low_rank, measure_zero_shot,
-                       reading_low_rank, reading_lengths, reading_nca)
+                       reading_ed_params, reading_low_rank, reading_lengths, reading_nca)
 from .pages import write_index, write_page
 from .rules import (LENGTHS, METRIC, NCA_EVAL_EVERY, RANK, RANK_INIT, SPEEDUP, better, length_metric,  # noqa: F401
                     rule_ed_params, rule_entropy_scale, rule_gpt_vs_unilm, rule_low_rank, rule_nca, rule_zero_shot,
@@ -52,6 +52,7 @@ class Claim:
                    "this Python installation's own sources; the published claims were made at 100M-10B "
                    "parameters on web text. A verdict here says what this scale shows, not what the paper's does.")
     extra: list = field(default_factory=list)
+    match_to: str = ""  # the grid's match_to: the cell that the cells' own `match:` sizes against ("" = none)
 
 
 CLAIMS = {c.name: c for c in [
@@ -63,12 +64,15 @@ CLAIMS = {c.name: c for c in [
                      "{model.overrides.bidirectional_mode: mixed_heads}}"],
           {"cd": "CD:PLM", "nd": "ND:PLM", "mixed": "ND:PLM (nd-mixed)"}, rule_gpt_vs_unilm),
     Claim("su-ed-params", "Su Jianlin (2023); SCIENCE.md ('ED has about 2x the parameters')",
-          "ED vs CD on the same PLM data at equal per-token FLOPs (ED: encoder and decoder each as deep as the "
-          "decoder, ~2x the parameters), and at equal parameters (ED at half depth each): ED's advantage comes "
-          "from its doubled parameters.",
-          lambda n: ["cd:plm", "ed:plm", f"{{cell: 'ed:plm', label: ed-half, set: {{model.overrides.n_layers: "
-                     f"{max(1, n // 2)}}}}}"],
-          {"cd": "CD:PLM", "ed": "ED:PLM", "ed-half": "ED:PLM (ed-half)"}, rule_ed_params),
+          "ED vs CD on the same PLM data at equal training FLOPs per token (ED: each token passes through one "
+          "stack, so at the decoder's shape it has ~2x the parameters), and at equal non-embedding parameters: "
+          "ED's advantage comes from its doubled parameters. Both ED cells are sized by compare's width-and-depth "
+          "search (d_model, heads, d_ff, layers) to within 5% of CD's FLOPs per token and of its non-embedding "
+          "parameters respectively.",
+          lambda n: ["cd:plm", "{cell: 'ed:plm', label: ed-flops, match: flops}",
+                     "{cell: 'ed:plm', label: ed-params, match: params}"],
+          {"cd": "CD:PLM", "ed": "ED:PLM (ed-flops)", "ed-params": "ED:PLM (ed-params)"}, rule_ed_params,
+          match_to="cd:plm", reading=reading_ed_params),
     Claim("su-low-rank", "Su Jianlin (2023); SCIENCE.md, the low-rank argument",
           "A bidirectional attention block (ND's prefix) is lower-rank than a causal one, whose lower-triangular "
           "matrix with a positive diagonal is full rank by construction, and than a mixed-direction block (every "
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
     out = Path(a.out or f"runs/reproduce/{claim.name}")
     out.mkdir(parents=True, exist_ok=True)
     grid = out / "cells.yaml"
-    grid.write_text("cells:\n" + "".join(f"  - {c}\n" for c in claim.cells(model_zoo.SIZES[a.size]["n_layers"])))
+    grid.write_text((f"match_to: {claim.match_to}\n" if claim.match_to else "") + "cells:\n"
+                    + "".join(f"  - {c}\n" for c in claim.cells(model_zoo.SIZES[a.size]["n_layers"])))
     argv_compare = ["--out", str(out), "--grid", str(grid), "--seeds", str(a.seeds), "--size", a.size,
                     "--tokens", str(a.tokens)] + (["--set", *a.set] if a.set else [])
     print(f"{claim.name}: {claim.text}\nrule: {' '.join(claim.rule.__doc__.split())}\n")

@@ -53,6 +53,26 @@ def reading_low_rank(doc: dict, names: dict) -> str:
             f"itself, not what training learnt, makes most of the difference.")
 
 
+def reading_ed_params(doc: dict, names: dict) -> str:
+    """What the two ED cells' searched shapes make of the claim's premise (ED at equal FLOPs per
+    token has ~2x the parameters): their shapes and non-embedding parameters against CD's."""
+    cells = {c["name"]: c for c in doc["cells"]}
+    mean = lambda name, key: sum(r[key] for r in cells[name]["runs"]) / len(cells[name]["runs"])  # noqa: E731
+    cd, ed, edp = names["cd"], names["ed"], names["ed-params"]
+    shape = lambda name: "x".join(str((cells[name].get("match") or {}).get("shape", {}).get(k, "?"))  # noqa: E731
+                                  for k in ("d_model", "n_layers", "d_ff"))
+    ratio = mean(ed, "non_embedding_params") / mean(cd, "non_embedding_params")
+    return (f"The FLOPs-matched ED (d_model x layers per stack x d_ff = {shape(ed)}) has {ratio:.2f}x CD's "
+            f"non-embedding parameters, not the ~2x of the reference shape, and the parameter-matched ED is "
+            f"{shape(edp)} ({mean(edp, 'non_embedding_params') / mean(cd, 'non_embedding_params'):.2f}x): at this "
+            f"size the two ED cells are almost the same model, so the test cannot separate FLOPs from parameters. "
+            f"Two facts of the debug size make it so: the LM head is most of a token's FLOPs, and ED:PLM's rows "
+            f"compute both sides' padding, so at CD's shape ED costs more FLOPs per token than CD and matching "
+            f"FLOPs takes it to one layer per stack. The premise holds at larger sizes (docs/evaluation.md: a "
+            f"FLOPs-matched ED lands near the decoder's depth per stack); "
+            f"the ladder (docs/ladder.md) is the test at scale.")
+
+
 def plot_ranks(doc: dict, path: Path) -> Path:
     """Bars: each cell's prefix-block effective rank at init and after training (mean over seeds)."""
     import matplotlib

@@ -43,11 +43,13 @@ def _measured_table(claim, doc: dict) -> str:
 def _budget_text(doc: dict) -> str:
     """The budget every cell had, and which cells missed it."""
     from ..comparison import budget_lines
+    from ..compare.sizing import TOLERANCE
 
-    gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"])
+    gaps = budget_lines(doc["cells"], doc["budget"]["kind"], doc["budget"]["value"], tolerance=TOLERANCE)
     return (f"{doc['budget']['kind']} = {doc['budget']['value']:,.0f} for every cell; "
             + ("; ".join(gaps) + ". The verdict compares cells that did not see the same budget."
-               if gaps else "every cell met it within 5%."))
+               if gaps else f"every cell met it within {TOLERANCE:.0%} (compare checks each run's stream "
+                            f"before training and refuses one that would miss it)."))
 
 
 def _copy_pictures(claim, results: Path, out: Path) -> tuple[Path, str]:

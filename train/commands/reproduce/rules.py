@@ -49,10 +49,10 @@ def rule_gpt_vs_unilm(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
 
 def rule_ed_params(pairs: list[dict], names: dict) -> tuple[str, list[str]]:
     """Reproduced: ED at equal per-token FLOPs (2x the parameters) is resolved better than CD, and
-    ED at equal parameters (half depth) is not. Not reproduced: the parameter-matched ED is resolved
+    ED at equal (non-embedding) parameters is not. Not reproduced: the parameter-matched ED is resolved
     better than CD too (the advantage is not the parameters). Otherwise (no resolved advantage at
     equal FLOPs to explain) inconclusive."""
-    flops, params = _pair(pairs, names["ed"], names["cd"]), _pair(pairs, names["ed-half"], names["cd"])
+    flops, params = _pair(pairs, names["ed"], names["cd"]), _pair(pairs, names["ed-params"], names["cd"])
     reasons = [_describe(flops), _describe(params)]
     if better(params):
         return "not reproduced", reasons
