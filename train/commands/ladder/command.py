@@ -30,6 +30,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..cluster_args import add_submit_group
 from ..compare import DEFAULT_CELLS
 from ..compare.cells import parse_cell, unique_labels
 from .plan import BUDGET_UNITS, LadderArgs, LadderRun, Rung, RungPlan, check_runs, plan_ladder
@@ -77,16 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints (a preempted job resumes from one), besides the branch points")
     p.add_argument("--seed", type=int, default=0, help="seed of each cell's first run (then +1 per seed)")
     p.add_argument("--set", nargs="*", default=[], metavar="a.b=c", help="more overrides for every run")
-    g = p.add_argument_group("cluster (--submit)")
-    g.add_argument("--submit", action="store_true",
-                   help="submit every run to Slurm (one job each, a branch afterok its stable run) instead of "
+    add_submit_group(p, "submit every run to Slurm (one job each, a branch afterok its stable run) instead of "
                         "training here; then run the same command without --submit to fit and judge")
-    g.add_argument("--dry-run", action="store_true", help="with --submit: print the plan and the first job script only")
-    g.add_argument("--gpus-per-node", type=int, default=8, help="with --submit: GPUs per node (0: CPU jobs, no GPU plan)")
-    g.add_argument("--nodes", type=int, default=1, help="with --submit: nodes per job")
-    g.add_argument("--gpu", default="h100-80gb", help="with --submit: the GPU the planner sizes for (archscale plan)")
-    g.add_argument("--time", default=None, help="with --submit: each job's time limit (default: the partition's)")
-    g.add_argument("--partition", default=None, help="with --submit: the partition (default: the cluster's)")
     return p
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..cluster_args import add_submit_group
 from .measures import (MTF_STEPS, measure_catch_up, measure_lengths, measure_low_rank, measure_zero_shot,
                        reading_ed_params, reading_low_rank, reading_lengths, reading_nca)
 from .pages import write_index, write_page
@@ -132,18 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="run directories (default: runs/reproduce/NAME)")
     p.add_argument("--results", default="docs/results", help="where NAME.md and NAME.png are written")
     p.add_argument("--set", nargs="*", default=[], metavar="a.b=c", help="more overrides for every cell")
-    g = p.add_argument_group("cluster (--submit)")
-    g.add_argument("--submit", action="store_true",
-                   help="submit every run to Slurm instead of training here (one job each; a run that starts from "
+    add_submit_group(p, "submit every run to Slurm instead of training here (one job each; a run that starts from "
                         "another cell's run waits for it); then run the same command without --submit to judge")
-    g.add_argument("--dry-run", action="store_true", help="with --submit: print the plan and the job scripts only")
-    g.add_argument("--gpus-per-node", type=int, default=8,
-                   help="with --submit: GPUs per node, one task each (default 8; 0: CPU jobs, one task per node, "
-                        "no GPU plan)")
-    g.add_argument("--nodes", type=int, default=1, help="with --submit: nodes per job (default 1)")
-    g.add_argument("--gpu", default="h100-80gb", help="with --submit: the GPU the planner sizes for (archscale plan)")
-    g.add_argument("--time", default=None, help="with --submit: each job's time limit (default: the partition's)")
-    g.add_argument("--partition", default=None, help="with --submit: the partition (default: the cluster's)")
     a = p.parse_args(argv)
     if a.list or not a.name:
         for c in CLAIMS.values():
