@@ -148,12 +148,11 @@ def _flops_per_token(cfg_obj) -> Optional[float]:
 
 def read_run(run_dir: str | Path) -> dict:
     """Everything the report shows about one run (see the module docstring)."""
-    import yaml
-
     from ..config import from_dict, RunConfig
+    from ..yamlfile import load_yaml
 
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    config = load_yaml(run_dir / "config.yaml", "run config") or {}  # the one YAML reader (a hand edit too)
     cfg = from_dict(RunConfig, config)
     layout = ckpt.RunLayout.from_config(cfg) if Path(cfg.run_dir).resolve() == run_dir.resolve() else \
         ckpt.RunLayout.of(run_dir, cfg.checkpoint.dir)

@@ -3,11 +3,21 @@
 (``validate``) and turning it back into plain YAML/JSON types (``to_dict``).
 
 It knows no section: it reads field types with ``typing.get_type_hints``.
+
+Non-finite numbers: inf and nan (YAML ``.inf`` / ``.nan``, or the strings ``inf`` / ``nan`` that
+``float()`` accepts, as ``optim.lr=inf`` on the command line gives) are refused in one line in every
+float field, and as a float value inside an untyped mapping (``model.overrides.norm_eps: .inf``).
+A learning rate, a ratio, an epsilon or a coefficient that is inf or nan only shows up later as a
+non-finite loss. A section lists the fields where +inf means something in the ClassVar
+``INFINITY_OK`` (``optim.clip_threshold``: Adafactor then never clips the update); nan is refused
+everywhere. Integer fields already refuse both (inf is not an integer).
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,6 +27,7 @@ from ..errors import ConfigError
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
+_INFINITY_OK = contextvars.ContextVar("infinity_ok", default=False)  # the field being coerced lists +inf
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -60,6 +71,8 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     list -> tuple). Raise ConfigError with a one-line message otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _non_finite(v, where)
         return v
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(tp, args, v, where)
@@ -156,14 +169,34 @@ def _coerce_int(v: Any, where: str) -> int:
 
 
 def _coerce_float(v: Any, where: str) -> float:
+    f = None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if isinstance(v, str):  # PyYAML reads 1e-3 (no dot) as a string
+        f = float(v)
+    elif isinstance(v, str):  # PyYAML reads 1e-3 (no dot) as a string
         try:
-            return float(v.replace("_", ""))
+            f = float(v.replace("_", ""))
         except ValueError:
             pass
-    raise ConfigError(f"{where}: expected a number, got {v!r}")
+    if f is None:
+        raise ConfigError(f"{where}: expected a number, got {v!r}")
+    if not math.isfinite(f) and not (f == math.inf and _INFINITY_OK.get()):
+        raise _non_finite(f, where)
+    return f
+
+
+def _non_finite(f: float, where: str) -> ConfigError:
+    """inf / nan in a field where it means nothing (see the module docstring)."""
+    return ConfigError(f"{where}: {f} is not a finite number; give a finite one (a limit is turned off "
+                       f"by its own off value, e.g. optim.grad_clip=0)")
+
+
+def _coerce_field(cls: type, name: str, tp: Any, v: Any, where: str) -> Any:
+    """``_coerce`` for the field ``name`` of ``cls``, with +inf allowed where cls.INFINITY_OK lists it."""
+    token = _INFINITY_OK.set(name in getattr(cls, "INFINITY_OK", ()))
+    try:
+        return _coerce(tp, v, where)
+    finally:
+        _INFINITY_OK.reset(token)
 
 
 def _coerce_tuple(args: tuple, v: Any, where: str) -> tuple:
@@ -198,7 +231,7 @@ def from_dict(cls: type, data: Mapping[str, Any], *, where: str = "") -> Any:
     for key, value in data.items():
         if key not in hints:
             raise _unknown_key(cls, str(key), where)
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+        kwargs[key] = _coerce_field(cls, key, hints[key], value, f"{where}.{key}" if where else key)
     try:
         obj = cls(**kwargs)
     except ConfigError:
@@ -234,7 +267,7 @@ def validate(cfg: Any, where: str = "") -> Any:
     for name, tp in _hints(type(cfg)).items():
         path = f"{where}.{name}" if where else name
         value = getattr(cfg, name)
-        coerced = _coerce(tp, value, path)
+        coerced = _coerce_field(type(cfg), name, tp, value, path)
         if coerced is not value and not _is_dataclass_type(_unwrap_optional(tp)):
             setattr(cfg, name, coerced)
     return _run_check(cfg, where)

@@ -5,7 +5,7 @@ ConfigError for values its own fields get wrong; checks across sections live in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from train.data.config import DataConfig
 from train.objectives.config import ObjectiveConfig
@@ -55,6 +55,11 @@ class ModelConfig:
 class OptimConfig:
     """The optimizer, given to DeepSpeed as a client torch optimizer (see train/engine/ds_config.py)."""
 
+    INFINITY_OK: ClassVar[frozenset] = frozenset({"clip_threshold"})
+    """The one float field where +inf means something (train/config/coerce.py refuses inf and nan
+    in every other): clip_threshold=.inf is Adafactor without update clipping (RMS / inf = 0, so the
+    divisor clamps to 1). grad_clip=inf would also mean "off", but 0 already says that."""
+
     name: Literal["adamw", "adafactor"] = "adamw"
     """adamw = torch.optim.AdamW; adafactor = transformers' Adafactor (the reference optimizer)."""
     lr: float = 3e-4
@@ -99,6 +104,8 @@ class OptimConfig:
         if self.decay_rate >= 0:
             raise ConfigError(f"optim.decay_rate={self.decay_rate} must be negative (transformers' "
                               f"convention beta2_t = 1 - t**decay_rate; the reference's 'decay 0.8' is -0.8)")
+        if self.clip_threshold <= 0:
+            raise ConfigError(f"optim.clip_threshold={self.clip_threshold} must be > 0 (.inf: no update clipping)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
         if self.warmup_init and not self.relative_step:
@@ -186,6 +193,10 @@ class ParallelConfig:
     block (about +1/3 compute); selective = also keep the outputs of its matmuls and attention
     kernel and recompute only the pointwise work (norms, activations, RoPE, residual adds): keeps
     more memory than full, less than none, for a few percent of compute."""
+    fit_check: bool = True
+    """Refuse at start-up a run whose planned peak memory per device (archscale plan's) exceeds the
+    device's (a GPU's total memory, or the host's available RAM on CPU), naming the fix;
+    false = skip the check with a warning, for a user who knows the plan errs high."""
 
     def check(self) -> None:
         if self.pipeline_stages < 1 or self.micro_batch_size < 1:
