@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpointing as ckpt
+from .fitcheck import memory_record
 from ..engine import runtime as eng
 
 log = logging.getLogger("archscale.train")
@@ -39,6 +40,10 @@ log = logging.getLogger("archscale.train")
 # seconds after the engine files are written into `step-N.tmp` and before COMPLETE, so a test
 # can kill the run in the middle of a save (tests/test_trainer.py). Unset in real runs.
 SAVE_DELAY_ENV = "ARCHSCALE_TEST_SAVE_DELAY"
+# Test hook: with ARCHSCALE_TEST_FINAL_EVAL_PAUSE=S, the end of a run (FinishCallback) sleeps S
+# seconds before the final evaluation and S seconds after its line, before FINISHED, so a kill can
+# land inside the final evaluation (bench/faults/kills.py, tests/test_metrics_once.py). Unset in real runs.
+FINAL_EVAL_PAUSE_ENV = "ARCHSCALE_TEST_FINAL_EVAL_PAUSE"
 
 # Dense bf16 peak per GPU, for MFU (the vendor's figure; bench/ measures the real one).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -116,7 +121,7 @@ class MetricsCallback(Callback):
         if not self.active:
             return
         if cfg.logging.jsonl:
-            trim_jsonl(layout.metrics_jsonl, t.step)
+            trim_jsonl(layout.metrics_jsonl, t.step, final=t.step >= t.derived.max_steps)
             self.jsonl = open(layout.metrics_jsonl, "a")
         if cfg.logging.tensorboard:
             try:
@@ -133,6 +138,7 @@ class MetricsCallback(Callback):
 
     def pre_train(self, t) -> None:
         self.peak = peak_flops(t.dist.device)
+        self.memory_logged = False  # the first line of this invocation: planned against measured peak memory
         self.t_log, self.tok_log, self.flops_log = t.t_start, t.tokens_seen, t.flops
 
     def post_step(self, t) -> None:
@@ -146,6 +152,9 @@ class MetricsCallback(Callback):
                    "target_tokens": t.target_tokens, "flops": t.flops,
                    "planned_flops_per_step": t.result.planned_flops_per_step,
                    "tokens_per_s": (t.tokens_seen - self.tok_log) / dt, "grad_norm": t.engine.grad_norm()}
+            if not self.memory_logged:
+                rec.update(memory_record(t.memory_plan, t.dist.device))
+                self.memory_logged = True
             if self.peak:
                 rec["mfu"] = (t.flops - self.flops_log) / dt / (self.peak * t.dist.world_size)
             self.log(rec)
@@ -178,17 +187,39 @@ class MetricsCallback(Callback):
             self.bar.close()
 
 
-def trim_jsonl(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint (they will be logged again)."""
+def line_kind(record: dict) -> str:
+    """What a metrics.jsonl line records: "eval" (a held-out line, with the yardstick's numbers
+    when there is one) or "train" (a logging step's line). A run writes at most one line of each
+    kind per step; (step, kind) names a line."""
+    return "eval" if "eval_loss" in record else "train"
+
+
+def trim_jsonl(path: Path, step: int, *, final: bool = False) -> None:
+    """On a resume from the checkpoint of step s = `step`, keep exactly the lines an uninterrupted
+    run had written when it finished that checkpoint; the resumed run writes the rest again, once.
+
+    Within a step the writes come in this order (module docstring): the training line, a periodic
+    held-out line, the checkpoint; after the last step its checkpoint, then the final evaluation's
+    line, then FINISHED. So the rule is:
+        keep a line  iff  line.step < s,  or  line.step == s and not (final and kind == "eval")
+    where `final` = s >= schedule.max_steps: the resumed run takes no step and ends with the final
+    evaluation of step s, which a kill after that line and before FINISHED (or a rerun of a
+    finished run) had already logged. Everything after s goes (it is trained again).
+
+    Pitfalls: a line a kill cut short is dropped; TensorBoard's purge (purge_step = s + 1) is by
+    step, not by tag, so its events may still hold the final evaluation twice (the same values):
+    metrics.jsonl is the record. The file is replaced atomically (a kill here loses nothing)."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+            at = rec.get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
             continue  # a line a kill cut short
+        if at < step or (at == step and not (final and line_kind(rec) == "eval")):
+            keep.append(line)
     ckpt.atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
@@ -325,13 +356,17 @@ def save(t) -> Path:
 # ---------------------------------------------------------------------------------- the end
 class FinishCallback(Callback):
     """A run that reached schedule.max_steps (not stopped by a signal): the final held-out loss
-    (RunResult.eval_loss) and RUN/FINISHED, after the last checkpoint."""
+    (RunResult.eval_loss) and RUN/FINISHED, after the last checkpoint. A resume from that
+    checkpoint evaluates again; trim_jsonl drops the line it would repeat."""
 
     def __init__(self, evals: EvalCallback):
         self.evals = evals
 
     def post_train(self, t) -> None:
         if t.step >= t.derived.max_steps and t.stopped_by is None:
+            pause = float(os.environ.get(FINAL_EVAL_PAUSE_ENV) or 0)  # test hook: see FINAL_EVAL_PAUSE_ENV
+            time.sleep(pause)
             t.result.eval_loss = self.evals.evaluate(t)
+            time.sleep(pause)
             if t.dist.is_rank0:
                 (t.layout.root / "FINISHED").write_text(json.dumps({"step": t.step}) + "\n")
