@@ -5,7 +5,8 @@
   overrides and run directory passes them through byte for byte and runs nothing injected;
 - bad inputs (a CI selection of bench/faults/inputs.py's cases, the rest run in the bench): one
   `error:` line, exit != 0, no traceback, no file of the run directory or the inputs changed, no
-  payload run;
+  payload run; a damaged cache (shard cut short or with flipped bytes, tokenizer cut short): one
+  warning line naming the file, then the run trains;
 - SIGKILL at 4 seeded points (2 inside a save, 1 during start-up) of one 12-step run, then a
   resume that ends bitwise equal to the uninterrupted run (the bench kills 20 times, 6 in the save);
 - SIGUSR1 then SIGTERM to the process group: saved, exit 0 for the requeue, resumed bitwise equal;
@@ -28,9 +29,12 @@ sys.path.insert(0, str(ROOT))
 CI_INPUTS = [
     # the config file and the overrides: cheap (refused before torch is imported)
     "yaml_syntax", "yaml_top_level_list", "yaml_wrong_type", "yaml_section_scalar", "yaml_unknown_key",
-    "yaml_python_object", "yaml_binary", "yaml_missing", "yaml_is_a_directory", "override_unknown_key",
-    "override_without_equals", "override_empty_key", "override_python_tag", "negative_max_steps",
-    "zero_micro_batch", "negative_seq_length", "batch_not_divisible",
+    "yaml_python_object", "yaml_binary", "yaml_missing", "yaml_is_a_directory", "yaml_duplicate_key",
+    "yaml_non_finite", "override_unknown_key", "override_without_equals", "override_empty_key",
+    "override_python_tag", "override_non_finite", "negative_max_steps", "zero_micro_batch",
+    "negative_seq_length", "batch_not_divisible",
+    # damaged caches: one warning line, rebuilt, then a 2-step run trains (~10 s each)
+    "cache_shard_truncated", "cache_shard_flipped", "cache_tokenizer_truncated",
     # checkpoints: a DeepSpeed start-up each (the data cases run in the bench; tests/test_data.py
     # checks the data errors in process)
     "shard_truncated", "malicious_pickle_checkpoint",
@@ -70,9 +74,9 @@ def test_rendered_sbatch_script_takes_no_injection(work):
 
 @pytest.mark.slow
 def test_bad_inputs_are_refused_with_one_line_and_touch_nothing(work):
-    from bench.faults.inputs import CASES, bad_inputs
+    from bench.faults.inputs import CASES, REPAIRS, bad_inputs
 
-    assert len(CASES) >= 30 and set(CI_INPUTS) <= {c[0] for c in CASES}
+    assert len(CASES) >= 30 and set(CI_INPUTS) <= {c[0] for c in CASES + REPAIRS}
     _check(bad_inputs(work, CI_INPUTS))
 
 

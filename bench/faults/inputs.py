@@ -4,6 +4,11 @@ before and after. A case passes when the command exits non-zero with exactly one
 stderr that names the problem (the case's expected words), no traceback, and no existing file
 changed or deleted (new files are reported too: none may appear either).
 
+A damaged cache is the other kind of bad input (`REPAIRS`): a tokenized shard cut to a third or with
+4 KiB flipped, or the cached built-in tokenizer cut short. The source is still there, so the stack
+repairs it: the case passes when a fresh run names the file in one warning line, rebuilds it and
+trains, exit 0 and no traceback.
+
 Every case starts from a copy of one resumable run (ND:PLM, ZeRO-1, checkpoints at steps 2 and 4
 of 6, see `make_base`), so a case that the trainer failed to refuse would train into its copy.
 """
@@ -155,6 +160,8 @@ CASES: list[Case] = [
     ("yaml_binary", "not UTF-8", _train(config=_config("binary.yaml", b"\xff\xfe\x00\x81garbage"))),
     ("yaml_missing", "does not exist", _train(config=lambda w: w / "inputs" / "nope.yaml")),
     ("yaml_is_a_directory", "cannot be read", _train(config=_config("dir.yaml", None))),
+    ("yaml_duplicate_key", "given twice", _train(config=_config("twice.yaml", "optim: {lr: 0.001, lr: 0.5}\n"))),
+    ("yaml_non_finite", "not a finite number", _train(config=_config("nan.yaml", "optim:\n  eps: .nan\n"))),
     # overrides
     ("override_unknown_key", "optim.lrr", _train(["optim.lrr=0.1"])),
     ("override_without_equals", "bad override", _train(["optim.lr"])),
@@ -166,6 +173,7 @@ CASES: list[Case] = [
     ("zero_micro_batch", "micro_batch_size", _train(["parallel.micro_batch_size=0"])),
     ("negative_seq_length", "seq_length", _train(["objective.seq_length=-64"])),
     ("negative_lr", "optim.lr", _train(["optim.lr=-1"])),
+    ("override_non_finite", "not a finite number", _train(["optim.lr=inf"])),
     ("batch_not_divisible", "global_batch_size", _train(["parallel.global_batch_size=5"])),
     # data
     ("data_matches_nothing", "matches no file", _data({}, "*.txt")),
@@ -204,6 +212,88 @@ CASES: list[Case] = [
     ("export_truncated_checkpoint", "truncated", lambda w, r: (
         (_truncate("engine/mp_rank_00_model_states.pt")(r, r / LAST), ["export", str(r)])[1], [])),
 ]
+
+
+# Caches that repair themselves (train/data/checksums.py): a fresh 2-step run over a damaged copy of a
+# cache. A case passes when the run names the damaged file in exactly one warning line (with the
+# case's words), rebuilds it, exits 0 with no traceback and trains (steps 1 and 2 logged).
+REPAIR_STEPS = 2
+
+
+def _largest_shard(cache: Path) -> Path:
+    return max((cache / "tokenized").glob("*/shard-*.arrow"), key=lambda p: p.stat().st_size)
+
+
+def _flip_middle(p: Path) -> None:
+    """4 KiB (or the whole file, if smaller) XORed with 0xFF around the middle: same size, other bytes."""
+    n = p.stat().st_size
+    at, k = max(0, n // 2 - 2048), min(4096, n)
+    with open(p, "r+b") as f:
+        f.seek(at)
+        block = f.read(k)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _fresh_run(work: Path, run: Path, cache: Path, extra=()) -> list[str]:
+    ov = [o for o in run_overrides(work, run / "fresh", CASE_STEPS, every=2) if not o.startswith("data.cache_dir")]
+    return ["train", *ov, f"data.cache_dir={cache}", f"schedule.max_steps={REPAIR_STEPS}", *extra]
+
+
+def _damaged_shard(damage: Callable[[Path], None]) -> Callable:
+    """The base run's cache (byte tokenizer) copied, its largest shard damaged."""
+    def build(work: Path, run: Path):
+        cache = run.parent / (run.name + "-cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.copytree(work / "cache", cache)
+        damage(_largest_shard(cache))
+        return _fresh_run(work, run, cache), cache
+    return build
+
+
+def _damaged_tokenizer(work: Path, run: Path):
+    """The built-in BPE trained into a cache of its own (in this process, from the run's own data
+    config: its path depends on the vocabulary size and eval_fraction), tokenizer.json cut to a third."""
+    from train.config import load_config
+    from train.data.tokenizer import builtin_bpe_path
+
+    cache = run.parent / (run.name + "-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    argv = _fresh_run(work, run, cache, ["data.tokenizer=builtin-bpe"])
+    path = Path(builtin_bpe_path(load_config(None, argv[1:]).data))
+    os.truncate(path, path.stat().st_size // 3)
+    return argv, cache
+
+
+REPAIRS: list[Case] = [
+    ("cache_shard_truncated", "cut short", _damaged_shard(lambda p: os.truncate(p, p.stat().st_size // 3))),
+    ("cache_shard_flipped", "checksum differs", _damaged_shard(_flip_middle)),
+    ("cache_tokenizer_truncated", "training it again", _damaged_tokenizer),
+]
+
+
+def repair_case(work: Path, base: Path, case: Case) -> tuple[bool, str]:
+    name, expect, build = case
+    run = work / "cases" / name
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    argv, cache = build(work, run)
+    p = run_cli(argv, work, timeout=300)
+    out = p.stderr + p.stdout
+    warned = [line for line in out.splitlines() if "is corrupt" in line]
+    why = ""
+    if p.returncode != 0 or "Traceback" in out:
+        why = f"exit {p.returncode}: {out.strip()[-300:]!r}"
+    elif len(warned) != 1 or expect not in warned[0]:
+        why = f"{len(warned)} warning lines naming the damage (want 1 with {expect!r}): {warned[:2]}"
+    elif str(cache) not in warned[0]:
+        why = f"the warning does not name the file: {warned[0][:300]}"
+    else:
+        steps = [json.loads(line).get("step") for line in (run / "fresh" / "metrics.jsonl").read_text().splitlines()
+                 if '"loss"' in line] if (run / "fresh" / "metrics.jsonl").is_file() else []
+        if sorted(set(steps)) != list(range(1, REPAIR_STEPS + 1)):
+            why = f"did not train after the repair (logged steps {steps})"
+    return not why, why or warned[0].strip()
 
 
 def _batch(work: Path, run: Path) -> Path:
@@ -245,13 +335,14 @@ def run_case(work: Path, base: Path, case: Case) -> tuple[bool, str]:
 
 
 def bad_inputs(work: Path, names: list[str] | None = None, log=print) -> Row:
-    row = Row("bad inputs: one line, exit != 0, nothing changed")
+    row = Row("bad inputs: one line; refused (exit != 0, nothing changed) or repaired (then trains)")
     base = make_base(work)
-    for case in CASES:
+    for case in CASES + REPAIRS:
         if names and case[0] not in names:
             continue
-        ok, msg = run_case(work, base, case)
+        ok, msg = (repair_case if case in REPAIRS else run_case)(work, base, case)
         row.case(case[0], ok, msg)
         log(f"  {'ok  ' if ok else 'FAIL'} {case[0]}: {msg[:220]}")
-    row.notes = f"{row.tried} cases through the real CLI (train, eval, inspect, export), every file hashed"
+    row.notes = (f"{row.tried} cases through the real CLI (train, eval, inspect, export), every file of a refused "
+                 f"one hashed; damaged caches repaired")
     return row
