@@ -123,3 +123,24 @@ def test_a_mapping_override_and_a_compare_grid_refuse_a_key_given_twice(tmp_path
     grid.write_text("cells: [cd:flm]\nset: !!python/object/apply:os.system [true]\n")
     with pytest.raises(cells.CellError, match=r"g.yaml, line 2: not valid YAML: the tag !!python/object/apply"):
         cells.load_grid(grid)
+
+
+# Where PyYAML may still be called directly: none of them reads a file a person wrote.
+OTHER_PARSES = {
+    "train/config/overrides.py",  # one command-line value as a YAML scalar (a mapping goes through parse_yaml)
+    "train/trainer/branch.py",  # the config text this process just wrote with config_to_yaml
+    "train/trainer/callbacks.py",  # the same, for the checkpoint's trainer state
+}
+
+
+def test_every_other_yaml_read_goes_through_the_one_reader():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    call = re.compile(r"\byaml\.(safe_load|load|unsafe_load|full_load|safe_load_all|load_all)\s*\(")
+    hits = {str(p.relative_to(root)) for d in ("train", "slurm", "bench", "model_zoo", "scripts")
+            for p in (root / d).rglob("*.py") if call.search(p.read_text(encoding="utf-8"))}
+    extra = hits - OTHER_PARSES - {"train/yamlfile.py"}
+    assert not extra, f"read {sorted(extra)} through train.yamlfile.load_yaml"
+    assert call.search("cfg = yaml.safe_load(open(p))")  # the grep would find a new one
