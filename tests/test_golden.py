@@ -37,7 +37,10 @@ VOLATILE = {"tokens_per_s", "mfu"}  # wall-clock fields of metrics.jsonl
 # Added to metrics.jsonl after the recording, on purpose (pinned by tests/test_flops.py):
 # the registry's planned FLOPs per step, the figure --dry-run, plan and compare print; and the
 # common yardstick at the eval steps (tests/test_yardstick.py), which scores without changing a step.
-ADDED = {"planned_flops_per_step", "yardstick_nats", "yardstick_bpb", "zero_shot_acc", "zero_shot_se"}
+# The start-up fit check's planned peak memory against the measured one, in the first line
+# (train/trainer/fitcheck.py, tests/test_fitcheck.py): the measured figures are the machine's, not the run's.
+ADDED = {"planned_flops_per_step", "yardstick_nats", "yardstick_bpb", "zero_shot_acc", "zero_shot_se",
+         "planned_peak_gib", "measured_peak_gib", "startup_rss_gib"}
 TOL = 1e-3  # relative, on another machine only (different rounding compounds over 30 steps)
 
 SINGLE = {"cd-flm": CELLS["cd"], "nd-plm": CELLS["nd"], "ed-mlm": CELLS["ed"]}

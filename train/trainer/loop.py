@@ -30,6 +30,7 @@ from ..engine.engines import ENGINE_TAG, UNIVERSAL_TAG, Engine, StepLosses, buil
 from .. import registry
 from ..atomic import atomic_path
 from .branch import branch_of, write_branch_file
+from .fitcheck import MemoryPlan, fit_check
 from .callbacks import Callback, Signals, default_callbacks
 from ..config import ConfigError, Derived, RunConfig, config_to_yaml, derive
 
@@ -149,6 +150,7 @@ class Trainer:
     step_losses: Optional[StepLosses] = None
     batch: Optional[dict] = None
     stop_requested: bool = False
+    memory_plan: Optional[MemoryPlan] = None  # the start-up fit check's planned peak (None: not checked)
     t_start: float = 0.0  # time.perf_counter() and tokens seen when the loop began
     tok_start: int = 0
     elapsed: float = 0.0
@@ -204,7 +206,7 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     """Check the config, prepare the data, write the run files, build the model and the engine,
     load the init weights or resume: the Trainer of the first step."""
     dist = eng.setup_distributed()
-    arch, derived, layout, resume_dir, state = _preflight(cfg, lock, dist)
+    arch, derived, layout, resume_dir, state, memory_plan = _preflight(cfg, lock, dist)
     branch = branch_of(cfg, derived, layout, resume_dir, state)  # a decay branch: refused unless it continues
     torch.manual_seed(cfg.seed)
     prepared = _prepare_data(cfg, dist)  # bad data: refused before the run directory is made
@@ -225,7 +227,7 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
     t = Trainer(cfg=cfg, dist=dist, arch=arch, derived=derived, layout=layout, prepared=prepared, model=model,
                 engine=engine, stream=_stream(cfg, prepared, derived, engine, fixed_batch), config_yaml=config_yaml,
                 init_info=init_info, resumed=state is not None, result=_result(cfg, arch, model, derived),
-                branch_info=branch)
+                branch_info=branch, memory_plan=memory_plan)
     if init_dir is not None and cfg.init.load_optimizer:
         # the parent's optimizer state (and weights, the same as loaded above); not its schedule or step
         engine.load(init_dir, schedule=False)
@@ -236,12 +238,14 @@ def _start(cfg: RunConfig, lock: RunLock, *, max_steps_now: Optional[int], fixed
 
 
 def _preflight(cfg: RunConfig, lock: RunLock, dist) -> tuple[Any, Derived, ckpt.RunLayout, Optional[Path],
-                                                             Optional[ckpt.TrainerState]]:
+                                                             Optional[ckpt.TrainerState], Optional[MemoryPlan]]:
     """Every check that needs no data and no model, before any work: the config against the
-    world, the run layout, the checkpoint to resume (its files verified) or to start from, the
-    run directory's lock. (registry entry, derived numbers, layout, resume directory, its state)."""
+    world, the planned peak memory against the device's (train/trainer/fitcheck.py), the run
+    layout, the checkpoint to resume (its files verified) or to start from, the run directory's
+    lock. (registry entry, derived numbers, layout, resume directory, its state, the memory plan)."""
     arch = registry.get(cfg.model.arch)
     derived = check(cfg, dist.world_size, bf16_supported=_bf16_supported(dist.device))
+    memory_plan = fit_check(cfg, derived, dist.device, dist.world_size)  # refused before any file or tensor
     layout = ckpt.RunLayout.from_config(cfg)  # a bad checkpoint.resume fails here
     for d in (layout.root, layout.checkpoints):
         if d.exists() and not d.is_dir():
@@ -251,7 +255,7 @@ def _preflight(cfg: RunConfig, lock: RunLock, dist) -> tuple[Any, Derived, ckpt.
         init_source(cfg.init.from_checkpoint, arch)  # a bad init checkpoint
     if dist.is_rank0 and layout.root.is_dir():
         lock.acquire(layout.root)  # a run directory in use
-    return arch, derived, layout, resume_dir, state
+    return arch, derived, layout, resume_dir, state, memory_plan
 
 
 def _write_run_files(cfg: RunConfig, derived: Derived, layout: ckpt.RunLayout, dist,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_tokens: int = 0,
-                           dense_attention: bool = False) -> float:
+                           dense_attention: bool = False, cpu_mask: bool = False) -> float:
     """Bytes one block saves for its backward pass, for `batch` rows of `tokens` tokens.
 
     Per block (B rows, T tokens, D = d_model, I = heads x head_dim, F = d_ff, H heads, a = 2 bf16
@@ -29,6 +29,10 @@ def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_t
       GELU MLP: 2 a B T F
       dropout > 0: 1 byte per element of each dropout mask (2 or 3 of B T D)
       attn_impl=reference: + (4 + a) B H T Tk per attention (fp32 scores -> probabilities, their copy)
+      cpu_mask (SDPA on CPU with a mask tensor): + 4 B Hm T T (+ 4 B T Tk cross) per block: CPU SDPA
+                                       turns the bool mask into an fp32 additive one in each call and
+                                       saves it for the backward (measured: 64 MiB per call at B=1,
+                                       T=4096); Hm = H with position=t5_bias (the bias is in the mask), else 1
     """
     B, T, D, I, F, H = batch, tokens, config.d_model, config.n_heads * config.head_dim, config.d_ff, config.n_heads
     cross = cross_tokens > 0
@@ -41,6 +45,8 @@ def layer_activation_bytes(config, tokens: int, batch: int, a: float, *, cross_t
     dense = 0.0
     if dense_attention:
         dense = (4 + a) * B * H * T * T + ((4 + a) * B * H * T * cross_tokens if cross else 0)
+    elif cpu_mask:
+        dense = 4 * B * (H if config.position == "t5_bias" else 1) * T * T + 4 * B * T * cross_tokens
     return norm + attn + mlp + drop + dense
 
 
@@ -151,7 +157,8 @@ def head_loss_bytes(config, tokens: int, a: float, impl: str) -> dict:
 
 
 def activation_bytes(config, lengths: "Lengths", batch: int, precision: str, checkpointing,
-                     layers: Sequence[int], attn_impl: str = "auto", device: str = "cuda") -> dict:
+                     layers: Sequence[int], attn_impl: str = "auto", device: str = "cuda",
+                     cpu_mask: bool = False) -> dict:
     """Activation bytes of one micro-batch on the pipeline layers `layers` (all: no pipeline).
 
     checkpointing: "none" / False, "full" / True, or "selective" (parallel.checkpoint_policy).
@@ -169,6 +176,9 @@ def activation_bytes(config, lengths: "Lengths", batch: int, precision: str, che
     config.loss_impl as the model resolves it on `device` (the plan's: "cuda"; "cpu" for what a CPU
     run does): dense keeps the logits and their fp32 log-softmax, chunked / liger keep the two
     gradients they compute in the forward.
+    cpu_mask: SDPA on CPU with a mask tensor (layer_activation_bytes' cpu_mask), what a training
+      batch of packed documents has on CPU (segment ids make every mask a tensor); the planner's
+      device="cpu" sets it, also for a plain causal row (no tensor): a CPU plan errs high there.
     tests/test_plan.py checks all of this against the tensors autograd saves on CPU.
     """
     if checkpointing is True or checkpointing is False:
@@ -179,6 +189,7 @@ def activation_bytes(config, lengths: "Lengths", batch: int, precision: str, che
     a = 2.0 if precision == "bf16" else 4.0
     c, B, D = config, batch, config.d_model
     dense = attn_impl == "reference"
+    cpu_mask = cpu_mask and not dense and attn_impl != "flex"  # auto and sdpa run SDPA on CPU
     layers = set(layers)
     saved = working = 0.0
     head = head_loss_bytes(c, B * lengths.decoder, a, resolve_loss_impl(getattr(c, "loss_impl", "dense"), device,
@@ -189,7 +200,8 @@ def activation_bytes(config, lengths: "Lengths", batch: int, precision: str, che
         kind, T = layer.kind, getattr(lengths, layer.side)  # the tokens of its row
         if kind == "block":
             cross_tokens = lengths.encoder if layer.stack.cross else 0
-            full = layer_activation_bytes(c, T, B, a, cross_tokens=cross_tokens, dense_attention=dense)
+            full = layer_activation_bytes(c, T, B, a, cross_tokens=cross_tokens, dense_attention=dense,
+                                          cpu_mask=cpu_mask)
             if checkpointing == "full":
                 saved += a * B * T * D
                 working = max(working, 2 * full)

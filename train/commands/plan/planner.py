@@ -46,7 +46,7 @@ class _Run:
     loss_impl: str          # the loss implementation the model resolves on CUDA
 
 
-def _resolve(cfg, gpus: int, vocab: Optional[int], g: GPU) -> _Run:
+def _resolve(cfg, gpus: int, vocab: Optional[int], g: GPU, device: str = "cuda") -> _Run:
     """The registry entry, model config, derived numbers and preset of `cfg` on GPUs `g`
     (precision=auto resolves to bf16 where `g` has it, else fp32); PlanError for a config that
     cannot run at all."""
@@ -75,7 +75,7 @@ def _resolve(cfg, gpus: int, vocab: Optional[int], g: GPU) -> _Run:
     lengths = spec.row_lengths(cfg.objective)
     policy = cfg.parallel.checkpoint_policy if cfg.parallel.activation_checkpointing else "none"
     try:
-        loss_impl = resolve_loss_impl(model_config.loss_impl, "cuda", d.micro_batch_size * lengths.decoder,
+        loss_impl = resolve_loss_impl(model_config.loss_impl, device, d.micro_batch_size * lengths.decoder,
                                       model_config.d_model)
     except ValueError as e:
         raise PlanError(str(e)) from None
@@ -107,7 +107,7 @@ def _precision_note(g: GPU, precision: str, peak: float) -> Optional[str]:
             f"gradients and activations (the trainer has no fp16 path{fp16})")
 
 
-def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int) -> dict:
+def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int, device: str = "cuda") -> dict:
     """Bytes per GPU of pipeline stage `s` (the layers parts[s]:parts[s + 1]): model states,
     buffers, activations of the micro-batches in flight, and the peak (package docstring)."""
     d, o, mc = run.d, cfg.optim, run.model_config
@@ -123,7 +123,8 @@ def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int)
                            state_bytes=sb, largest_layer=largest, offload_optimizer=d.offload_optimizer,
                            offload_param=d.offload_param, pipeline_stages=S, grad_accum_dtype=run.grad_accum,
                            sub_group_size=run.sub_group)
-    act = activation_bytes(mc, run.lengths, d.micro_batch_size, d.precision, run.policy, layers, cfg.model.attn_impl)
+    act = activation_bytes(mc, run.lengths, d.micro_batch_size, d.precision, run.policy, layers, cfg.model.attn_impl,
+                           device, cpu_mask=device == "cpu")
     in_flight = min(S - s, M) if S > 1 else 1
     buffers = buffer_bytes(d.zero_stage, d.precision, run.preset, N)
     if S > 1:  # DeepSpeed's pipeline buffers: max(2, in flight) inputs and outputs of the stage
@@ -143,20 +144,24 @@ def _stage(cfg, run: _Run, s: int, parts: list[int], wrapper: str, largest: int)
 
 def plan_config(cfg, *, gpus: int = 1, gpu: "str | GPU" = "h100-80gb", headroom: float = DEFAULT_HEADROOM,
                 mfu: Optional[float] = None, bandwidth_gbs: Optional[float] = None, vocab: Optional[int] = None,
-                bench_dir: Path = REPO / "bench", fix: bool = True) -> dict:
+                bench_dir: Path = REPO / "bench", fix: bool = True, device: str = "cuda") -> dict:
     """The plan of one run config on `gpus` GPUs of kind `gpu` (a name of the GPU table or a
     hardware.GPU, e.g. from --gpu-spec), as a JSON-ready dict.
+
+    device="cpu" plans the memory of a run on CPUs (the trainer's start-up fit check, with `gpu`
+    standing for the host's memory): the loss and attention as they run there (dense loss, SDPA's
+    fp32 mask per block: activations.layer_activation_bytes).
 
     Raises PlanError (with the config machinery's message) for a config that cannot run at all.
     """
     g = get_gpu(gpu)
-    run = _resolve(cfg, gpus, vocab, g)
+    run = _resolve(cfg, gpus, vocab, g, device)
     d, mc = run.d, run.model_config
     parts = pipeline_parts(mc, d.pipeline_stages, cfg.parallel.pipeline_partition)
     largest = largest_layer_params(mc)
     wrapper = optimizer_wrapper(d.precision, d.zero_stage, d.pipeline_stages, run.grad_accum, d.offload_optimizer)
     usable = g.memory_gib * GIB * (1 - headroom)
-    stages = [_stage(cfg, run, s, parts, wrapper, largest) for s in range(d.pipeline_stages)]
+    stages = [_stage(cfg, run, s, parts, wrapper, largest, device) for s in range(d.pipeline_stages)]
     worst = max(stages, key=lambda x: x["peak"])
     fits = worst["peak"] <= usable
     multi_node = gpus > g.gpus_per_node
@@ -193,7 +198,7 @@ def plan_config(cfg, *, gpus: int = 1, gpu: "str | GPU" = "h100-80gb", headroom:
     }
     if not fits and fix:
         plan["fix"] = find_fix(cfg, gpus=gpus, gpu=g, headroom=headroom, vocab=vocab, bench_dir=bench_dir,
-                               mfu=mfu, bandwidth_gbs=bandwidth_gbs)
+                               mfu=mfu, bandwidth_gbs=bandwidth_gbs, device=device)
     return plan
 
 
@@ -228,7 +233,7 @@ def _warnings(cfg, d, wrapper: str, flat: bool) -> list[str]:
 
 def find_fix(cfg, *, gpus: int, gpu: "str | GPU", headroom: float = DEFAULT_HEADROOM, vocab: Optional[int] = None,
              bench_dir: Path = REPO / "bench", mfu: Optional[float] = None,
-             bandwidth_gbs: Optional[float] = None) -> dict:
+             bandwidth_gbs: Optional[float] = None, device: str = "cuda") -> dict:
     """The first change (fix.FIX_ORDER) under which the run fits: {"change", "overrides", "peak_gib",
     "step_seconds", "gpu_hours", "warnings"}, or {"change": None, "reason", "tried"}.
 
@@ -236,7 +241,7 @@ def find_fix(cfg, *, gpus: int, gpu: "str | GPU", headroom: float = DEFAULT_HEAD
     config still validates with it, until the run fits."""
     def plan_once(new) -> dict:
         return plan_config(new, gpus=gpus, gpu=gpu, headroom=headroom, vocab=vocab, bench_dir=bench_dir,
-                           mfu=mfu, bandwidth_gbs=bandwidth_gbs, fix=False)
+                           mfu=mfu, bandwidth_gbs=bandwidth_gbs, fix=False, device=device)
 
     return _fix.search(cfg, plan_once, gpus=gpus, vocab=vocab, bf16_supported=get_gpu(gpu).has_bf16)
 

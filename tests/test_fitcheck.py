@@ -1,0 +1,107 @@
+"""The start-up fit check (train/trainer/fitcheck.py, issue 32 item 1): a run the planner says
+cannot fit the device's memory is refused in one line before any file or tensor; a run that fits
+logs its planned peak against the measured one in its first metrics line; parallel.fit_check=false
+skips the check."""
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_trainer import ROOT, _env, _write_corpus, base_overrides, inproc, metrics, run_inproc  # noqa: F401 (inproc: a fixture)
+
+# The user's command of issue 32: 20 GB of RSS in 80 s on a 24 GB machine before it was killed.
+TOO_LONG = ["model.size=debug", "model.overrides.position=learned", "objective.seq_length=100000",
+            "schedule.max_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fitcheck")
+    _write_corpus(d / "corpus")
+    (d / "tmp").mkdir()
+    return d
+
+
+def _cap_memory() -> None:
+    """A check that regressed must not take the machine with it: 6 GiB of data segment at most."""
+    resource.setrlimit(resource.RLIMIT_DATA, (6 * 2 ** 30, 6 * 2 ** 30))
+
+
+def test_the_users_command_is_refused_in_one_line_before_any_work(work):
+    run_dir = work / "too-long"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "train", "train", *TOO_LONG, f"run_dir={run_dir}"],
+                          cwd=ROOT, env=_env(work), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_cap_memory)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    line = lines[0]
+    assert "does not fit" in line and "planner's peak" in line and "available RAM" in line
+    assert "activations" in line  # the biggest term
+    assert "objective.seq_length" in line and "parallel.fit_check=false" in line  # the fix and the escape
+    assert not run_dir.exists()  # refused before any file
+    assert took < 120, took  # no data preparation, no model: only imports and the plan
+
+
+def test_refused_before_data_or_model(work, monkeypatch, inproc):
+    """In process: neither the data nor the model is touched before the refusal."""
+    from train.config import ConfigError
+    from train.trainer import loop
+
+    def never(*a, **k):
+        raise AssertionError("work started before the fit check")
+
+    monkeypatch.setattr(loop, "_prepare_data", never)
+    monkeypatch.setattr(loop, "build_engine", never)
+    with pytest.raises(ConfigError, match="does not fit"):
+        run_inproc(base_overrides(work) + TOO_LONG + [f"run_dir={work / 'inproc'}"])
+    assert not (work / "inproc").exists()
+
+
+def _debug(work, name: str, *extra: str) -> list[str]:
+    return base_overrides(work) + ["model.arch=cd", "objective.name=flm", "schedule.max_steps=2",
+                                   f"run_dir={work / name}", *extra]
+
+
+def test_a_debug_run_fits_and_logs_planned_against_measured_peak(work, inproc):
+    run_inproc(_debug(work, "fits"))
+    rows = [r for r in metrics(work / "fits") if "loss" in r]
+    first = rows[0]
+    assert first["planned_peak_gib"] > 0
+    assert first["measured_peak_gib"] > first["startup_rss_gib"] > 0  # peak RSS, and the RSS at the check
+    assert all("planned_peak_gib" not in r for r in rows[1:])  # the first line only
+
+
+def test_small_memory_is_refused_and_the_escape_runs_anyway(work, monkeypatch, inproc):
+    from train.config import ConfigError
+    from train.trainer import fitcheck
+
+    monkeypatch.setattr(fitcheck, "available_memory", lambda device: (2.0 ** 20, "available RAM (MemAvailable)"))
+    with pytest.raises(ConfigError, match=r"does not fit.* and available RAM \(MemAvailable\) is 0\.00 GiB"):
+        run_inproc(_debug(work, "small"))
+    assert not (work / "small").exists()
+    run_inproc(_debug(work, "escaped", "parallel.fit_check=false"))
+    rows = [r for r in metrics(work / "escaped") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "planned_peak_gib" not in rows[0]  # not checked: nothing planned
+
+
+def test_cpu_plan_counts_sdpa_masks_as_t_squared():
+    """device="cpu" adds SDPA's fp32 mask per block (4 B T^2 each): quadrupling with T doubled,
+    where the CUDA plan (flex attention, no T x T tensor) grows linearly."""
+    from train.commands.plan import plan
+
+    def act(device: str, T: int) -> float:
+        p = plan(None, ["model.size=debug", f"objective.seq_length={T}", "schedule.max_steps=1"], gpu="h100-80gb",
+                 device=device)
+        return p["memory"]["stages"][0]["activations"]
+
+    assert act("cuda", 8192) < 2.5 * act("cuda", 4096)
+    assert act("cpu", 8192) > 3.5 * act("cpu", 4096)
+    assert act("cpu", 4096) > act("cuda", 4096)
