@@ -7,8 +7,9 @@
   `error:` line, exit != 0, no traceback, no file of the run directory or the inputs changed, no
   payload run; a damaged cache (shard cut short or with flipped bytes, tokenizer cut short): one
   warning line naming the file, then the run trains;
-- SIGKILL at 4 seeded points (2 inside a save, 1 during start-up) of one 12-step run, then a
-  resume that ends bitwise equal to the uninterrupted run (the bench kills 20 times, 6 in the save);
+- SIGKILL at 4 seeded points (2 inside a save, 1 during start-up) of one 12-step run, and 2 inside its
+  final evaluation (before and after its line), then a resume that ends bitwise equal to the
+  uninterrupted run, each metrics.jsonl line once (the bench kills 20 times, 6 in the save);
 - SIGUSR1 then SIGTERM to the process group: saved, exit 0 for the requeue, resumed bitwise equal;
 - disk full on a 3 MB tmpfs (skipped with the reason when no tmpfs can be mounted).
 
@@ -86,7 +87,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(work):
 
     row = kill_campaign(work, kills=4, in_save=2, at_start=1, steps=12)
     _check(row)
-    assert row.tried == 5  # 4 kills and the final comparison
+    assert row.tried == 7  # 4 kills, 2 inside the final evaluation, and the final comparison
 
 
 @pytest.mark.slow

@@ -53,16 +53,11 @@ def run_inproc(ov: list[str]):
     return train(load_config(None, ov))
 
 
-def lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def comparable(run_dir: Path) -> list[tuple]:
-    """(step, kind, the line without its timings) of every line, in the file's order."""
-    from train.trainer.callbacks import line_kind
+    """(step, kind, the line without what measures the machine: throughput, memory) of every line."""
+    from bench.faults.kills import metric_lines
 
-    return [(r["step"], line_kind(r), {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")})
-            for r in lines(run_dir)]
+    return metric_lines(run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,20 @@ checkpoint and is killed (SIGKILL to its whole process group) at a point drawn f
   step, the held-out loss or the periodic save);
 - "save": inside a checkpoint save. ARCHSCALE_TEST_SAVE_PAUSE makes the save pause after each of
   its phases (tmp made, engine files written, trainer state, COMPLETE, renamed, latest replaced);
-  the kill lands at a random time inside the save, and which phase it hit is recorded.
+  the kill lands at a random time inside the save, and which phase it hit is recorded;
+- "final": inside the final evaluation, after the last step's checkpoint and before FINISHED
+  (ARCHSCALE_TEST_FINAL_EVAL_PAUSE holds the run there): the last kills of the campaign, one
+  before the evaluation's line is written and one after (the state that logged it twice, issue 32).
 
 After every kill the newest complete checkpoint must verify (train/trainer/integrity.py: every
 file there, every pickle weights-only) and must never be a `.tmp`; the next launch must resume
 from it. At the end the run finishes and must equal the uninterrupted run: weights bitwise, every
-logged loss bitwise and logged once, the same counters and data position.
+logged loss bitwise and logged once, the same counters and data position; and metrics.jsonl
+holds each (step, kind) line once, equal to the uninterrupted run's line for line (timings aside).
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import signal
@@ -28,6 +33,37 @@ from .common import (PAUSE_ENV, Row, kill_group, launch, logged_step, run_cli, r
                      wait_for)
 
 PAUSE = 0.25  # seconds after each of the save's 6 phases (kills inside a save)
+FINAL_PAUSE = 1.0  # seconds before and after the final evaluation's line (kills inside it)
+FINAL_PAUSE_ENV = "ARCHSCALE_TEST_FINAL_EVAL_PAUSE"  # train/trainer/callbacks.py: FINAL_EVAL_PAUSE_ENV
+FINAL_PHASES = ("before its line", "after its line")
+
+
+def measured(key: str) -> bool:
+    """A field of a metrics line that measures this machine, not the run (so differs between equal
+    runs): throughput, MFU, and the memory keys of the fit check (`*_gib`: the measured peak and
+    the start-up RSS, and the planned peak beside them, all on the first line of a launch)."""
+    return key in ("tokens_per_s", "mfu") or key.endswith("_gib")
+
+
+def metric_lines(run: Path) -> list[tuple]:
+    """(step, kind, the line without its measured fields) of every line of RUN/metrics.jsonl, in order."""
+    from train.trainer.callbacks import line_kind
+
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], line_kind(r), {k: v for k, v in r.items() if not measured(k)}) for r in recs]
+
+
+def same_lines(ref: Path, run: Path) -> str:
+    """'' when every (step, kind) of run's metrics.jsonl is there once and the lines equal ref's
+    (training, held-out and yardstick values bitwise); else the first difference."""
+    a, b = metric_lines(ref), metric_lines(run)
+    seen: set = set()
+    twice = [(s, k) for s, k, _ in b if (s, k) in seen or seen.add((s, k))]
+    if twice:
+        return f"metrics.jsonl lines logged twice (step, kind): {twice[:4]}"
+    diff = next((f"line {i + 1}: {x[:2]} != {y[:2]}" if x[:2] != y[:2] else f"line {i + 1} {x[:2]} differs"
+                 for i, (x, y) in enumerate(zip(a, b)) if x != y), "")
+    return diff or (f"{len(b)} metrics lines, the uninterrupted run has {len(a)}" if len(a) != len(b) else "")
 
 
 def reference(work: Path, steps: int, every: int) -> Path:
@@ -67,8 +103,11 @@ def _kill_once(work: Path, run: Path, ov: list[str], kind: str, rng: random.Rand
     """One launch killed at a `kind` point; returns (where it was killed, '' or what went wrong)."""
     before = _resume_point(run)
     from_step = int(before.name[5:]) if before else 0
-    p = launch(["train", *ov], work, **({PAUSE_ENV: PAUSE} if kind == "save" else {}))
+    p = launch(["train", *ov], work, **({PAUSE_ENV: PAUSE} if kind == "save" else {}),
+               **({FINAL_PAUSE_ENV: FINAL_PAUSE} if kind.startswith("final") else {}))
     where = ""
+    if kind.startswith("final"):
+        return _kill_in_final(run, p, kind, rng, steps)
     if kind == "start":
         delay = rng.uniform(0.0, 6.0)
         wait_for(p, lambda: False, delay)
@@ -94,6 +133,34 @@ def _kill_once(work: Path, run: Path, ov: list[str], kind: str, rng: random.Rand
     return where, _after_kill(run, p)
 
 
+def _final_logged(run: Path, steps: int) -> bool:
+    """Whether metrics.jsonl's last line is the final evaluation's (step `steps`, kind eval)."""
+    try:
+        last = metric_lines(run)[-1:]
+    except (OSError, ValueError):  # no file yet, or a line being written
+        return False
+    return bool(last) and last[0][:2] == (steps, "eval")
+
+
+def _kill_in_final(run: Path, p, kind: str, rng: random.Random, steps: int) -> tuple[str, str]:
+    """A kill inside the final evaluation ("final: before its line" / "final: after its line"):
+    once the last checkpoint is `latest`, at a random time inside FINAL_PAUSE around the line."""
+    latest, name = run / "checkpoints" / "latest", f"step-{steps:08d}"
+    after = kind.endswith(FINAL_PHASES[1])
+
+    def there() -> bool:
+        done = latest.is_file() and latest.read_text().strip() == name
+        return done and (_final_logged(run, steps) if after else True)
+
+    if not wait_for(p, there):
+        return kind, f"the run ended (rc {p.poll()}) before its final evaluation: {p.stdout.read()[-800:]}"
+    time.sleep(rng.uniform(0.1, 0.8) * FINAL_PAUSE)  # past the save's pruning, inside the pause
+    kill_group(p)
+    hit = FINAL_PHASES[1] if _final_logged(run, steps) else FINAL_PHASES[0]
+    why = _after_kill(run, p) or ("" if hit == kind.split(": ")[1] else f"the kill landed {hit}")
+    return f"final evaluation of step {steps}: {hit}", why
+
+
 def _after_kill(run: Path, p) -> str:
     """'' when the run can resume from a verified complete checkpoint (or there is none yet)."""
     from train.trainer.checkpointing import CheckpointError
@@ -116,7 +183,9 @@ def _after_kill(run: Path, p) -> str:
 
 
 def kill_campaign(work: Path, kills: int = 20, in_save: int = 6, at_start: int = 3, steps: int = 40,
-                  every: int = 2, seed: int = 19, log=print) -> Row:
+                  every: int = 2, seed: int = 19, in_final: bool = True, log=print) -> Row:
+    """`kills` SIGKILLs at seeded points, then (`in_final`) one before and one after the final
+    evaluation's line, then the final resume compared with the uninterrupted run."""
     row = Row(f"SIGKILL at random points ({in_save} inside a save), resume, bitwise equal")
     ref = reference(work, steps, every)
     run = work / f"killed-{steps}-{seed}"
@@ -125,22 +194,25 @@ def kill_campaign(work: Path, kills: int = 20, in_save: int = 6, at_start: int =
     rng = random.Random(seed)
     kinds = ["save"] * in_save + ["start"] * at_start + ["step"] * (kills - in_save - at_start)
     rng.shuffle(kinds)
+    kinds += [f"final: {ph}" for ph in FINAL_PHASES] if in_final else []
     phases = []
     for i, kind in enumerate(kinds):
         where, why = _kill_once(work, run, ov, kind, rng, steps)
         row.case(f"kill {i + 1} ({kind}: {where})", not why, why)
         phases.append(where)
-        log(f"  {'ok  ' if not why else 'FAIL'} kill {i + 1:2d} {kind:5s} {where}{': ' + why if why else ''}")
+        log(f"  {'ok  ' if not why else 'FAIL'} kill {i + 1:2d} {kind.split(':')[0]:5s} {where}{': ' + why if why else ''}")
         if why:
             break
     p = run_cli(["train", *ov], work)
     why = "" if p.returncode == 0 else f"the final resume failed (rc {p.returncode}): {p.stderr[-600:]}"
-    why = why or same_run(ref, run, steps)
+    why = why or same_run(ref, run, steps) or same_lines(ref, run)
     row.case("final weights and metrics bitwise equal to the uninterrupted run", not why, why)
-    log(f"  {'ok  ' if not why else 'FAIL'} final resume: {why or 'bitwise equal (weights, losses, counters)'}")
+    log(f"  {'ok  ' if not why else 'FAIL'} final resume: "
+        f"{why or 'bitwise equal (weights, losses, counters; every metrics line once)'}")
     save_phases = sorted({w.split(': ', 1)[1] for w in phases if w.startswith('save')})
     row.notes = (f"{len(kinds)} kills of one {steps}-step ND:PLM ZeRO-1 run (seed {seed}), then a final resume; "
-                 f"inside the save: {', '.join(save_phases) or 'none'}")
+                 f"inside the save: {', '.join(save_phases) or 'none'}"
+                 f"{'; inside the final evaluation: ' + ', '.join(FINAL_PHASES) if in_final else ''}")
     return row
 
 
@@ -172,7 +244,7 @@ def signal_campaign(work: Path, steps: int = 12, every: int = 2, log=print) -> R
             f"{': ' + why if why else ''}")
         at = max(saved, at)
     p = run_cli(["train", *ov], work)
-    why = ("" if p.returncode == 0 else f"resume rc {p.returncode}") or same_run(ref, run, steps)
+    why = ("" if p.returncode == 0 else f"resume rc {p.returncode}") or same_run(ref, run, steps) or same_lines(ref, run)
     row.case("resumed run bitwise equal", not why, why)
     log(f"  {'ok  ' if not why else 'FAIL'} resumed after both signals: {why or 'bitwise equal'}")
     row.notes = "signal to the process group as srun forwards it; exit 0 + checkpoint is the requeue contract"
