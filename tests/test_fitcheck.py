@@ -105,3 +105,16 @@ def test_cpu_plan_counts_sdpa_masks_as_t_squared():
     assert act("cuda", 8192) < 2.5 * act("cuda", 4096)
     assert act("cpu", 8192) > 3.5 * act("cpu", 4096)
     assert act("cpu", 4096) > act("cuda", 4096)
+
+
+def test_the_refusal_names_the_fix_search_change(work, monkeypatch, inproc):
+    """At T = 1024 the debug model plans ~532 MiB at micro-batch 8 and ~267 MiB at 4 (fp32, CPU):
+    with 300 MiB there (270 usable), the fix search's first change that fits is micro-batch 4."""
+    from train.config import ConfigError
+    from train.trainer import fitcheck
+
+    monkeypatch.setattr(fitcheck, "available_memory", lambda device: (300 * 2.0 ** 20, "available RAM (MemAvailable)"))
+    with pytest.raises(ConfigError, match=r"largest term: activations.*set parallel\.micro_batch_size=4 \(planned"):
+        run_inproc(_debug(work, "fix", "objective.seq_length=1024", "parallel.micro_batch_size=8",
+                          "parallel.global_batch_size=8"))
+    assert not (work / "fix").exists()
