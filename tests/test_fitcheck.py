@@ -118,3 +118,29 @@ def test_the_refusal_names_the_fix_search_change(work, monkeypatch, inproc):
         run_inproc(_debug(work, "fix", "objective.seq_length=1024", "parallel.micro_batch_size=8",
                           "parallel.global_batch_size=8"))
     assert not (work / "fix").exists()
+
+
+def test_cuda_branch_compares_the_devices_total_memory(monkeypatch):
+    """No GPU here: the CUDA branch with torch.cuda's two calls stubbed. The plan is the GPU plan
+    (bf16 as the trainer resolves it on bf16 hardware, no CPU mask term), against total_memory."""
+    import types
+
+    import torch
+
+    from train.config import ConfigError, load_config
+    from train.trainer import fitcheck
+    from train.trainer.loop import check
+
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2 ** 30)
+    cfg = load_config(None, ["model.size=debug", "objective.seq_length=4096", "schedule.max_steps=1"])
+    derived = check(cfg, 1, bf16_supported=True)
+    plan = fitcheck.fit_check(cfg, derived, torch.device("cuda"), 1)
+    assert plan.device == "cuda" and plan.available == 80 * 2 ** 30 and plan.startup_rss == 0
+    assert 0 < plan.planned_peak < 2 ** 30  # flex attention on a GPU: no 4096^2 mask per block
+    assert fitcheck.memory_record(plan, torch.device("cuda")) == {
+        "planned_peak_gib": plan.planned_peak / 2 ** 30, "measured_peak_gib": 3.0}
+    props.total_memory = 2 ** 20
+    with pytest.raises(ConfigError, match=r"NVIDIA H100 80GB HBM3's total memory is 0\.00 GiB"):
+        fitcheck.fit_check(cfg, derived, torch.device("cuda"), 1)
