@@ -33,7 +33,7 @@ CI_INPUTS = [
     "yaml_python_object", "yaml_binary", "yaml_missing", "yaml_is_a_directory", "yaml_duplicate_key",
     "yaml_non_finite", "override_unknown_key", "override_without_equals", "override_empty_key",
     "override_python_tag", "override_non_finite", "negative_max_steps", "zero_micro_batch",
-    "negative_seq_length", "batch_not_divisible",
+    "negative_seq_length", "batch_not_divisible", "run_cannot_fit",
     # damaged caches: one warning line, rebuilt, then a 2-step run trains (~10 s each)
     "cache_shard_truncated", "cache_shard_flipped", "cache_tokenizer_truncated",
     # checkpoints: a DeepSpeed start-up each (the data cases run in the bench; tests/test_data.py

@@ -175,6 +175,8 @@ CASES: list[Case] = [
     ("negative_lr", "optim.lr", _train(["optim.lr=-1"])),
     ("override_non_finite", "not a finite number", _train(["optim.lr=inf"])),
     ("batch_not_divisible", "global_batch_size", _train(["parallel.global_batch_size=5"])),
+    ("run_cannot_fit", "does not fit", _train(["run_dir=RUN/fresh", "model.overrides.d_model=16384",  # ~4.5 TiB
+                                               "model.overrides.n_layers=64", "model.overrides.d_ff=65536"])),
     # data
     ("data_matches_nothing", "matches no file", _data({}, "*.txt")),
     ("data_empty_files", "empty", _data({"a.txt": "", "b.txt": ""})),
