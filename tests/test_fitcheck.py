@@ -144,3 +144,18 @@ def test_cuda_branch_compares_the_devices_total_memory(monkeypatch):
     props.total_memory = 2 ** 20
     with pytest.raises(ConfigError, match=r"NVIDIA H100 80GB HBM3's total memory is 0\.00 GiB"):
         fitcheck.fit_check(cfg, derived, torch.device("cuda"), 1)
+
+
+def test_no_fit_check_flag_runs_anyway_and_warns(work, monkeypatch, inproc, capsys, caplog):
+    """`archscale train --no-fit-check` is parallel.fit_check=false from the command line: a run the
+    check would refuse trains, and a warning says the check is off."""
+    from train.cli import cmd_train
+    from train.trainer import fitcheck
+
+    monkeypatch.setattr(fitcheck, "available_memory", lambda device: (2.0 ** 20, "available RAM (MemAvailable)"))
+    assert cmd_train(_debug(work, "refused")) == 2  # the check is on without the flag
+    assert "does not fit" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        assert cmd_train(["--no-fit-check", *_debug(work, "flagged")]) == 0
+    assert "fit_check=false" in caplog.text
+    assert [r["step"] for r in metrics(work / "flagged") if "loss" in r] == [1, 2]

@@ -26,7 +26,8 @@ def cmd_train(argv: list[str]) -> int:
     a = _train_parser().parse_args(argv)
     from .config import ConfigError, load_config_with_origins, split_config_args
 
-    path, overrides = split_config_args(a.args)
+    args = [*a.args, "parallel.fit_check=false"] if a.no_fit_check else a.args  # the check warns that it is off
+    path, overrides = split_config_args(args)
     try:
         cfg, origins = load_config_with_origins(path, overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -45,7 +46,7 @@ def cmd_train(argv: list[str]) -> int:
         rc, value = _guard(lambda: debug.main_determinism(path, overrides, a.steps))
         return rc or value
     if a.local_procs is not None:
-        return _local_procs(a.local_procs, a.args, cfg)
+        return _local_procs(a.local_procs, args, cfg)
     return _train(cfg)
 
 
@@ -69,6 +70,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="run the same steps twice (temporary run directories) and report the first step where the "
                         "losses differ; exit 0 if identical, else 1")
     p.add_argument("--steps", type=int, default=5, help="--determinism-check: steps of each run (default 5)")
+    p.add_argument("--no-fit-check", action="store_true",
+                   help="skip the start-up memory check (the same as parallel.fit_check=false; a warning says it is "
+                        "off): for a user who knows the run fits where the planner says it does not")
     return p
 
 
