@@ -26,6 +26,12 @@ if it does not read, it is rebuilt.
 
 Processes: `data.num_proc` (0 = one per core this process may run on, os.sched_getaffinity), at
 most one per shard left to do; one process (or one shard) tokenizes in this process, no pool.
+The pool's workers start from multiprocessing's fork server, a clean single-threaded process, and
+never by forking this one: by the time it tokenizes, this process has native threads (Arrow's
+jemalloc background thread, its I/O pool, tqdm's monitor), and a fork taken while one of them holds
+a lock leaves the child waiting on it for ever (seen once in CI: one Slurm array task of three hung
+after "tokenizing 3 with 2 process(es)"). The job (dataset, tokenize function, features) is pickled
+to each worker once, at its start; a memory-mapped dataset pickles as its file paths.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from . import checksums
 
 log = logging.getLogger("archscale.data")
 BATCH = 256  # documents per tokenizer call (the batch does not change the tokens)
-_JOB = None  # (ds, fn, features, start, stop): set before the pool forks, read by its workers
+_JOB = None  # (ds, fn, features, size, n_docs): set here, and in each pool worker by _init_worker
 after_shard = None  # tests: called with the shard index after each shard this process wrote
 VERIFY_BYTES: int | None = 4 << 30  # checksums at open up to this many bytes of shards; None = always
 
@@ -131,7 +137,9 @@ def _work(args):
     return i, None
 
 
-def _init_worker():
+def _init_worker(job):
+    global _JOB
+    _JOB = job
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool is the parallelism
     # the pool is terminated (SIGTERM) when a shard fails or the caller is interrupted: exit through
     # Python, so the shard being written removes its temporary file (atomic_path)
@@ -187,7 +195,7 @@ def _tokenize(todo: list[int], paths: list[Path | None], procs: int) -> dict:
     if procs == 1:
         results = map(_work, work)
     else:
-        pool = multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker)
+        pool = multiprocessing.get_context("forkserver").Pool(procs, initializer=_init_worker, initargs=(_JOB,))
         results = pool.imap_unordered(_work, work)
     try:
         for i, table in results:

@@ -27,6 +27,42 @@ def _tokenize_texts(tok, texts):
     return tok(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)["input_ids"]
 
 
+class _TextRows:
+    """fn(batch, indices) -> input_ids / length of a document batch. A module-level class, not a
+    closure, so that it pickles to the tokenization pool's workers (train/data/shards.py starts them
+    clean, never by forking this process). FINGERPRINT names it in the cache key: kept as the closure's
+    old qualified name, so caches written before stay valid."""
+    FINGERPRINT = "tokenize_dataset.<locals>.fn"
+
+    def __init__(self, tok, field: str, skip: bool, what: str):
+        self.tok, self.field, self.skip, self.what = tok, field, skip, what
+
+    def __call__(self, batch, indices):
+        texts = batch[self.field]
+        ok = [isinstance(t, str) for t in texts]
+        if not all(ok):
+            bad = indices[ok.index(False)]
+            if not self.skip:
+                raise ValueError(f"{self.what}: row {bad} has no {self.field!r} text (missing or null); fix the data, "
+                                 f"set data.text_field, or set data.bad_rows='skip' to count and skip such rows")
+        ids = _tokenize_texts(self.tok, [t if o else "" for t, o in zip(texts, ok)])
+        return {"input_ids": ids, "length": [len(x) if o else -1 for x, o in zip(ids, ok)]}
+
+
+class _PromptedRows:
+    """fn(batch, indices) -> input_ids / target_ids (EOS-terminated) and their lengths (as _TextRows)."""
+    FINGERPRINT = "tokenize_prompted.<locals>.fn"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, batch, indices):
+        inp = _tokenize_texts(self.tok, batch["input"])
+        tgt = [t + [self.tok.eos_token_id] for t in _tokenize_texts(self.tok, batch["target"])]
+        return {"input_ids": inp, "target_ids": tgt, "length": [len(x) for x in inp],
+                "target_length": [len(x) for x in tgt]}
+
+
 def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data", shard_range=None):
     """Tokenize a document dataset (column data.text_field) into input_ids / length, cached in
     shards; `shard_range` (A, B): only those shards (a job-array task; returns None)."""
@@ -35,19 +71,7 @@ def tokenize_dataset(ds, tok, cfg: DataConfig, what: str = "data", shard_range=N
     field = cfg.text_field
     if field not in ds.column_names:
         raise ValueError(f"{what}: no column {field!r} in the data (columns: {ds.column_names}); set data.text_field")
-    skip = cfg.bad_rows == "skip"
-
-    def fn(batch, indices):
-        texts = batch[field]
-        ok = [isinstance(t, str) for t in texts]
-        if not all(ok):
-            bad = indices[ok.index(False)]
-            if not skip:
-                raise ValueError(f"{what}: row {bad} has no {field!r} text (missing or null); fix the data, set "
-                                 f"data.text_field, or set data.bad_rows='skip' to count and skip such rows")
-        ids = _tokenize_texts(tok, [t if o else "" for t, o in zip(texts, ok)])
-        return {"input_ids": ids, "length": [len(x) if o else -1 for x, o in zip(ids, ok)]}
-
+    fn = _TextRows(tok, field, cfg.bad_rows == "skip", what)
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "length": datasets.Value("int32")})
     return _map(ds, fn, features, tok, cfg, [field], what, shard_range)
@@ -57,12 +81,7 @@ def tokenize_prompted(ds, tok, cfg: DataConfig, what: str = "data", shard_range=
     """Tokenize validated prompted records (input / target) into input_ids / target_ids, cached."""
     import datasets
 
-    def fn(batch, indices):
-        inp = _tokenize_texts(tok, batch["input"])
-        tgt = [t + [tok.eos_token_id] for t in _tokenize_texts(tok, batch["target"])]
-        return {"input_ids": inp, "target_ids": tgt, "length": [len(x) for x in inp],
-                "target_length": [len(x) for x in tgt]}
-
+    fn = _PromptedRows(tok)
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "target_ids": datasets.List(datasets.Value("int32")),
                                   "length": datasets.Value("int32"), "target_length": datasets.Value("int32")})
@@ -75,7 +94,7 @@ def _map(ds, fn, features, tok, cfg: DataConfig, fields, what, shard_range=None)
 
     # the tokens' identity: unchanged by the sharding (a checkpoint's stream fingerprint stays valid)
     fp = hashlib.sha256(f"{TOKENIZE_VERSION}|{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{fields}|"
-                        f"{cfg.bad_rows}|{fn.__qualname__}".encode()).hexdigest()[:16]
+                        f"{cfg.bad_rows}|{fn.FINGERPRINT}".encode()).hexdigest()[:16]
     out, dt, tokenized = shards.run(ds, fn, features, fields, fp, cfg, what, shard_range)
     if out is None:
         return None
