@@ -224,3 +224,34 @@ def test_a_corrupt_datasets_cache_of_the_source_files_is_built_again(corpus, fre
     assert len(lines) == 1 and "datasets' cache of these files under" in lines[0], lines
     assert "did not read (OSError: Expected to be able to read" in lines[0] and "built it again" in lines[0]
     assert _tokens(prep) == fresh[0] and [p.read_bytes() for p in _shards(tmp_path)] == fresh[2]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_shard_to_rebuild_whose_source_is_gone_is_one_line(corpus, fresh, tmp_path, monkeypatch, caplog, damage):
+    """A shard that must be re-tokenized (cut short, or deleted) when the source dataset's files are gone
+    (here `datasets`' cache of the source, deleted after it was loaded: the window there is, since the
+    tokenized cache is found by the source's fingerprint): one ValueError line naming the shard, the
+    missing source and the fix; no warning that it is being rebuilt, nothing written."""
+    from train.data import corpus as corpus_mod
+
+    cfg = _cfg(corpus, tmp_path)
+    prepare(cfg)
+    bad = _shards(tmp_path)[BAD]
+    _truncate(bad) if damage == "truncate" else bad.unlink()
+    load = corpus_mod.load_files
+
+    def load_then_lose_the_source(*a, **kw):
+        ds = load(*a, **kw)
+        for f in ds.cache_files:  # memory-mapped: ds still reads; a worker opening it by name would not
+            os.unlink(f["filename"])
+        return ds
+
+    monkeypatch.setattr(corpus_mod, "load_files", load_then_lose_the_source)
+    with caplog.at_level("INFO", logger="archscale.data"), pytest.raises(ValueError) as e:
+        prepare(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and f"cached shard {bad} must be re-tokenized" in msg, msg
+    assert ("cut short" if damage == "truncate" else "missing") in msg
+    assert "but its source " in msg and "json-train.arrow is gone; restore the source" in msg
+    assert f"or a whole copy of the cache (the shard and its {bad.name}.sum)" in msg
+    assert _warnings(caplog) == [] and bad.exists() == (damage == "truncate")

@@ -169,6 +169,21 @@ def held_out_mask(num_docs: int, fraction: float) -> np.ndarray:
     return mask
 
 
+def _load_hub(cfg: DataConfig, split: str):
+    """A hub split through `datasets`' cache under data.cache_dir. The source gone (offline, and not
+    in that cache, or the hub unreachable) is one line naming it and the fix, not a traceback: its
+    tokenized cache is found by the source's fingerprint, so it cannot be used without it."""
+    import datasets
+
+    cache = os.path.join(cfg.resolved_cache_dir(), "datasets")
+    try:
+        return datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split, cache_dir=cache)
+    except ConnectionError as e:
+        raise ValueError(f"data.hub_name={cfg.hub_name!r} (split {split!r}) cannot be read: not in the cache "
+                         f"{cache} and the hub cannot be reached ({' '.join(str(e).split())[:120]}); restore that "
+                         f"cache or run once online (HF_DATASETS_OFFLINE unset)") from None
+
+
 def load_corpus(cfg: DataConfig, lazy_split: bool = False):
     """(train_dataset, eval_dataset or None, eval_doc_mask or None).
 
@@ -187,11 +202,9 @@ def load_corpus(cfg: DataConfig, lazy_split: bool = False):
                                                   cache_dir=cfg.cache_dir), "embedded corpus")
         return ds, None, held(len(ds), cfg.eval_fraction)
     if cfg.source == "hub":
-        kw = dict(cache_dir=os.path.join(cfg.resolved_cache_dir(), "datasets"))
-        name = cfg.hub_config or None
-        train = datasets.load_dataset(cfg.hub_name, name, split=cfg.hub_train_split, **kw)
+        train = _load_hub(cfg, cfg.hub_train_split)
         if cfg.hub_eval_split:
-            return train, datasets.load_dataset(cfg.hub_name, name, split=cfg.hub_eval_split, **kw), None
+            return train, _load_hub(cfg, cfg.hub_eval_split), None
         return train, None, held(len(train), cfg.eval_fraction)
     files = expand_files(cfg.train_files, "train_files")
     builder = file_format(files, cfg.format, "train_files")

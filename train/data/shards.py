@@ -158,23 +158,34 @@ def _readable(path: Path) -> str | None:
     return None
 
 
-def _cached(path: Path, content: bool, what: str, unrecorded: list) -> bool:
-    """The shard at path is there and whole (its record: size, and checksum when `content`). A shard
-    with no record (written before records existed) is trusted if it reads, appended to `unrecorded`,
-    and recorded now when `content` (recording reads the whole file, as a check would)."""
+def _problem(path: Path, content: bool, unrecorded: list) -> str | None:
+    """None when the shard at path is there and whole (its record: size, and checksum when `content`);
+    else what is wrong ("missing" when it is not there). A shard with no record (written before records
+    existed) is trusted if it reads, appended to `unrecorded`, and recorded now when `content`
+    (recording reads the whole file, as a check would)."""
     if not path.exists():
-        return False
+        return "missing"
     if checksums.has_record(path):
-        why = checksums.problem(path, content)
-    else:
-        why = _readable(path)
-        if why is None:
-            unrecorded.append(path)
-            if content:
-                checksums.write_record(path)
-    if why is not None:
-        log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, path, why)
-    return why is None
+        return checksums.problem(path, content)
+    why = _readable(path)
+    if why is None:
+        unrecorded.append(path)
+        if content:
+            checksums.write_record(path)
+    return why
+
+
+def _need_source(ds, path: Path, why: str, what: str) -> None:
+    """A shard is re-tokenized from the source dataset's files (memory-mapped; the pool's workers open
+    them again by name): where one of them is gone, the shard cannot be rebuilt: one line, not a
+    traceback from a worker. (The tokenized cache is found by the source's fingerprint, so the source
+    was there when it was loaded; this is the window after, e.g. `datasets`' cache of the source
+    files deleted under a run.)"""
+    gone = [f["filename"] for f in ds.cache_files if not os.path.exists(f["filename"])]
+    if gone:
+        raise ValueError(f"{what}: cached shard {path} must be re-tokenized ({why}) but its source {gone[0]} is "
+                         f"gone; restore the source (run again: data.train_files are read into it again) or a "
+                         f"whole copy of the cache (the shard and its {path.name}{checksums.SUFFIX})")
 
 
 def _check_contents(paths: list[Path | None]) -> bool:
@@ -220,6 +231,7 @@ def _open(i: int, path: Path, what: str):
         return datasets.Dataset.from_file(str(path))
     except (OSError, ValueError, pa.ArrowException) as e:
         why = f"it does not read as Arrow: {' '.join(str(e).split())[:120]}"
+    _need_source(_JOB[0], path, why, what)
     log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, path, why)
     _write_shard(i, path)
     return datasets.Dataset.from_file(str(path))
@@ -241,8 +253,17 @@ def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[in
     paths = shard_paths(shard_dir(cfg, fp), n) if on_disk else [None] * n
     lo, hi = shard_range or (0, n)
     content = _check_contents(paths[lo:hi])
-    unrecorded = []
-    todo = [i for i in range(lo, hi) if paths[i] is None or not _cached(paths[i], content, what, unrecorded)]
+    unrecorded, todo = [], []
+    for i in range(lo, hi):
+        why = "in memory" if paths[i] is None else _problem(paths[i], content, unrecorded)
+        if why is None:
+            continue
+        todo.append(i)
+        if paths[i] is not None:
+            _need_source(ds, paths[i], why, what)
+            if why != "missing":
+                log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, paths[i],
+                            why)
     if unrecorded:
         log.info("%s: %d cached shard(s) have no checksum record (written before records existed, e.g. %s): they "
                  "read, so they are trusted%s", what, len(unrecorded), unrecorded[0],

@@ -310,6 +310,21 @@ def make_prompted(objective: Objective, inputs, targets) -> Example:
     return Example(inputs[len(inputs) - n_in:], np.asarray(targets, dtype=np.int64)[:n_tgt])
 
 
+def check_objective_config(cfg: ObjectiveConfig, arch, num_sentinels: int, mode_tokens) -> None:
+    """Every check build_objective makes, before any tokenizer exists (the config check, before any
+    work): the tokenizer's sentinels and mode tokens are what the data section will add
+    (`data.num_sentinels` of <extra_id_*>, `data.mode_tokens`: train/data/tokenizer.py adds exactly
+    those), so a stand-in TokenInfo with as many gives the same verdict; the ids do not matter to
+    lengths. Raises build_objective's ValueError (one line, with the fix): a wrong mlm
+    targets_length, rows too short for a piece, too few sentinels, a mode token missing."""
+    modes = tuple(mode_tokens)
+    first = 2 + len(modes)
+    tokens = TokenInfo(vocab_size=first + num_sentinels, pad_id=0, eos_id=1,
+                       sentinel_ids=tuple(range(first, first + num_sentinels)),
+                       mode_ids=tuple((m, 2 + i) for i, m in enumerate(modes)))
+    build_objective(cfg, arch, tokens)
+
+
 def _denoiser_variant(d: DenoiserConfig, i: int, tokens: TokenInfo):
     prefix = (tokens.mode_id(d.mode),) if d.mode else ()
     if d.kind == "prefix":

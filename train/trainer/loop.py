@@ -76,6 +76,12 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
     num_layers = arch.num_layers(model_config)
+    from ..objectives import check_objective_config
+
+    try:  # build_objective's length checks with the tokens the data section adds (not rank 0's stream build)
+        check_objective_config(cfg.objective, arch, cfg.data.num_sentinels, cfg.data.mode_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # tokens per row: derive's default, the row shape's (a ConfigError when the lengths do not fit)
     return derive(cfg, world_size, num_layers=num_layers, bf16_supported=bf16_supported)
 
