@@ -53,7 +53,8 @@ from typing import Optional, Sequence
 from ..errors import ConfigError
 from ..trainer import checkpointing as ckpt
 from ..trainer.heldout import heldout_batches
-from .scoring import Scorer
+from .placement import Placement, dispatch
+from .scoring import Scorer, input_device
 from .tasks import aggregate, rank_classify, read_task_file  # noqa: F401  (importable from here too)
 
 log = logging.getLogger("archscale.eval")
@@ -61,7 +62,7 @@ log = logging.getLogger("archscale.eval")
 
 # ============================================================================ held-out loss
 def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 8, micro_batch_size: int = 8,
-                 corpus: Sequence[str] = ()) -> dict:
+                 corpus: Sequence[str] = (), shard=None) -> dict:
     """Mean cross-entropy per target token (and perplexity) on the run's eval split, with its own
     objective and architecture, or on the files `corpus` (text / JSON Lines / Parquet / Arrow,
     read with the run's tokenizer; all of their documents are the eval split).
@@ -71,6 +72,8 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 
     held-out loss (the packing plan does not depend on the number of processes).
 
     Returns {"loss", "perplexity", "tokens", "batches", "corpus"}; loss None when nothing was scored.
+    `shard` (train/eval/parallel.py): this process scores every N-th micro-batch; the per-batch
+    sums are gathered and added in batch order, as one process adds them.
     """
     from ..data import prepare
     from ..engine.runtime import eval_loss
@@ -85,7 +88,13 @@ def heldout_loss(model, cfg, *, max_batches: int = 10, global_batch_size: int = 
     batches, n = heldout_batches(prepared, cfg, global_batch_size=global_batch_size,
                                  micro_batch_size=micro_batch_size, max_batches=max_batches, data=data)
     model.eval()
-    total, count = eval_loss(model, batches, next(model.parameters()).device)
+    dev = input_device(model)
+    per = [eval_loss(model, [b], dev) for b in batches] if shard is None else \
+        shard.in_order(len(batches), lambda k: eval_loss(model, [batches[k]], dev))
+    total, count = 0.0, 0.0
+    for t, c in per:  # eval_loss's own running sum, batch by batch
+        total += t
+        count += c
     loss = total / count if count else None
     return {"loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
             "tokens": int(count), "batches": n, "corpus": list(corpus) if corpus else "run eval split"}
@@ -162,7 +171,7 @@ def select_checkpoints(run_dir: str | Path, steps: str = "25%,50%,100%") -> list
 
 
 def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overrides: Optional[dict] = None,
-                         batch_size: Optional[int] = None) -> dict:
+                         batch_size: Optional[int] = None, shard=None) -> dict:
     """The common yardstick (train/eval/yardstick.py) of a loaded model on its run's held-out
     split, or on the files `corpus` (all of their documents held out); `eval_overrides`: eval
     section fields that replace the run's (windows, window_tokens, prefix_fractions, choices)."""
@@ -185,7 +194,7 @@ def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overr
     if ys is None:
         return {"skipped": "no held-out split of documents in the run's data; pass --corpus FILES"}
     res = evaluate_model(model, registry.get(cfg.model.arch), ys, cfg.objective, tok, prepared.tokens,
-                         batch_size=batch_size or ev.score_batch_size)
+                         batch_size=batch_size or ev.score_batch_size, shard=shard)
     res["split"] = ys.split
     return res
 
@@ -193,9 +202,10 @@ def checkpoint_yardstick(model, tok, cfg, corpus: Sequence[str] = (), eval_overr
 def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *, loss: bool = True,
                         loss_batches: Optional[int] = None, corpus: Sequence[str] = (), batch_size: int = 16,
                         limit: int = 0, device: Optional[str] = None, yardstick: bool = True,
-                        eval_overrides: Optional[dict] = None) -> dict:
+                        eval_overrides: Optional[dict] = None, shard=None, where: Placement = Placement()) -> dict:
     """Held-out loss, the common yardstick and rank classification of one checkpoint; the JSON
-    `archscale eval` writes."""
+    `archscale eval` writes. `shard`: this process's share under a data-parallel launch
+    (train/eval/parallel.py); `where`: accelerate's placement with offload (train/eval/placement.py)."""
     import torch
 
     from .. import registry
@@ -205,8 +215,9 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
     records = [r for f in task_files for r in read_task_file(f, limit)]  # bad task files fail before loading
     t0 = time.perf_counter()
     model, tok, cfg = load_model(step_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev).eval()
+    if where.device_map is None:
+        model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    model = dispatch(model.eval(), where)
     state = ckpt.TrainerState.load(step_dir / ckpt.STATE_FILE)
     result = {"checkpoint": str(step_dir), "step": state.step, "arch": cfg.model.arch, "objective": cfg.objective.name,
               "size": cfg.model.size, "params": registry.get(cfg.model.arch).num_params(model.config),
@@ -216,12 +227,13 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
         d = derived(cfg, state.world_size)
         result["heldout"] = heldout_loss(model, cfg, max_batches=loss_batches or cfg.eval.num_batches,
                                          global_batch_size=d.global_batch_size,
-                                         micro_batch_size=cfg.parallel.micro_batch_size, corpus=corpus)
+                                         micro_batch_size=cfg.parallel.micro_batch_size, corpus=corpus,
+                                         shard=shard)
     if yardstick:
-        result["yardstick"] = checkpoint_yardstick(model, tok, cfg, corpus, eval_overrides)
+        result["yardstick"] = checkpoint_yardstick(model, tok, cfg, corpus, eval_overrides, shard=shard)
     if records:
         scorer = Scorer(model, registry.get(cfg.model.arch), batch_size=batch_size, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id)
+                        pad_id=tok.pad_token_id, shard=shard)
         preds = rank_classify(scorer, tok, records)
         result["zero_shot"] = aggregate(preds)
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -229,8 +241,9 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
 
 
 def evaluate_run(run_dir: str | Path, task_files: Sequence[str] = (), *, steps: str = "25%,50%,100%",
-                 **kwargs) -> list[Path]:
-    """Evaluate the selected checkpoints of a run; write RUN_DIR/eval/step-N.json for each."""
+                 write: bool = True, **kwargs) -> list[Path]:
+    """Evaluate the selected checkpoints of a run; write RUN_DIR/eval/step-N.json for each
+    (`write=False`: a data-parallel launch's other processes, which score and write nothing)."""
     run_dir = Path(run_dir)
     for f in task_files:
         read_task_file(f)  # fail on a bad task file before any model is loaded
@@ -242,8 +255,9 @@ def evaluate_run(run_dir: str | Path, task_files: Sequence[str] = (), *, steps: 
         res = evaluate_checkpoint(step_dir, task_files, **kwargs)
         res["requested"] = asked
         path = out_dir / f"{ckpt.step_dir_name(step)}.json"
-        ckpt.atomic_write_text(path, json.dumps(res, indent=1) + "\n")
-        log.info("%s step %d: %s", run_dir, step, summary_line(res))
+        if write:
+            ckpt.atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+            log.info("%s step %d: %s", run_dir, step, summary_line(res))
         written.append(path)
     return written
 
@@ -264,6 +278,25 @@ def summary_line(res: dict) -> str:
         parts.append(f"zero-shot acc {m['acc']:.4f} (length-normalised {m['acc_norm']:.4f}) over "
                      f"{len(res['zero_shot']['datasets'])} dataset(s)")
     return "; ".join(parts) or "nothing evaluated"
+
+
+def launch_kwargs(device: Optional[str], device_map: Optional[str] = None, max_memory: Optional[str] = None,
+                  offload_folder: Optional[str] = None) -> dict:
+    """evaluate_run's device, shard, placement and write flag for this process: one process, or
+    one of several under torchrun / accelerate launch (train/eval/parallel.py: each scores its
+    share of the batches, the main process writes)."""
+    from .parallel import Shard, launched, process_state
+    from .placement import placement
+
+    if not launched():
+        gpu = int(device.split(":")[1]) if device and device.startswith("cuda:") else None
+        return {"device": device, "shard": None, "write": True,
+                "where": placement(device_map, max_memory, offload_folder, gpu)}
+    state = process_state(device)
+    dev = device if device == "cpu" else str(state.device)
+    gpu = state.local_process_index if dev.startswith("cuda") else None
+    return {"device": dev, "shard": Shard.of(state), "write": state.is_main_process,
+            "where": placement(device_map, max_memory, offload_folder, gpu)}
 
 
 def main(argv=None) -> int:
@@ -289,17 +322,26 @@ def main(argv=None) -> int:
                    help="held-out loss and yardstick on these files (all held out) instead of the run's eval split")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass when scoring choices")
     p.add_argument("--limit", type=int, default=0, help="first N records of each task file (smoke tests); 0 = all")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; under "
+                   "torchrun / accelerate launch: this process's GPU, or cpu)")
+    p.add_argument("--device-map", default=None, choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="place the model with accelerate, offloading what does not fit (implied by --max-memory)")
+    p.add_argument("--max-memory", default=None, metavar="gpu:20GiB,cpu:60GiB",
+                   help="memory cap per device for --device-map: gpu (this process's GPU) or an index, cpu")
+    p.add_argument("--offload-folder", default=None, help="where layers over the caps are offloaded (disk)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("windows", a.windows), ("window_tokens", a.window_tokens),
                                    ("prefix_fractions", a.prefix_fractions), ("choices", a.choices)) if v is not None}
     try:
+        launch = launch_kwargs(a.device, a.device_map, a.max_memory, a.offload_folder)
         written = evaluate_run(a.run_dir, a.tasks, steps=a.steps, loss=not a.no_loss, loss_batches=a.loss_batches,
-                               corpus=a.corpus, batch_size=a.batch_size, limit=a.limit, device=a.device,
-                               yardstick=not a.no_yardstick, eval_overrides=overrides)
+                               corpus=a.corpus, batch_size=a.batch_size, limit=a.limit, yardstick=not a.no_yardstick,
+                               eval_overrides=overrides, **launch)
     except (ckpt.CheckpointError, ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not launch["write"]:
+        return 0  # a data-parallel launch's other processes: the main process prints
     for path in written:
         print(f"{path}: {summary_line(json.loads(path.read_text()))}")
     return 0

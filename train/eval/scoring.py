@@ -9,6 +9,19 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 
+def input_device(model):
+    """Where a model's inputs go: its parameters' device, or for a model placed by accelerate
+    (`hf_device_map`, parameters of offloaded layers on the meta device) the first GPU it uses,
+    else the CPU (offloaded layers run where their inputs are)."""
+    import torch
+
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        gpus = [d for d in placed.values() if d not in ("cpu", "disk", "meta")]
+        return torch.device(gpus[0] if isinstance(gpus[0], str) else f"cuda:{gpus[0]}") if gpus else torch.device("cpu")
+    return next(model.parameters()).device
+
+
 # ============================================================================ log-likelihoods
 @dataclass(frozen=True)
 class LogLikelihood:
@@ -33,16 +46,22 @@ class Scorer:
     `attention_mask`, so it changes no real token's output). `max_length`: decoder rows
     (context + continuation - 1 tokens: the last token is predicted, never read) / encoder inputs
     longer than this keep the end of the context (None = no limit).
+
+    `shard` (train/eval/parallel.py): under torchrun / accelerate launch, this process scores
+    every N-th of the same batches and the scores are gathered, so every process returns the
+    one-process result. A model placed by accelerate (`hf_device_map`: offloaded layers) gets its
+    inputs on its execution device (train/eval/placement.py).
     """
 
     def __init__(self, model, arch, *, batch_size: int = 16, max_length: Optional[int] = None, eos_id: int = 1,
-                 pad_id: int = 0):
+                 pad_id: int = 0, shard=None):
         self.model = model.eval()
         self.arch = arch  # the model's registry entry: how its architecture lays out a scored request
         self.batch_size = batch_size
         self.max_length = max_length
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.device = next(model.parameters()).device
+        self.shard = shard
+        self.device = input_device(model)
 
     def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[LogLikelihood]:
         import torch
@@ -52,14 +71,17 @@ class Scorer:
             if not t:
                 raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
         order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i][0]) + len(reqs[i][1])))
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+        def run(k: int) -> list[LogLikelihood]:
+            with torch.no_grad():
+                return self.arch.score_continuations(self, [reqs[i] for i in batches[k]])
+
+        scored = self.shard.in_order(len(batches), run) if self.shard else [run(k) for k in range(len(batches))]
         out: list[Optional[LogLikelihood]] = [None] * len(reqs)
-        with torch.no_grad():
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                batch = [reqs[i] for i in idx]
-                scores = self.arch.score_continuations(self, batch)
-                for i, sc in zip(idx, scores):
-                    out[i] = sc
+        for idx, scores in zip(batches, scored):
+            for i, sc in zip(idx, scores):
+                out[i] = sc
         return out  # type: ignore[return-value]
 
     def truncate(self, ctx: list[int], room: Optional[int]) -> list[int]:

@@ -207,9 +207,10 @@ def flat_metrics(result: Optional[dict]) -> dict:
 
 
 def evaluate_model(model, arch, ys: Yardstick, objective, tokenizer, tokens, *, batch_size: int = 32,
-                   task_records: Sequence[dict] = ()) -> dict:
+                   task_records: Sequence[dict] = (), shard=None) -> dict:
     """score_yardstick (and the task files' rank classification) of a model (`arch`: its registry
-    entry), in eval mode; the model's train/eval mode is restored afterwards."""
+    entry), in eval mode; the model's train/eval mode is restored afterwards. `shard`: this
+    process's share of the scoring batches under a data-parallel launch (train/eval/parallel.py)."""
     import torch
 
     from .scoring import Scorer
@@ -218,7 +219,8 @@ def evaluate_model(model, arch, ys: Yardstick, objective, tokenizer, tokens, *, 
     was_training = model.training
     try:
         with torch.no_grad():
-            scorer = Scorer(model, arch, batch_size=batch_size, eos_id=tokens.eos_id, pad_id=tokens.pad_id)
+            scorer = Scorer(model, arch, batch_size=batch_size, eos_id=tokens.eos_id, pad_id=tokens.pad_id,
+                            shard=shard)
             res = score_yardstick(scorer, ys, objective, tokens)
             if task_records:
                 res["tasks"] = aggregate(rank_classify(scorer, tokenizer, list(task_records)))
