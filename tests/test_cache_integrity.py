@@ -255,3 +255,66 @@ def test_a_shard_to_rebuild_whose_source_is_gone_is_one_line(corpus, fresh, tmp_
     assert "but its source " in msg and "json-train.arrow is gone; restore the source" in msg
     assert f"or a whole copy of the cache (the shard and its {bad.name}.sum)" in msg
     assert _warnings(caplog) == [] and bad.exists() == (damage == "truncate")
+
+
+@pytest.mark.slow
+def test_after_a_killed_tokenization_its_shards_are_checksummed_above_the_cap(corpus, fresh, tmp_path, monkeypatch,
+                                                                            caplog):
+    """The crash rule (train/data/shards.py): a tokenization SIGKILLed after its first shard leaves its
+    marker; above VERIFY_BYTES (here 0: only sizes at open) the next open checksums the shards that
+    writer listed, so 4 KiB flipped in the shard it wrote is found and rebuilt; the marker is removed
+    after; the open after that checks sizes only again."""
+    import subprocess
+    import sys
+
+    cfg = _cfg(corpus, tmp_path)
+    code = ("import os, signal, sys\nsys.path.insert(0, %r)\nfrom tests.test_cache_integrity import _cfg\n"
+            "from pathlib import Path\nfrom train.data import prepare, shards\n"
+            "shards.after_shard = lambda i: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "prepare(_cfg(Path(%r), Path(%r)))\n") % (os.getcwd(), str(corpus), str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    (mark,) = (tmp_path / "tokenized").glob(f"*/{shards.MARK}*.json")
+    assert json.loads(mark.read_text())["shards"] == list(range(7))
+    (first,) = _shards(tmp_path)  # the one shard it wrote before the kill
+    _flip_middle(first)
+    monkeypatch.setattr(shards, "VERIFY_BYTES", 0)
+    rebuilt = []
+    monkeypatch.setattr(shards, "after_shard", rebuilt.append)
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prep = prepare(cfg)
+    lines = _warnings(caplog)
+    assert len(lines) == 2 and "did not end cleanly; checking the checksums of the shards it wrote" in lines[0], lines
+    assert f"cached shard {first} is corrupt (its checksum differs" in lines[1]
+    assert sorted(rebuilt) == list(range(7)) and _tokens(prep) == fresh[0] and not mark.exists()
+    _flip_middle(first)  # no crash now: above the cap, the next open checks sizes only (the documented limit)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="archscale.data"):
+        prepare(cfg)
+    assert _warnings(caplog) == []
+
+
+def test_markers_of_running_writers_and_of_other_machines(tmp_path, monkeypatch):
+    """A marker of a writer alive on this machine (this boot) is not a crash; one of this machine whose
+    pid is gone (or of an earlier boot) is, and is removed after the check; one of another machine
+    cannot be asked: its shards are checked while it stays, and only a full --verify removes it."""
+    import socket
+    import subprocess
+
+    d, here, boot = tmp_path, socket.gethostname(), shards._boot_id()
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        marks = {"live": (here, live.pid, boot, [0]), "dead": (here, dead.pid, boot, [1]),
+                 "reboot": (here, live.pid, "an-earlier-boot", [2]), "other": ("node-b", live.pid, boot, [3, 9])}
+        for name, (host, pid, b, ids) in marks.items():
+            (d / f"{shards.MARK}{name}.json").write_text(json.dumps({"host": host, "pid": pid, "boot": b, "shards": ids}))
+        suspect, stale = shards._crashed(d, 0, 5, everything=False)
+        assert suspect == {1, 2, 3} and sorted(p.name for p in stale) == [f"{shards.MARK}{n}.json" for n in ("dead", "reboot")]
+        suspect, stale = shards._crashed(d, 0, 5, everything=True)
+        assert suspect == {1, 2, 3} and len(stale) == 3
+        assert shards._crashed(d, 4, 5, everything=True) == (set(), [])  # lists none of the range: left
+    finally:
+        live.kill()
+        live.wait()

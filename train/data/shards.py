@@ -24,6 +24,30 @@ ranks, after the barrier, find it whole). A shard written before the records exi
 it reads, it is trusted, and recorded now where checksums are read at this open (else by --verify);
 if it does not read, it is rebuilt.
 
+After a crash, checksums above the cap too (the crash rule). A shard can only be damaged where it
+was being written: a process killed mid-write leaves only its temporary file (the rename did not
+happen), but a machine that dies (a node lost, power) may keep a rename whose data never reached the
+disk (the data is not fsynced before the rename: zeros, or a shorter file, under the right name and
+record). So every process that writes shards first puts a marker beside them,
+`.writing-HOST-PID.json` ({host, pid, boot id, started, the shards it will write}), and removes it
+when it stops writing, normally or by an exception. A marker whose writer is not running is an
+unclean end: on this machine, its boot id is another boot's or its pid is gone. The next open
+checksums the shards that marker lists, whatever VERIFY_BYTES (rebuilding the bad ones, as above,
+after one warning line naming the tokenization that did not end cleanly), then removes it, once every
+shard was checked (an open of part of the shards, a job-array task, leaves it). A writer on another
+machine cannot be asked whether it runs: its shards are checked at every open while its marker is
+there, and `archscale tokenize --verify` (every checksum) removes it. A training run that dies does
+not need the rule: it only reads shards (what it writes, rank 0's tokenization at start-up, is under
+a marker). The cost is one read of the shards the crashed writer listed (0.5-1 s per GB from a
+disk at 1-2 GB/s).
+
+A shard to re-tokenize (missing, corrupt) whose source files are gone (`datasets`' Arrow cache of
+the data files, which the shards are re-tokenized from: the pool's workers open it by name) is one
+line naming the shard, the file and the fix (restore the source or a whole copy of the cache).
+There is no other way to a cache without its source: it is found by the source's fingerprint, so a
+`data.train_files` that matches nothing, or a hub dataset neither cached nor reachable, is refused
+at load (one line) before any shard is looked up.
+
 Processes: `data.num_proc` (0 = one per core this process may run on, os.sched_getaffinity), at
 most one per shard left to do; one process (or one shard) tokenizes in this process, no pool.
 The pool's workers start from multiprocessing's fork server, a clean single-threaded process, and
@@ -41,9 +65,10 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_write_text
 from . import checksums
 
 log = logging.getLogger("archscale.data")
@@ -188,6 +213,92 @@ def _need_source(ds, path: Path, why: str, what: str) -> None:
                          f"whole copy of the cache (the shard and its {path.name}{checksums.SUFFIX})")
 
 
+MARK = ".writing-"  # CACHE/tokenized/FP-sS/.writing-HOST-PID.json: a writer at work there (crash rule)
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux): a pid of an earlier boot names no process of this one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@contextmanager
+def _writing(d: Path | None, todo: list[int], tag: str = ""):
+    """A marker in the shard directory for as long as this process writes the shards `todo` there,
+    removed when the block ends (normally or by an exception: Python ran its cleanup). A marker that
+    outlives its writer means that writer ended uncleanly (SIGKILL, OOM, a node that died, power lost),
+    and its shards are checksummed at the next open, whatever the cache's size (_crashed)."""
+    if d is None or not todo:
+        yield
+        return
+    import json
+    import socket
+
+    d.mkdir(parents=True, exist_ok=True)
+    host, pid = socket.gethostname(), os.getpid()
+    mark = d / f"{MARK}{host}-{pid}{tag}.json"
+    atomic_write_text(mark, json.dumps({"host": host, "pid": pid, "boot": _boot_id(),
+                                                  "started": time.time(), "shards": todo}) + "\n")
+    try:
+        yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _crashed(d: Path | None, lo: int, hi: int, everything: bool) -> tuple[set[int], list[Path]]:
+    """(shards to checksum at this open whatever VERIFY_BYTES, markers to remove once they are checked):
+    the shards in [lo, hi) listed by every marker in d whose writer is not known to be running (a
+    marker that lists none of them is left for an open that reads them). A writer on this
+    machine runs iff the marker's boot is this boot and its pid is alive: else it ended uncleanly, and
+    its marker is removed after the check. One on another machine cannot be asked: its shards are
+    checked at every open while its marker is there (a writer still at work leaves it until it ends),
+    and it is removed only when `everything` (`archscale tokenize --verify`: every checksum read)."""
+    import json
+    import socket
+
+    if d is None or not d.is_dir():
+        return set(), []
+    suspect, stale = set(), []
+    here, boot = socket.gethostname(), _boot_id()
+    for mark in sorted(d.glob(f"{MARK}*.json")):
+        try:
+            rec = json.loads(mark.read_text())
+            host, pid, shards = str(rec["host"]), int(rec["pid"]), [int(i) for i in rec["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):  # a marker cut short by the crash itself: all
+            rec, host, pid, shards = {}, "", 0, list(range(lo, hi))
+        shards = [i for i in shards if lo <= i < hi]
+        if not shards:
+            continue
+        if host == here and rec.get("boot") == boot and _alive(pid):
+            continue  # a writer at work on this machine (this process, another rank, an array task)
+        elsewhere = bool(host) and host != here
+        log.warning("tokenized cache %s: a tokenization (%s pid %s, shards %s) %s; checking the checksums of the "
+                    "shards it wrote", d, host or "?", pid or "?", _ranges(shards),
+                    "on another machine is running or did not end cleanly" if elsewhere else "did not end cleanly")
+        suspect.update(shards)
+        if everything or not elsewhere:
+            stale.append(mark)
+    return suspect, stale
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _ranges(ids: list[int]) -> str:
+    return f"{min(ids)}..{max(ids)} ({len(ids)})" if ids else "none"
+
+
 def _check_contents(paths: list[Path | None]) -> bool:
     """Whether the checksums of these shards are read at this open (VERIFY_BYTES)."""
     if VERIFY_BYTES is None:
@@ -233,7 +344,8 @@ def _open(i: int, path: Path, what: str):
         why = f"it does not read as Arrow: {' '.join(str(e).split())[:120]}"
     _need_source(_JOB[0], path, why, what)
     log.warning("%s: cached shard %s is corrupt (%s); re-tokenizing it from the source", what, path, why)
-    _write_shard(i, path)
+    with _writing(path.parent, [i], tag="-open"):
+        _write_shard(i, path)
     return datasets.Dataset.from_file(str(path))
 
 
@@ -250,12 +362,14 @@ def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[in
     n_docs, size = len(ds), cfg.shard_documents
     n = num_shards(n_docs, size)
     on_disk = bool(ds.cache_files)  # an in-memory dataset (tests) is tokenized in memory, not cached
-    paths = shard_paths(shard_dir(cfg, fp), n) if on_disk else [None] * n
+    d = shard_dir(cfg, fp) if on_disk else None
+    paths = shard_paths(d, n) if on_disk else [None] * n
     lo, hi = shard_range or (0, n)
     content = _check_contents(paths[lo:hi])
+    suspect, stale = _crashed(d, lo, hi, VERIFY_BYTES is None)  # shards of a writer that ended uncleanly
     unrecorded, todo = [], []
     for i in range(lo, hi):
-        why = "in memory" if paths[i] is None else _problem(paths[i], content, unrecorded)
+        why = "in memory" if paths[i] is None else _problem(paths[i], content or i in suspect, unrecorded)
         if why is None:
             continue
         todo.append(i)
@@ -276,8 +390,12 @@ def run(ds, fn, features, fields, fp: str, cfg, what: str, shard_range: tuple[in
     t0 = time.perf_counter()
     _JOB = (ds, fn, features, size, n_docs)
     try:
-        tables = _tokenize(todo, paths, procs)
+        with _writing(d, todo):
+            tables = _tokenize(todo, paths, procs)
         dt = time.perf_counter() - t0
+        if lo == 0 and hi == n:  # every shard a stale marker lists was checked (and rebuilt if bad)
+            for mark in stale:
+                mark.unlink(missing_ok=True)
         if shard_range is not None:
             return None, dt, len(todo)
         parts = [datasets.Dataset(InMemoryTable(tables[i])) if p is None else _open(i, p, what)
