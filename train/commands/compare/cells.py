@@ -148,6 +148,12 @@ def load_grid(path: str | Path) -> dict:
         data = load_yaml(path, "grid file")
     except ValueError as e:  # ConfigError
         raise CellError(str(e)) from None
+    return grid_from_data(data, path)
+
+
+def grid_from_data(data, path: str | Path) -> dict:
+    """A grid's YAML data (read by load_grid, or built in code: `archscale ladder --claim`) -> load_grid's
+    dict; `path` names it in errors."""
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not data["cells"]:
         raise CellError(f"grid file {path} needs a non-empty `cells:` list (see `archscale compare --help`)")
     unknown = set(data) - {"cells", "set", "match", "match_to"}

@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archscale ladder", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--cells", default=",".join(DEFAULT_CELLS),
+    p.add_argument("--cells", default=None,
                    help="ARCH:OBJECTIVE[:key=value,...] cells, comma-separated (compare's syntax); the first is the match "
-                        "reference")
+                        f"reference (default {','.join(DEFAULT_CELLS)})")
+    p.add_argument("--claim", default=None, metavar="NAME",
+                   help="instead of --cells: the cells of `archscale reproduce NAME` (su-gpt-vs-unilm, su-ed-params, "
+                        "...), judged by that claim's own rule on the predicted differences at --target "
+                        "(ladder/claims.py)")
     p.add_argument("--sizes", default=DEFAULT_SIZES,
                    help="rungs: model_zoo sizes or WIDTHxDEPTH (d_model x n_layers, d_ff = 2 d_model), comma-separated; "
                         "at least --min-rungs (3) for a fit")
@@ -91,8 +95,15 @@ def parse_args(argv) -> tuple[argparse.Namespace, LadderArgs]:
         p.error("--seeds must be >= 1 and --min-rungs >= 2")
     if ns.dry_run and not ns.submit:
         p.error("--dry-run prints what --submit would submit: give both")
-    # a comma starts a new cell only before ARCH:OBJECTIVE (a cell's own key=value,... stay with it)
-    cells = tuple(parse_cell(c) for c in re.split(r",(?=\w+:\w+(?::|,|$))", ns.cells) if c.strip())
+    if ns.claim and ns.cells:
+        p.error("give --claim (the claim's own cells) or --cells, not both")
+    if ns.claim:
+        from .claims import claim_cells, claim_of
+
+        cells = claim_cells(claim_of(ns.claim))
+    else:  # a comma starts a new cell only before ARCH:OBJECTIVE (a cell's own key=value,... stay with it)
+        text = ns.cells or ",".join(DEFAULT_CELLS)
+        cells = tuple(parse_cell(c) for c in re.split(r",(?=\w+:\w+(?::|,|$))", text) if c.strip())
     unique_labels(list(cells))
     try:
         budgets = tuple(float(b) for b in ns.budgets.split(",") if b.strip())
@@ -197,14 +208,19 @@ def write_points(plans: list[RungPlan], args: LadderArgs) -> tuple[list[dict], l
     return points, missing
 
 
-def target_of(text: str, args: LadderArgs):
-    """--target as a Target; the default judges each cell whose registry entry's reference size
+def target_of(text: str, args: LadderArgs, plans: list[RungPlan] = (), claim: str | None = None):
+    """--target as a Target. With --claim, every cell it does not name sits at its matched ratio
+    (claims.claim_target); else the default judges each cell whose registry entry's reference size
     is not DECODER_REFERENCE_SIZE (ED: 11b) at that size's non-embedding parameters."""
     from ... import registry
     from ...config import load_config
     from .verdicts import Target
 
     target = Target.parse(text)
+    if claim:
+        from .claims import claim_target
+
+        return claim_target(target, plans, args.cells)
     if text != DEFAULT_TARGET:
         return target
     per = []
@@ -230,7 +246,7 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
     try:
         pts = [LadderPoint.from_dict(p) for p in points]
         ladder = fit_ladder(pts, resamples=ns.resamples, seed=args.seed, starts=ns.starts, min_rungs=ns.min_rungs)
-        verdicts = judge(ladder, target_of(ns.target, args))
+        verdicts = judge(ladder, target_of(ns.target, args, plans, ns.claim))
     except LadderError as e:
         print(f"error: cannot fit the ladder: {e}", file=sys.stderr)
         return 2
@@ -246,5 +262,13 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
         f.write(f"\n## Points ({len(points)} finished branches; every run in ladder.json)\n\n"
                 + points_table(json.loads((out / "ladder.json").read_text())) + "\n")
     print(summary_text(verdicts, rollout))
+    if ns.claim:
+        from .claims import claim_of, claim_section, judge_claim
+
+        claim, rungs = claim_of(ns.claim), [p.rung.label for p in plans]
+        section = claim_section(claim, *judge_claim(claim, verdicts, points, rungs), rungs)
+        with open(page, "a") as f:
+            f.write("\n" + section)
+        print("\n" + section)
     print(f"\npage: {page}   pictures: {', '.join(str(p) for p in pics)}")
     return 0
