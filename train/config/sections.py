@@ -239,6 +239,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (train/trainer/wandb_log.py; docs/config.md, "Weights & Biases"): off unless
+    ``enabled``; needs ``pip install 'archscale[wandb]'``. WANDB_MODE=offline, WANDB_API_KEY, WANDB_DIR and the
+    other WANDB_* variables work as wandb documents them."""
+
+    enabled: bool = False
+    """Log the resolved config and every metrics.jsonl line to W&B (rank 0). The run's W&B id is kept in
+    RUN_DIR/wandb.json, so a resumed or requeued run continues the same W&B run."""
+    project: str = "archscale"
+    """The W&B project."""
+    entity: str = ""
+    """The W&B team or user; "" = your default entity."""
+    group: str = ""
+    """The W&B group; "" = none. compare, ladder and sweep set it to their output directory's name unless
+    you give one."""
+    name: str = ""
+    """The W&B run's display name; "" = the run directory's name. compare, ladder and sweep set it per run
+    (the run directory below their output directory)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags, e.g. ``logging.wandb.tags=[ladder,h100]``."""
+
+
+@dataclass
 class LoggingConfig:
     """What the training loop records."""
 
@@ -251,6 +274,8 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a progress bar on rank 0: steps, loss, tokens/s and the time left (MFU is not on the bar; it
     is in metrics.jsonl and TensorBoard where the device's peak FLOP/s is known)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases (off by default): the ``logging.wandb.*`` keys."""
 
     def check(self) -> None:
         if self.every_n_steps < 1:

@@ -112,12 +112,12 @@ class NonFiniteCallback(Callback):
 
 # ---------------------------------------------------------------------------------- metrics
 class MetricsCallback(Callback):
-    """The loss curve of the result; metrics.jsonl, TensorBoard and the progress bar (rank 0)."""
+    """The loss curve of the result; metrics.jsonl, TensorBoard, W&B and the progress bar (rank 0)."""
 
     def __init__(self, t, desc: str):
         cfg, layout = t.cfg, t.layout
         self.active = t.dist.is_rank0
-        self.jsonl = self.tb = self.bar = None
+        self.jsonl = self.tb = self.bar = self.wandb = None
         if not self.active:
             return
         if cfg.logging.jsonl:
@@ -130,6 +130,9 @@ class MetricsCallback(Callback):
                 self.tb = SummaryWriter(str(layout.tensorboard), purge_step=t.step + 1)
             except ImportError:
                 log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        from .wandb_log import open_run
+
+        self.wandb = open_run(t)  # logging.wandb: the same W&B run across resumes (wandb_log.py)
         if cfg.logging.progress_bar:
             from tqdm.auto import tqdm
 
@@ -172,6 +175,8 @@ class MetricsCallback(Callback):
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(record, line_kind(record))
 
     def progress(self, n: int, postfix: dict) -> None:
         if self.bar is not None:
@@ -183,6 +188,8 @@ class MetricsCallback(Callback):
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.close()
         if self.bar is not None:
             self.bar.close()
 

@@ -66,6 +66,9 @@ def check(cfg: RunConfig, world_size: int, *, bf16_supported: bool = False) -> D
     count comes from the model's config, nothing is built); `train` calls it before it writes or
     prepares anything. Raises ConfigError with a one-line message.
     """
+    from .wandb_log import require
+
+    require(cfg)  # logging.wandb without the wandb package
     try:
         cfg.data.check_training_source()  # a reference preset without its data (data.allow_embedded=false)
     except ValueError as e:

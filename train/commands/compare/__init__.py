@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional
 
+from ...trainer.wandb_log import grouping_overrides
 from .cells import Cell, CellError, load_grid, parse_cell, unique_labels
 from .matching import Match, MatchError  # noqa: F401  (MatchError, BudgetError, CellError: what callers catch)
 from .sizing import BUDGETS, MATCHES, TOLERANCE, Budget, BudgetError, cell_facts, match_cell, schedule_overrides
@@ -65,6 +66,7 @@ class CompareArgs:
     eval_batches: int = 4
     checkpoint_every: int = 100
     seed: int = 0
+    wandb_group: str = ""  # logging.wandb.group of every run unless given; "" = OUT's name (a ladder: its OUT's)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "CompareArgs":
@@ -154,8 +156,10 @@ def cell_overrides(cell: Cell | str, args: CompareArgs, seed_index: int = 0, dat
     if cell.overrides:  # the cell's own overrides come last; fill in their {out} and {seed}
         ov[-len(cell.overrides):] = [o.replace("{out}", str(args.out)).replace("{seed}", str(seed_index))
                                      for o in cell.overrides]
-    return ov + [f"seed={args.seed + seed_index}", f"data.seed={data_seed + seed_index}",
-                 f"run_dir={Path(args.out) / cell.label / f'seed-{seed_index}'}"]
+    # W&B (if on): one group per comparison, a run named by its directory; any later group wins
+    group = grouping_overrides(args.wandb_group or Path(args.out).absolute().name, f"{cell.label}/seed-{seed_index}")
+    return group + ov + [f"seed={args.seed + seed_index}", f"data.seed={data_seed + seed_index}",
+                         f"run_dir={Path(args.out) / cell.label / f'seed-{seed_index}'}"]
 
 
 def parse_args(argv) -> CompareArgs:

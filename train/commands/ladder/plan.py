@@ -123,7 +123,8 @@ class LadderArgs:
         return CompareArgs(cells=cells, out=str(Path(self.out) / rung.label), budget=Budget("steps", 1),
                            match=self.match, size=rung.size, seq_len=self.seq_len, micro_batch=self.micro_batch,
                            accumulation=self.accumulation, lr=self.lr, eval_every=self.eval_every,
-                           checkpoint_every=self.checkpoint_every, seed=self.seed, set=self.set)
+                           checkpoint_every=self.checkpoint_every, seed=self.seed, set=self.set,
+                           wandb_group=Path(self.out).absolute().name)
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,9 @@ def plan_rung(args: LadderArgs, rung: Rung, world_size: int = 1) -> RungPlan:
         at = ",".join(str(s) for _, s in steps)
         data_seed = load_config(None, base_overrides(c, cargs)).data.seed
         for i in range(args.seeds):
-            base = [o for o in cell_overrides(c, cargs, i, data_seed, plan) if not o.startswith("run_dir=")]
             where = Path(args.out) / rung.label / c.label / f"seed-{i}"
+            base = [o for o in cell_overrides(c, cargs, i, data_seed, plan)
+                    if not o.startswith(("run_dir=", "logging.wandb.name="))]  # W&B: named below, in OUT's group
             common = dict(cell=c.label, name=c.name, rung=rung.label, seed=i, tokens_per_step=facts["tokens_per_step"],
                           non_embedding_params=facts["non_embedding_params"])
             stable = where / "stable"
@@ -208,15 +210,21 @@ def plan_rung(args: LadderArgs, rung: Rung, world_size: int = 1) -> RungPlan:
             runs.append(LadderRun(budget=None, steps=s_max, branch_step=s_max, run_dir=str(stable), **common,
                                   overrides=tuple(base + [
                                       "schedule.name=wsd", f"schedule.max_steps={s_max}", "schedule.decay_fraction=0",
-                                      f"checkpoint.at_steps=[{at}]", f"run_dir={stable}"])))
+                                      f"checkpoint.at_steps=[{at}]", f"run_dir={stable}", wandb_name(args.out, stable)])))
             for b, (t, s) in zip(tokens, steps):
                 branch = where / f"decay-{b:.0f}"
                 runs.append(LadderRun(budget=b, steps=t, branch_step=s, run_dir=str(branch), parent=str(stable),
                                       **common, overrides=tuple(base + [
                                           "schedule.name=wsd", f"schedule.max_steps={t}",
                                           f"schedule.decay_fraction={args.decay_fraction}",
-                                          f"checkpoint.resume={checkpoint_path(stable, s)}", f"run_dir={branch}"])))
+                                          f"checkpoint.resume={checkpoint_path(stable, s)}", f"run_dir={branch}",
+                                          wandb_name(args.out, branch)])))
     return RungPlan(rung, cargs, all_facts, {k: v for k, v in plan.matches.items()}, tokens, tuple(runs))
+
+
+def wandb_name(out: str, run_dir: Path) -> str:
+    """logging.wandb.name of a ladder run: its directory below OUT (RUNG/CELL/seed-I/stable, .../decay-B)."""
+    return f"logging.wandb.name={run_dir.relative_to(out)}"
 
 
 def checkpoint_path(run_dir: Path | str, step: int) -> str:
