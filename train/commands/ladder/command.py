@@ -233,6 +233,25 @@ def target_of(text: str, args: LadderArgs, plans: list[RungPlan] = (), claim: st
     return Target(target.N, target.D, tuple(per))
 
 
+def baselines_line(points: list[dict]) -> str:
+    """The n-gram baselines (train/eval/baselines.py) on the yardstick windows of the first point's
+    run, in words: what the token statistics alone score, beside the cells' losses."""
+    from ...config import load_config
+    from ...data import prepare
+    from ...eval.baselines import ngram_baselines
+    from ...eval.yardstick import build_yardstick
+
+    cfg = load_config(Path(points[0]["run_dir"]) / "config.yaml")
+    prepared = prepare(cfg.data, None)
+    ys = build_yardstick(prepared, cfg.eval, cfg.data)
+    b = ngram_baselines(prepared, ys, len(prepared.tokenizer))
+    bigram = f", bigram {b['bigram']:.4f}" if b["bigram"] is not None else ""
+    return (f"On the same yardstick continuations ({b['tokens']:,} tokens), from the training split's "
+            f"{b['train_tokens']:,} tokens (train/eval/baselines.py): uniform {b['uniform']:.4f}, unigram "
+            f"{b['unigram']:.4f}{bigram} nats/token. A cell below the bigram line has learned more than which token "
+            f"follows which.")
+
+
 def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> int:
     """Collect the points, write ladder.json, then fit, judge, draw and write the page."""
     from . import fit_ladder, judge, plot_isoflop, plot_loss_vs_flops, rollout_cv, summary_text, write_page
@@ -258,7 +277,10 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
     pics = [plot_loss_vs_flops(ladder, verdicts, out / "loss_vs_flops.png"), plot_isoflop(ladder, out / "isoflop.png")]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = write_page(out / "ladder.md", ladder, rollout, verdicts, command, _machine(), date, pics)
+    base = baselines_line(points)
+    print(base)
     with open(page, "a") as f:
+        f.write(f"\n## Baselines\n\n{base}\n")
         f.write(f"\n## Points ({len(points)} finished branches; every run in ladder.json)\n\n"
                 + points_table(json.loads((out / "ladder.json").read_text())) + "\n")
     print(summary_text(verdicts, rollout))
