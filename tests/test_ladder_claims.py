@@ -87,7 +87,9 @@ def test_the_claims_rule_reads_the_predicted_differences_and_the_signs_across_ru
     assert not nd_cd["holds"] and nd_cd["means"]["r1"] == pytest.approx(0.01, abs=0.005)
     assert nd_cd["n"] == {"r0": 6, "r1": 6, "r2": 6}  # 3 budgets x 2 seeds paired at each rung
     assert by[("CD:PLM", "ND:PLM (nd-mixed)")]["holds"]
-    section = claims.claim_section(claim, verdict, reasons, signs, ["r0", "r1", "r2"])
+    verdicts = judge(ladder, Target(1e10, 2e11))
+    section = claims.claim_section(claim, verdict, reasons, signs, ["r0", "r1", "r2"], verdicts)
+    assert ("**Caveat:**" in section) == any(d.bounded for d in verdicts.differences)
     assert "**Verdict at the target: reproduced.**" in section and "| CD:PLM - ND:PLM |" in section
     assert "| no |" in section and "| yes |" in section
 
@@ -106,3 +108,17 @@ def test_a_claims_match_reference_must_be_its_first_cell():
     claim = replace(claims.claim_of("su-ed-params"), match_to="ed:plm")
     with pytest.raises(LadderError, match="the ladder matches every rung to the first cell"):
         claims.claim_cells(claim)
+
+
+def test_a_difference_between_fits_on_a_bound_says_so():
+    """Points from a law with no irreducible loss (E ~ 0, as tiny CPU ladders give): the fit ends on
+    E's lower bound, and each difference that involves it is marked, on the page too."""
+    from train.commands.ladder.page import verdict_tables
+
+    flat = ChinchillaParams(1e-9, 4.0, 0.06, 260.0, 0.41)
+    pts = _points("CD:PLM", flat, {}, 0) + _points("ND:PLM", flat, {"r2": -0.01}, 1)
+    v = judge(fit_ladder(pts, resamples=30, seed=0, starts=16), Target(1e10, 2e11))
+    (d,) = v.differences
+    assert d.bounded and all(b.endswith("E") or "E," in b for b in d.bounded), d.bounded
+    text = "\n".join(verdict_tables(v))
+    assert "fit on a bound" in text and "its bootstrap cut at that bound" in text

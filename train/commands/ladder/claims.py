@@ -102,12 +102,16 @@ def judge_claim(claim, verdicts, points: list[dict], rungs: list[str]) -> tuple[
     return verdict, reasons, rung_signs(points, list(dict.fromkeys(claim.names.values())), rungs)
 
 
-def claim_section(claim, verdict: str, reasons: list[str], signs: list[dict], rungs: list[str]) -> str:
+def claim_section(claim, verdict: str, reasons: list[str], signs: list[dict], rungs: list[str], verdicts) -> str:
     """The page's section for the claim (markdown; the terminal prints the same lines)."""
     rule = " ".join(claim.rule.__doc__.split())
     lines = [f"## Claim {claim.name} on the ladder", "", f"**Claim** ({claim.source}): {claim.text}", "",
              f"**Rule** (reproduce's, unchanged, applied to the predicted differences at the target): {rule}", "",
              f"**Verdict at the target: {verdict}.**"] + [f"- {r}" for r in reasons]
+    bounded = sorted({b for d in verdicts.differences for b in d.bounded})
+    if bounded:
+        lines += ["", f"**Caveat:** the fits of {'; '.join(bounded)} ended on a bound, so the differences above are "
+                      f"the bounded laws' extrapolation to the target, and their intervals are cut on that side."]
     lines += ["", "Measured differences per rung (mean over seeds and budgets of paired branches, nats/token):", "",
               "| A - B | " + " | ".join(rungs) + " | sign holds across rungs |", "|" + "---|" * (len(rungs) + 2)]
     for s in signs:

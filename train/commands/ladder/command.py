@@ -288,7 +288,7 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
         from .claims import claim_of, claim_section, judge_claim
 
         claim, rungs = claim_of(ns.claim), [p.rung.label for p in plans]
-        section = claim_section(claim, *judge_claim(claim, verdicts, points, rungs), rungs)
+        section = claim_section(claim, *judge_claim(claim, verdicts, points, rungs), rungs, verdicts)
         with open(page, "a") as f:
             f.write("\n" + section)
         print("\n" + section)

@@ -50,9 +50,13 @@ def verdict_tables(v: Verdicts) -> list[str]:
                     _iv(t.prediction.pi), _iv(t.prediction.ci)] for t in v.predictions])
     out += ["", f"Pairwise differences at the target (paired bootstrap, {lv} interval of the curves' "
                 f"difference; resolved when it excludes 0):", ""]
-    out += _table(["A", "B", "L_A - L_B", f"{lv} interval", "resolved", "paired resamples"],
+    out += _table(["A", "B", "L_A - L_B", f"{lv} interval", "resolved", "paired resamples", "fit on a bound"],
                   [[d.a, d.b, f"{d.diff:+.4f}", _iv(d.ci, "+.4f"), "yes" if d.resolved else "no",
-                    str(d.paired)] for d in v.differences])
+                    str(d.paired), "; ".join(d.bounded) or "-"] for d in v.differences])
+    if any(d.bounded for d in v.differences):
+        out += ["", "A fit on a bound has its bootstrap cut at that bound: the interval of a difference that "
+                    "involves it is too narrow on that side, and its \"resolved\" is the bounded law's "
+                    "extrapolation, not something the points pin down (docs/ladder.md)."]
     out += ["", f"Frontier crossings L_A(C) = L_B(C), searched over C in {v.c_range[0]:.3g}..{v.c_range[1]:.3g} FLOPs:", ""]
     rows = []
     for c in v.crossings:

@@ -85,6 +85,9 @@ class Difference:
     ci: tuple[float, float]
     resolved: bool
     paired: int  # resamples where both refits succeeded
+    bounded: tuple[str, ...] = ()  # "CELL: E, alpha": parameters either cell's point fit ended on the bound of.
+    # Such a fit's bootstrap is cut at the bound, so its interval is too narrow on that side: a
+    # "resolved" difference then says what the bounded law extrapolates, not what the data pin down.
 
 
 @dataclass
@@ -146,7 +149,8 @@ def difference(a: CellBootstrap, b: CellBootstrap, target: Target, level: float 
     paired = int(np.isfinite(d).sum())
     lo, hi = percentile_interval(d, level)
     point = float(a.fit.params.loss(Na, Da) - b.fit.params.loss(Nb, Db))
-    return Difference(a.fit.cell, b.fit.cell, point, (float(lo), float(hi)), bool(lo > 0 or hi < 0), paired)
+    bounded = tuple(f"{c.fit.cell}: {', '.join(c.fit.at_bounds)}" for c in (a, b) if c.fit.at_bounds)
+    return Difference(a.fit.cell, b.fit.cell, point, (float(lo), float(hi)), bool(lo > 0 or hi < 0), paired, bounded)
 
 
 def crossing(a: CellBootstrap, b: CellBootstrap, c_range, level: float = LEVEL) -> Crossing:
