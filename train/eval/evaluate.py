@@ -237,6 +237,7 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
         preds = rank_classify(scorer, tok, records)
         result["zero_shot"] = aggregate(preds)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["processes"] = shard.count if shard else 1  # data-parallel processes that scored it
     return result
 
 
