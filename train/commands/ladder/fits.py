@@ -31,6 +31,8 @@ D_opt = C / (k N_opt), and L(C) = L(N_opt, D_opt) (set the derivative in N to ze
 """
 from __future__ import annotations
 
+import functools
+
 import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -38,7 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import huber
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .points import N_PARAMS, LadderError, LadderPoint
 
@@ -150,6 +152,13 @@ def bounds_for(L_min: float) -> list[tuple[float, float]]:
     return [(None, None), (None, None), (e_hi - E_FLOOR_DECADES, e_hi), EXP_BOUNDS, EXP_BOUNDS]
 
 
+@functools.lru_cache(maxsize=1)
+def _threadpools() -> ThreadpoolController:
+    """The process's BLAS/OpenMP pools, scanned once: `threadpool_limits(1)` rescans every loaded
+    library at each call (dl_iterate_phdr and /proc reads), which was 40% of a bootstrap's time."""
+    return ThreadpoolController()
+
+
 def minimise(starts: np.ndarray, lnN, lnD, lnL, bounds) -> Optional[tuple[np.ndarray, float]]:
     """The best (x, scaled objective) of L-BFGS-B from each start, or None when every start
     failed (an exception, or a non-finite result). The optimiser sees centred logs, z = (a -
@@ -159,7 +168,7 @@ def minimise(starts: np.ndarray, lnN, lnD, lnL, bounds) -> Optional[tuple[np.nda
     cN, cD = float(lnN.mean()), float(lnD.mean())
     shift = lambda x, sign: x + sign * np.array([x[3] * cN, x[4] * cD, 0.0, 0.0, 0.0])  # noqa: E731
     best = None
-    with threadpool_limits(1):
+    with _threadpools().limit(limits=1):
         for x0 in starts:
             try:
                 r = minimize(objective, shift(x0, -1), args=(lnN - cN, lnD - cD, lnL), jac=True, method="L-BFGS-B",
