@@ -55,6 +55,7 @@ def _write_data(w: Path) -> None:
 
 
 def _timings_removed(res: dict) -> dict:
+    res = json.loads(json.dumps(res))
     res.pop("seconds"), res.pop("processes")
     res.get("yardstick", {}).pop("seconds", None)
     return res
@@ -62,7 +63,8 @@ def _timings_removed(res: dict) -> dict:
 
 @pytest.mark.slow
 def test_archscale_eval_on_two_processes_equals_one(tmp_path):
-    """Held-out loss, the yardstick (per-window scores in order) and rank classification."""
+    """Held-out loss, the yardstick (per-window scores in order) and rank classification; and
+    the same in one process with the model partly offloaded to disk (--max-memory)."""
     from train.cli import main
 
     _write_data(tmp_path)
@@ -80,6 +82,11 @@ def test_archscale_eval_on_two_processes_equals_one(tmp_path):
         assert main(args) == 0
     expected = json.loads(out.read_text())
     out.unlink()
+    with one_thread():  # the same, with 85% of the weights' bytes on the CPU and the rest offloaded to disk
+        assert main(args + ["--max-memory", "cpu:360000", "--offload-folder", str(tmp_path / "offload")]) == 0
+    offloaded = json.loads(out.read_text())
+    assert set(offloaded.pop("placement")) == {"cpu", "disk"}, "the cap no longer splits the debug model"
+    assert _timings_removed(offloaded) == _timings_removed(dict(expected))
     two = _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train", *args],
                ROOT)
     got = json.loads(out.read_text())

@@ -238,6 +238,9 @@ def evaluate_checkpoint(step_dir: str | Path, task_files: Sequence[str] = (), *,
         result["zero_shot"] = aggregate(preds)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["processes"] = shard.count if shard else 1  # data-parallel processes that scored it
+    if where.device_map is not None:  # accelerate's placement: how many modules on each device
+        placed = [str(d) for d in model.hf_device_map.values()]
+        result["placement"] = {d: placed.count(d) for d in sorted(set(placed))}
     return result
 
 
