@@ -134,20 +134,29 @@ def write_remote_code(model, out: Path) -> None:
         shutil.copy(f, out / f.name)
 
 
-def save_for_transformers(model, out, tokenizer=None) -> str:
+def save_for_transformers(model, out, tokenizer=None, dtype: Optional[torch.dtype] = None) -> str:
     """Write `model` (and `tokenizer`) to `out` in the most native form it maps onto; returns
-    "llama", "t5" or "remote-code", also recorded in out/archscale_export.json with the reason."""
+    "llama", "t5" or "remote-code", also recorded in out/archscale_export.json with the reason.
+    `dtype`: the weights' dtype on disk (config.json's `dtype` says it; from_pretrained loads
+    it so); None = the model's. The cast comes last, after any scale is folded into a weight
+    (in the model's precision), and `model` itself is left as it was."""
+    import copy
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     form, why = native_form(model.config)
+
+    def cast(m):
+        return m if dtype is None else m.to(dtype)
+
     with torch.no_grad():
         if form == "llama":
-            to_llama(model).save_pretrained(out)
+            cast(to_llama(model)).save_pretrained(out)
         elif form == "t5":
-            to_t5(model).save_pretrained(out)
+            cast(to_t5(model)).save_pretrained(out)
         else:
             form = "remote-code"
-            write_remote_code(model, out)
+            write_remote_code(model if dtype is None else cast(copy.deepcopy(model)), out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "archscale_export.json").write_text(json.dumps(
