@@ -233,3 +233,19 @@ def test_pictures_and_page_hold_the_numbers(ladder, points, tmp_path):
                  f"{ro.rows[0].predicted:.4f}"):
         assert text in page, text
     assert page.count("| CD:FLM | r3 |") == 9
+
+
+def test_positive_parameters_keep_positive_intervals(ladder):
+    """E, A and B are widened in log space: refits far below the point fit (A ten times smaller)
+    widen towards 0, never past it; alpha and beta are widened linearly."""
+    import dataclasses
+
+    b = next(iter(ladder.cells.values()))
+    point = b.fit.params.as_array()
+    samples = np.tile(point, (200, 1))
+    samples[:100, :] *= np.array([0.1, 0.1, 1.0, 0.1, 1.0])  # half the refits: E, A, B ten times smaller
+    wide = dataclasses.replace(b, samples=samples, inflation=1.5)
+    ivs = wide.intervals()
+    assert all(ivs[n][0] > 0 for n in ("E", "A", "B")), ivs
+    assert ivs["A"][0] == pytest.approx(point[1] * 0.1 ** 1.5, rel=1e-6)  # exp(log a + 1.5 (log 0.1a - log a))
+    assert ivs["alpha"] == pytest.approx((point[2], point[2]))

@@ -70,7 +70,14 @@ class CellBootstrap:
         return point + self.inflation * (samples - point)
 
     def intervals(self, level: float = LEVEL) -> dict[str, tuple[float, float]]:
-        lo, hi = percentile_interval(self.widen(self.samples, self.fit.params.as_array()), level)
+        """Each parameter's interval. E, A and B are positive: widened in log space (a linear
+        widening of a refit's A = 1e8 about a point fit of 2e8 would give a negative bound), alpha
+        and beta as they are."""
+        point, positive = self.fit.params.as_array(), np.array([n in ("E", "A", "B") for n in PARAM_NAMES])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.where(positive, np.log(np.where(positive, self.samples, 1.0)), self.samples)
+            widened = self.widen(logs, np.where(positive, np.log(np.where(positive, point, 1.0)), point))
+        lo, hi = percentile_interval(np.where(positive, np.exp(widened), widened), level)
         return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(PARAM_NAMES)}
 
     def curve_samples(self, N, D) -> np.ndarray:
