@@ -74,11 +74,16 @@ def main_submit(argv=None) -> int:
                    help="rehearse on the project's local Slurm cluster (slurm/local_cluster.sh, which must be "
                         "running): CPU training (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1 unless --env sets them) "
                         "and a 10-minute time limit unless --time is given")
+    p.add_argument("--gpu", default=None, metavar="KIND",
+                   help="the job's GPU kind, for the memory fit check (the planner's table, `archscale plan "
+                        "--help`; default h100-80gb)")
+    p.add_argument("--no-fit-check", action="store_true",
+                   help="skip the memory fit check here and in the job (parallel.fit_check=false)")
     _resource_args(p)
     a = p.parse_args(argv)
     from train.config import split_config_args  # light: yaml and dataclasses
 
-    config, overrides = split_config_args(a.args)
+    config, overrides = split_config_args([*a.args, "parallel.fit_check=false"] if a.no_fit_check else a.args)
     env = {}
     if a.local:
         problem = local_cluster_problem()
@@ -93,7 +98,7 @@ def main_submit(argv=None) -> int:
         env[key] = value
     try:
         sub = submit(config, overrides, run_dir=a.run_dir, resources=_resources(a),
-                     after=a.after, dry_run=a.dry_run, env=env or None)
+                     after=a.after, dry_run=a.dry_run, env=env or None, gpu=a.gpu)
     except (SlurmError, ValueError) as e:
         return _fail(p.prog, e)
     if a.dry_run:

@@ -53,10 +53,14 @@ def _check_not_active(run_dir: pathlib.Path) -> None:
 
 
 def check_config(config: str | None, overrides=(), *, run_dir=None,
-                 resources: Resources = Resources(), what: str = "") -> None:
+                 resources: Resources = Resources(), what: str = "", fit: bool = False,
+                 gpu: str | None = None) -> None:
     """Load the run config as the trainer will (train.config: defaults < CONFIG < a.b=c) and derive
     its numbers for the job's world size, so a bad key or value is refused here with the
-    trainer's one-line message instead of failing in the queue. Light: no torch, no model code."""
+    trainer's one-line message instead of failing in the queue. `fit`: also the trainer's start-up
+    memory fit check, planned for the job's world and GPUs (`gpu`: their kind in the planner's table;
+    train/trainer/fitcheck.py, submit_fit_check), unless parallel.fit_check=false. Light: no torch,
+    no model code."""
     from train.config import ConfigError, derive, load_config  # light (yaml and dataclasses)
 
     overrides = list(overrides)
@@ -77,23 +81,32 @@ def check_config(config: str | None, overrides=(), *, run_dir=None,
         raise SlurmError(f"{what}cannot read config file {config}: {e.strerror or e}") from None
     except (ConfigError, ValueError, TypeError) as e:
         raise SlurmError(f"{what}bad config: {' '.join(str(e).split())}") from None
+    if fit:
+        from train.trainer.fitcheck import submit_fit_check  # light: the planner, no torch
+
+        try:
+            submit_fit_check(cfg, nodes=resources.nodes, tasks_per_node=resources.ntasks_per_node,
+                             gpus_per_node=resources.gpus_per_node, gpu=gpu, mem=resources.mem)
+        except ConfigError as e:
+            raise SlurmError(f"{what}{e}") from None
 
 
 def submit(config: str | None, overrides=(), *, run_dir, resources: Resources = Resources(),
            after: str | None = None, dry_run: bool = False, command: list[str] | None = None,
            entry=None, env: dict | None = None, job_name: str | None = None,
-           python: str | None = None) -> Submission:
+           python: str | None = None, fit_check: bool = True, gpu: str | None = None) -> Submission:
     """Render RUN_DIR/slurm/job.sh for `python -m train train CONFIG OVERRIDES run_dir=RUN_DIR`
     and submit it (after job `after` succeeds, if given). `command` replaces the whole trainer
     command line; `entry` only the `-m train train` part. The config (None: the defaults and the
-    overrides) is checked with train.config first, unless `command` or `entry` replaces the trainer."""
+    overrides) is checked with train.config first, unless `command` or `entry` replaces the trainer,
+    and so is its memory (`fit_check`, for the job's GPUs of kind `gpu`: check_config)."""
     run_dir = pathlib.Path(run_dir).absolute()
     try:
         check_path(run_dir)
     except ValueError as e:
         raise SlurmError(str(e)) from None
     if command is None and entry is None:
-        check_config(config, overrides, run_dir=run_dir, resources=resources)
+        check_config(config, overrides, run_dir=run_dir, resources=resources, fit=fit_check, gpu=gpu)
     if config is not None and pathlib.Path(config).is_file():  # the job may start elsewhere (a cell, a resubmission)
         config = str(pathlib.Path(config).absolute())
     if command is None:

@@ -159,3 +159,50 @@ def test_no_fit_check_flag_runs_anyway_and_warns(work, monkeypatch, inproc, caps
         assert cmd_train(["--no-fit-check", *_debug(work, "flagged")]) == 0
     assert "fit_check=false" in caplog.text
     assert [r["step"] for r in metrics(work / "flagged") if "loss" in r] == [1, 2]
+
+
+# `archscale submit`'s fit check (slurm/submit.py check_config -> fitcheck.submit_fit_check): planned for
+# the job's world and GPUs before anything is queued; --dry-run renders nothing for a run that cannot fit.
+WIDE = ["model.size=debug", "schedule.max_steps=10", "model.overrides.d_model=16384", "model.overrides.n_layers=64",
+        "model.overrides.d_ff=65536"]  # ~4.5 TiB planned: bench/faults' run_cannot_fit
+
+
+def _submit(tmp_path, capsys, *args):
+    from slurm.cli import main_submit
+
+    rc = main_submit([*args, "--run-dir", str(tmp_path / "run"), "--dry-run"])
+    out = capsys.readouterr()
+    return rc, out.out, [l for l in out.err.splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("res, says", [
+    (["--gpus-per-node", "8", "--nodes", "2"], "the memory of the job's GPU kind"),
+    (["--gpus-per-node", "4", "--gpu", "a100-40gb"], "(--gpu a100-40gb)"),
+    (["--mem", "64G", "--tasks-per-node", "2"], "--mem=64G per node / 2 tasks"),
+])
+def test_submit_refuses_a_run_that_cannot_fit_the_jobs_memory(tmp_path, capsys, res, says):
+    rc, out, err = _submit(tmp_path, capsys, *WIDE, *res)
+    assert rc == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith("archscale submit: error: this run does not fit: the planner's peak is ") and says in err[0]
+    assert "pass --no-fit-check (parallel.fit_check=false) to run anyway" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_submit_fit_check_plans_the_jobs_world_and_can_be_skipped(tmp_path, capsys):
+    from train.config import ConfigError, load_config
+    from train.trainer import fitcheck
+
+    # what fits 16 GPUs with ZeRO-3 does not fit 1: the plan is the job's world, not one device
+    cfg = load_config(None, ["model.size=debug", "schedule.max_steps=10", "model.overrides.d_model=4096", "model.overrides.n_layers=16",
+                             "model.overrides.d_ff=16384", "parallel.zero_stage=3", "parallel.precision=bf16"])
+    with pytest.raises(ConfigError, match="the memory of the job's GPU kind a100-40gb .* set parallel"):
+        fitcheck.submit_fit_check(cfg, nodes=1, tasks_per_node=1, gpus_per_node=1, gpu="a100-40gb")
+    many = fitcheck.submit_fit_check(cfg, nodes=2, tasks_per_node=8, gpus_per_node=8, gpu="a100-40gb")
+    assert many["memory"]["fits"] and many["memory"]["peak_gib"] < 36
+    rc, out, err = _submit(tmp_path, capsys, *WIDE, "--gpus-per-node", "8", "--no-fit-check")  # the job skips it too
+    assert rc == 0 and err == [] and "parallel.fit_check=false" in out
+    rc, out, err = _submit(tmp_path, capsys, *WIDE)  # a CPU job without --mem: left to the start-up check
+    assert rc == 0 and err == [] and "parallel.fit_check=false" not in out
+    rc, _, err = _submit(tmp_path, capsys, *WIDE, "--gpus-per-node", "1", "--gpu", "no-such-gpu")
+    assert rc == 2 and len(err) == 1 and "--gpu: unknown GPU 'no-such-gpu'" in err[0]
+    assert fitcheck._mem_bytes("64G") == 64 * 2 ** 30 and fitcheck._mem_bytes("500") == 500 * 2 ** 20
