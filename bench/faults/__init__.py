@@ -18,18 +18,20 @@ from .common import Row, format_table  # noqa: F401
 PARTS = ("security", "inputs", "kills", "signals", "disk", "requeue")
 
 
-def run_parts(work, parts=PARTS, quick: bool = False, kills: int = 20, log=print) -> list[Row]:
+def run_parts(work, parts=PARTS, quick: bool = False, kills: int = 20, log=print,
+              cases: list[str] | None = None) -> list[Row]:
+    """`cases`: only these bad-input cases (names as printed; default all)."""
     from .common import setup
 
     setup(work)
     rows = []
     for part in parts:
         log(f"== {part}")
-        rows.append(_part(part, work, quick, kills, log))
+        rows.append(_part(part, work, quick, kills, log, cases))
     return rows
 
 
-def _part(part: str, work, quick: bool, kills: int, log) -> Row:
+def _part(part: str, work, quick: bool, kills: int, log, cases=None) -> Row:
     if part == "security":
         from .security import security
 
@@ -37,7 +39,7 @@ def _part(part: str, work, quick: bool, kills: int, log) -> Row:
     if part == "inputs":
         from .inputs import bad_inputs
 
-        return bad_inputs(work, log=log)
+        return bad_inputs(work, cases, log=log)
     if part == "kills":
         from .kills import kill_campaign
 

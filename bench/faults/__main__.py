@@ -21,11 +21,13 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs of the full campaign (default 20)")
     p.add_argument("--work", default=None, help="working directory (default: a fresh temporary one)")
     p.add_argument("--json", default=None, help="also write the rows and the machine here")
+    p.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                   help="inputs: only these bad-input cases (their printed names; default all)")
     a = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(a.work or tempfile.mkdtemp(prefix="archscale-faults-")).absolute()
     t0 = time.time()
-    rows = run_parts(work, a.only, quick=a.quick, kills=a.kills, log=lambda s: print(s, flush=True))
+    rows = run_parts(work, a.only, quick=a.quick, kills=a.kills, log=lambda s: print(s, flush=True), cases=a.cases)
     took = time.time() - t0
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
     print(f"\npython -m bench.faults {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())

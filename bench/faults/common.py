@@ -113,8 +113,16 @@ def cli() -> list[str]:
 
 
 def run_cli(args: list[str], work: Path, timeout: float = 300, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run(cli() + args, cwd=work, env=env(work, **extra), capture_output=True, text=True,
-                          timeout=timeout)
+    """The CLI as a subprocess. One that runs past `timeout` (killed) comes back with exit status 124 and a
+    last stderr line saying so: a failed case, not a traceback that ends the campaign (a loaded machine
+    once took over 300 s for one case, 2026-12-06)."""
+    try:
+        return subprocess.run(cli() + args, cwd=work, env=env(work, **extra), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        return subprocess.CompletedProcess(e.cmd, 124, out, f"{err}\nbench.faults: timed out after {timeout:.0f} s "
+                                                            f"(killed; the machine's load?)")
 
 
 def launch(args: list[str], work: Path, **extra) -> subprocess.Popen:
