@@ -249,3 +249,6 @@ def test_positive_parameters_keep_positive_intervals(ladder):
     assert all(ivs[n][0] > 0 for n in ("E", "A", "B")), ivs
     assert ivs["A"][0] == pytest.approx(point[1] * 0.1 ** 1.5, rel=1e-6)  # exp(log a + 1.5 (log 0.1a - log a))
     assert ivs["alpha"] == pytest.approx((point[2], point[2]))
+    samples[:100, 2] = 0.02  # alpha refits near its lower bound: widened, they would cross it
+    ivs = dataclasses.replace(b, samples=samples, inflation=3.0).intervals()
+    assert ivs["alpha"][0] == pytest.approx(0.01)  # held at fits.EXP_BOUNDS

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .fits import PARAM_NAMES, CellFit, fit_cell, frontier, law_loss, refit
+from .fits import EXP_BOUNDS, PARAM_NAMES, CellFit, fit_cell, frontier, law_loss, refit
 from .points import LadderError, LadderPoint, PairedResampler, check_points
 
 LEVEL = 0.95
@@ -72,12 +72,14 @@ class CellBootstrap:
     def intervals(self, level: float = LEVEL) -> dict[str, tuple[float, float]]:
         """Each parameter's interval. E, A and B are positive: widened in log space (a linear
         widening of a refit's A = 1e8 about a point fit of 2e8 would give a negative bound), alpha
-        and beta as they are."""
+        and beta linearly, then held inside the fit's bounds (fits.EXP_BOUNDS)."""
         point, positive = self.fit.params.as_array(), np.array([n in ("E", "A", "B") for n in PARAM_NAMES])
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.where(positive, np.log(np.where(positive, self.samples, 1.0)), self.samples)
             widened = self.widen(logs, np.where(positive, np.log(np.where(positive, point, 1.0)), point))
-        lo, hi = percentile_interval(np.where(positive, np.exp(widened), widened), level)
+        exps = np.array([n in ("alpha", "beta") for n in PARAM_NAMES])
+        values = np.where(positive, np.exp(widened), np.where(exps, np.clip(widened, *EXP_BOUNDS), widened))
+        lo, hi = percentile_interval(values, level)
         return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(PARAM_NAMES)}
 
     def curve_samples(self, N, D) -> np.ndarray:
