@@ -195,7 +195,7 @@ CASES: list[Case] = [
     ("complete_marker_garbage", "COMPLETE", _ckpt(lambda r, s: (s / "COMPLETE").write_text("garbage{"))),
     ("malicious_pickle_checkpoint", "refused", _ckpt(_evil_ckpt)),
     ("checkpoint_of_another_arch", "model.arch=nd", _ckpt(lambda r, s: None, ["model.arch=cd"])),
-    ("checkpoint_of_another_objective", "objective.name=plm", _ckpt(lambda r, s: None, ["objective.name=mlm"])),
+    ("checkpoint_of_another_objective", "objective.name=plm", _ckpt(lambda r, s: None, ["objective.name=flm"])),
     ("resume_a_tmp_dir", "incomplete", _ckpt(lambda r, s: shutil.copytree(s, Path(str(s) + "0.tmp")),
                                             [f"checkpoint.resume=RUN/{LAST}0.tmp"])),
     ("resume_missing_path", "no such path", _ckpt(lambda r, s: None, ["checkpoint.resume=/nonexistent/step-00000009"])),
