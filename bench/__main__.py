@@ -7,6 +7,7 @@ architecture through the real training step, side by side with the Hugging Face 
     python -m bench --only models --models cd,nd   # some of the architecture rows (see MODELS)
     python -m bench --json out.json
     python -m bench --profile DIR         # profile each model's training step: top kernels, time shares
+    python -m bench compile-check         # CPU: graph breaks / recompiles of the compiled blocks per variant
 
 Prints a table (tokens/s, model TFLOP/s, fraction of the measured peak, ratio to the HF anchor,
 peak memory) and writes JSON. Model FLOPs come from model_zoo.train_flops (one formula for all
@@ -66,6 +67,11 @@ def _merge(files: list[str], json_path) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compile-check"]:  # graph breaks and recompiles of the compiled blocks (CPU)
+        from .compile_check import main as compile_check
+
+        return compile_check(argv[1:])
     parts = ["matmul", "attention", "hf", "models", "data"]
     a = _parser(parts).parse_args(argv)
     if a.merge:

@@ -143,6 +143,7 @@ def prepare_mask(spec: MaskSpec, impl: str, batch_size: int, device, has_bias: b
 
 
 _compiled_flex = None
+COMPILED_FLEX_DEVICES = ("cuda",)  # device types whose eager flex calls go through one compiled wrapper
 
 
 def allow_compiled_variants(n: int = 32) -> None:
@@ -154,11 +155,21 @@ def allow_compiled_variants(n: int = 32) -> None:
 
 
 def _flex(q, k, v, **kw):
-    """flex attention, compiled on CUDA (the eager version materialises the scores)."""
+    """flex attention, compiled on CUDA (the eager version materialises the scores).
+
+    Pitfalls: inside a compiled block (model.compile) flex is traced as part of the block, whose
+    compilation covers it; calling the compiled wrapper there would make the block's graph guard
+    on `_compiled_flex is None`, and every stack recompile once when the first trace sets it.
+    Torch 2.13 on CPU: inductor's CPU flex template reads the storage of q and k as 4-D, so a
+    compiled block whose q / k are views of a projection's 2-D output (no RoPE between) fails
+    to compile ("not enough values to unpack (expected 4, got 2)"): on CPU they are made
+    contiguous first (a copy; flex on CPU is a test path, `auto` picks SDPA there)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    if q.device.type != "cuda":
+    if q.device.type == "cpu":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.device.type not in COMPILED_FLEX_DEVICES or torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kw)
     if _compiled_flex is None:
         allow_compiled_variants()
