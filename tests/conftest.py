@@ -73,3 +73,15 @@ def slurm_cluster(slurm_packages):
     yield
     if not was_up and not os.environ.get("ARCHSCALE_SLURM_KEEP"):
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Debug-size matmuls run faster, and steadier on a shared machine, on one thread (a module's
+    tests use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

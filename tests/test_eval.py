@@ -16,13 +16,7 @@ from train.objectives.core import Example
 ARCHS = ["cd", "nd", "ed"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Debug-size matmuls run faster, and steadier on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- log-likelihoods

@@ -17,12 +17,7 @@ CASES = [("cd-llama", "cd", dict(position="rope", mlp="swiglu"), "llama"), ("ed-
 REQUESTS = [([5, 9, 13, 40], [7, 8]), ([3], [11, 12, 13]), ([20, 21, 22, 23, 24, 25], [30])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cap(model) -> str:
