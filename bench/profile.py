@@ -47,7 +47,9 @@ def _self_time(evt, cuda: bool) -> float:
     return float(evt.self_cpu_time_total)
 
 
-def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> list[dict]:
+def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3, when=None) -> list[dict]:
+    """Profiles `steps` training steps of each model (suite.model_steps' selection: `names`, and
+    `when(name)` asked before each is built), writes the tables, returns the summaries."""
     from torch.profiler import ProfilerActivity, profile
 
     from train.engine import runtime as eng
@@ -58,7 +60,7 @@ def profile_models(s, names: Optional[set], out_dir: str, steps: int = 3) -> lis
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for spec, engine, batch, *_ in model_steps(s, names):
+    for spec, engine, batch, *_ in model_steps(s, names, when):
         for _ in range(s.warmup):
             eng.train_step(engine, [batch])
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -172,14 +172,17 @@ def attention_cases(s: Shapes):
     ]
 
 
-def bench_attention(s: Shapes):
-    """Yields one Row per attention case; vs_anchor: TFLOP/s over the first case's (flash causal)."""
+def bench_attention(s: Shapes, when: Optional[Callable[[str], bool]] = None):
+    """Yields one Row per attention case (those `when(name)` allows, asked just before each is
+    measured); vs_anchor: TFLOP/s over the first case's (flash causal)."""
     from model_zoo.blocks import attend, prepare_mask
 
     b, h, t, d = s.attn
     impl = "flex" if s.device == "cuda" else "sdpa"
     base = None
     for name, spec, bias in attention_cases(s):
+        if when is not None and not when(name):
+            continue
         q, k, v = (torch.randn(b, h, t, d, device=s.device, dtype=s.dtype, requires_grad=True) for _ in range(3))
         mask = prepare_mask(spec, impl, b, s.device, has_bias=bias is not None)
         pairs = float(spec.dense(b, s.device).float().sum()) / (h if spec.per_head else 1)  # allowed (q, k) per head
@@ -241,24 +244,27 @@ def release(s: Shapes) -> None:
     reset_mem(s.device)
 
 
-def model_steps(s: Shapes, names: Optional[set]):
-    """(spec, engine, batch, tokens, flops, params) for each selected ModelSpec in turn, the
-    previous engine released before the next is built."""
+def model_steps(s: Shapes, names: Optional[set], when: Optional[Callable[[str], bool]] = None):
+    """(spec, engine, batch, tokens, flops, params) for each selected ModelSpec in turn (in `names`,
+    and allowed by `when(name)`, asked just before it is built), the previous engine released
+    before the next is built."""
     from train.engine import runtime as eng
 
     dist = eng.setup_distributed()
     for spec in s.models:
-        if names and spec.name not in names:
+        if (names and spec.name not in names) or (when is not None and not when(spec.name)):
             continue
         release(s)
         yield (spec, *build_step(spec, s, dist))
 
 
-def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None):
-    """Yields a Row per ModelSpec, through the real step: DeepSpeed engine, optimizer step included."""
+def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = None,
+                    when: Optional[Callable[[str], bool]] = None):
+    """Yields a Row per ModelSpec (model_steps' selection), through the real step: DeepSpeed
+    engine, optimizer step included."""
     from train.engine import runtime as eng
 
-    for spec, engine, batch, tokens, flops, params in model_steps(s, names):
+    for spec, engine, batch, tokens, flops, params in model_steps(s, names, when):
         ms = timeit(lambda: eng.train_step(engine, [batch]), s.warmup, s.iters, s.device)
         tf = flops / ms / 1e9
         row = Row("archscale", spec.name, f"{params / 1e9:.2f}B {spec.rows.text()} mb{spec.micro}", ms, tflops=tf,
@@ -270,8 +276,8 @@ def bench_archscale(s: Shapes, peak: Optional[float], names: Optional[set] = Non
         yield row
 
 
-def bench_hf(s: Shapes, peak: Optional[float]):
-    """Yields the anchors' rows: HF Llama and HF T5, plain torch AdamW step."""
+def bench_hf(s: Shapes, peak: Optional[float], when: Optional[Callable[[str], bool]] = None):
+    """Yields the anchors' rows: HF Llama and HF T5 (those `when(name)` allows), plain torch AdamW step."""
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     for name, make, micro, shape in (
@@ -279,6 +285,8 @@ def bench_hf(s: Shapes, peak: Optional[float]):
              (s.seq, 0)),
             ("HF T5", lambda: T5ForConditionalGeneration(T5Config(**s.hf_t5, dropout_rate=0.0, decoder_start_token_id=0)), s.ed_micro,
              (s.ed_in, s.ed_out))):
+        if when is not None and not when(name):
+            continue
         reset_mem(s.device)
         model = make().to(s.device, s.dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
