@@ -8,7 +8,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e .[eval])")
 
-from test_eval import bytes_tok, one_thread, synthetic_records, trained_model  # noqa: E402,F401  (fixtures)
+from test_eval import bytes_tok, synthetic_records, trained_model  # noqa: E402,F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # target_delimiter "": the prompted objective trains `input ++ target` with no separator added
 TASK_YAML = """task: archscale_kind

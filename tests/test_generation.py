@@ -10,7 +10,7 @@ from model_zoo.export import to_llama, to_t5
 GREEDY = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
 
 
-from test_eval import one_thread  # noqa: E402,F401  (the module's one-thread fixture)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # noqa: E402  (conftest's one-thread fixture)
 
 
 @pytest.mark.parametrize("opts", [{}, dict(scale_attn=False, scale_tied_logits=False)])

@@ -26,7 +26,7 @@ from train.eval.yardstick import Yardstick, _choices, score_yardstick
 from train.objectives import ObjectiveConfig, TokenInfo
 from train.objectives.scoring import continuation_request
 
-from test_eval import one_thread  # noqa: E402,F401  (the module's one-thread fixture)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # noqa: E402  (conftest's one-thread fixture)
 
 TOKENS = TokenInfo(vocab_size=300, pad_id=0, eos_id=1, sentinel_ids=(299, 298), mode_ids=(("[S2S]", 297),))
 
