@@ -27,7 +27,13 @@ def run_parts(work, parts=PARTS, quick: bool = False, kills: int = 20, log=print
     rows = []
     for part in parts:
         log(f"== {part}")
-        rows.append(_part(part, work, quick, kills, log, cases))
+        try:
+            rows.append(_part(part, work, quick, kills, log, cases))
+        except Exception as e:  # the part itself broke (e.g. the local Slurm controller went away): a failed
+            row = Row(f"{part}: the part did not finish")  # row with the reason; the other parts still report
+            row.case(part, False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            log(f"  FAIL {part}: {row.failures[-1] if row.failures else e}")
+            rows.append(row)
     return rows
 
 
