@@ -209,6 +209,8 @@ def test_finished_branches_are_fitted_judged_drawn_and_paged(tmp_path, capsys):
     assert (tmp_path / "lad" / "loss_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "lad" / "isoflop.png").stat().st_size > 1000
     assert "N[ED:MLM]=1.09e+10" in page  # ED judged at the 11b reference's non-embedding parameters
+    # these branches were written by hand, with no config.yaml: the baselines say why they are missing
+    assert "## Baselines\n\nBaselines not computed: config file" in page
     assert "## Points (47 finished branches" in page and "| CD:FLM | 64x2 |" in page
     # archscale report on the ladder's directory: its points and the page's verdicts, read-only
     from train.commands import report

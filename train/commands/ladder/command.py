@@ -241,10 +241,13 @@ def baselines_line(points: list[dict]) -> str:
     from ...eval.baselines import ngram_baselines
     from ...eval.yardstick import build_yardstick
 
-    cfg = load_config(Path(points[0]["run_dir"]) / "config.yaml")
-    prepared = prepare(cfg.data, None)
-    ys = build_yardstick(prepared, cfg.eval, cfg.data)
-    b = ngram_baselines(prepared, ys, len(prepared.tokenizer))
+    try:  # a help to the reader, never a reason to lose the fitted page
+        cfg = load_config(Path(points[0]["run_dir"]) / "config.yaml")
+        prepared = prepare(cfg.data, None)
+        ys = build_yardstick(prepared, cfg.eval, cfg.data)
+        b = ngram_baselines(prepared, ys, len(prepared.tokenizer))
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        return f"Baselines not computed: {' '.join(str(e).split())[:200]}"
     bigram = f", bigram {b['bigram']:.4f}" if b["bigram"] is not None else ""
     return (f"On the same yardstick continuations ({b['tokens']:,} tokens), from the training split's "
             f"{b['train_tokens']:,} tokens (train/eval/baselines.py): uniform {b['uniform']:.4f}, unigram "
