@@ -130,9 +130,9 @@ def open_run(t) -> Optional[WandbLogger]:
     """The trainer's W&B run (rank 0; None when logging.wandb is off)."""
     if not t.cfg.logging.wandb.enabled:
         return None
-    import yaml
+    from ..yamlfile import parse_yaml  # the one YAML reader (tests/test_yaml_load.py)
 
-    return WandbLogger.open(t.cfg.logging.wandb, t.layout.root, yaml.safe_load(t.config_yaml),
+    return WandbLogger.open(t.cfg.logging.wandb, t.layout.root, parse_yaml(t.config_yaml, "the resolved config"),
                             fresh=t.cfg.checkpoint.resume == "never")
 
 
