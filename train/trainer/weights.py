@@ -27,7 +27,7 @@ def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> di
     bf16 runs: the weights returned are the fp32 master, not the bf16 working copy the model
     computed with (that copy is the master rounded to bf16; tests/test_bf16.py): at ZeRO-0 from
     the optimizer's `fp32_groups` (read only with `model_config`, which names them; without it,
-    the working copy), on pipeline stages from their flat fp32 partitions (_pipeline_master).
+    the working copy), on pipeline stages from their flat fp32 partitions (_put_pipeline_master).
     """
     engine_dir = Path(step_dir) / tag
     if not engine_dir.is_dir():
@@ -36,10 +36,11 @@ def engine_weights(step_dir: Path, tag: str = "engine", model_config=None) -> di
     if any(engine_dir.glob("layer_*-model_states.pt")):
         if model_config is None:
             raise ValueError("a pipeline checkpoint needs the model config to name its layers")
-        from ..engine.pipeline import model_state_dict_from_layer_files
+        from ..engine.pipeline import layer_states_from_files, pipeline_to_model_state_dict
 
-        weights = {k: v.float() for k, v in model_state_dict_from_layer_files(model_config, str(engine_dir)).items()}
-        return {**weights, **_pipeline_master(model_config, engine_dir)}
+        layers = layer_states_from_files(str(engine_dir))
+        _put_pipeline_master(model_config, engine_dir, layers)
+        return {k: v.float() for k, v in pipeline_to_model_state_dict(model_config, layers).items()}
     optim_files = sorted(engine_dir.glob("*zero_pp_rank_*optim_states.pt"))
     if optim_files:
         if "zero_stage" not in safe_torch_load(optim_files[0])["optimizer_state_dict"]:
@@ -79,21 +80,18 @@ def _flat_master(engine_dir: Path, mp: str) -> dict:
             if name in pieces}
 
 
-def _pipeline_master(model_config, engine_dir: Path) -> dict:
-    """A bf16 pipeline's fp32 master in model_zoo keys (empty for fp32: its layer files are the
-    master). Stage names are `L.param` (layer L) and `tied_modules.K.param` (every layer of tied
-    key K; the stages' copies are equal: the same all-reduced gradients)."""
+def _put_pipeline_master(model_config, engine_dir: Path, layers: dict) -> None:
+    """A bf16 pipeline's fp32 master put into its stage state dicts `layers` (layer index ->
+    state dict, as read from the layer files), in place; nothing for fp32, whose layer files are
+    the master. Stage names are `L.param` (layer L) and `tied_modules.K.param` (every layer of
+    tied key K; the stages' copies are equal: the same all-reduced gradients)."""
     import torch
     from deepspeed.pipe import TiedLayerSpec
 
-    from ..engine.pipeline import pipeline_to_model_state_dict
     from ..engine.pipeline.specs import make_plan
 
-    layers: dict = {}
-    for f in sorted(engine_dir.glob("layer_*-model_states.pt")):
-        layers[int(f.name[len("layer_"):].split("-")[0])] = dict(safe_torch_load(f))
     if not any(t.dtype == torch.bfloat16 for sd in layers.values() for t in sd.values()):
-        return {}
+        return
     specs = make_plan(model_config).specs
     for mp in sorted({f.name.split("_mp_rank_")[1][:2] for f in engine_dir.glob("*zero_pp_rank_*optim_states.pt")}):
         for name, t in _flat_master(engine_dir, mp).items():
@@ -105,7 +103,6 @@ def _pipeline_master(model_config, engine_dir: Path) -> dict:
                         layers[i][param] = t
             else:
                 layers[int(head)][rest] = t
-    return {k: v.float() for k, v in pipeline_to_model_state_dict(model_config, layers).items()}
 
 
 def _unfused_master(model_config, fp32_groups: list) -> dict:

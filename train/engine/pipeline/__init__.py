@@ -57,15 +57,16 @@ from .loss import PipelineLoss, pipeline_loss
 from .module import (CHECKPOINTABLE_LAYERS, ArchscalePipeline, LocalPipeline, _Bound, build_pipeline_module,
                      initialize_pipeline_engine)
 from .specs import TIED_KEY, Plan, arch_spec, layer_names, make_plan, num_blocks, pipeline_layers, pipeline_layout
-from .weights import (_LAYER_FILE, _PipelineWeights, model_state_dict_from_layer_files, model_to_pipeline_state_dicts,
-                      pipeline_to_model_state_dict)
+from .weights import (_LAYER_FILE, _PipelineWeights, layer_states_from_files, model_state_dict_from_layer_files,
+                      model_to_pipeline_state_dicts, pipeline_to_model_state_dict)
 
 __all__ = [
     "ArchscalePipeline", "BlockLayer", "CHECKPOINTABLE_LAYERS", "COUNT_KEYS", "Carry", "ContextCache", "DECODER",
     "ED_DECODER", "ENCODER", "EmbedFn", "FinalNorm", "HeadFn", "LMHead", "LocalPipeline", "Plan",
     "PipelineConfigError", "PipelineLoss", "StackInput", "StackKind", "TIED_KEY", "TokenEmbedding", "arch_spec",
     "batch_to_pipeline", "build_pipeline_module", "check_pipeline", "initialize_pipeline_engine", "input_fields",
-    "layer_names", "make_plan", "model_state_dict_from_layer_files", "model_to_pipeline_state_dicts", "num_blocks",
+    "layer_names", "layer_states_from_files", "make_plan", "model_state_dict_from_layer_files",
+    "model_to_pipeline_state_dicts", "num_blocks",
     "pipeline_batches", "pipeline_layers", "pipeline_layout", "pipeline_loss", "pipeline_to_model_state_dict",
     "stack_context",
 ]

@@ -118,15 +118,21 @@ def model_to_pipeline_state_dicts(config, state: Mapping[str, Tensor]) -> dict[i
 _LAYER_FILE = re.compile(r"layer_(\d+)-(?:.*-)?model_states\.pt$")
 
 
-def model_state_dict_from_layer_files(config, directory: str) -> dict[str, Tensor]:
-    """The model_zoo state dict from a DeepSpeed pipeline checkpoint directory (the
-    `layer_XX-model_states.pt` files in CHECKPOINT/TAG/), e.g. for `archscale export`."""
+def layer_states_from_files(directory: str) -> dict[int, dict[str, Tensor]]:
+    """{layer index: its state dict} of a DeepSpeed pipeline checkpoint directory (the
+    `layer_XX-model_states.pt` files in CHECKPOINT/TAG/)."""
     layer_states = {}
     for path in sorted(glob.glob(os.path.join(directory, "layer_*-model_states.pt"))):
         m = _LAYER_FILE.search(os.path.basename(path))
         if m:
-            layer_states[int(m.group(1))] = torch.load(path, map_location="cpu", weights_only=True)
+            layer_states[int(m.group(1))] = dict(torch.load(path, map_location="cpu", weights_only=True))
     if not layer_states:
         raise FileNotFoundError(f"no layer_XX-model_states.pt files in {directory}: not a pipeline checkpoint")
-    return pipeline_to_model_state_dict(config, layer_states)
+    return layer_states
+
+
+def model_state_dict_from_layer_files(config, directory: str) -> dict[str, Tensor]:
+    """The model_zoo state dict from a DeepSpeed pipeline checkpoint directory, e.g. for
+    `archscale export`."""
+    return pipeline_to_model_state_dict(config, layer_states_from_files(directory))
 
