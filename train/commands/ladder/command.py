@@ -280,20 +280,19 @@ def judge_ladder(ns, args: LadderArgs, plans: list[RungPlan], command: str) -> i
     pics = [plot_loss_vs_flops(ladder, verdicts, out / "loss_vs_flops.png"), plot_isoflop(ladder, out / "isoflop.png")]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = write_page(out / "ladder.md", ladder, rollout, verdicts, command, _machine(), date, pics)
-    base = baselines_line(points)
-    print(base)
-    with open(page, "a") as f:
-        f.write(f"\n## Baselines\n\n{base}\n")
-        f.write(f"\n## Points ({len(points)} finished branches; every run in ladder.json)\n\n"
-                + points_table(json.loads((out / "ladder.json").read_text())) + "\n")
-    print(summary_text(verdicts, rollout))
+    base, section = baselines_line(points), ""
     if ns.claim:
         from .claims import claim_of, claim_section, judge_claim
 
         claim, rungs = claim_of(ns.claim), [p.rung.label for p in plans]
-        section = claim_section(claim, *judge_claim(claim, verdicts, points, rungs), rungs, verdicts)
-        with open(page, "a") as f:
-            f.write("\n" + section)
-        print("\n" + section)
+        section = "\n" + claim_section(claim, *judge_claim(claim, verdicts, points, rungs), rungs, verdicts)
+    with open(page, "a") as f:
+        f.write(f"\n## Baselines\n\n{base}\n")
+        f.write(f"\n## Points ({len(points)} finished branches; every run in ladder.json)\n\n"
+                + points_table(json.loads((out / "ladder.json").read_text())) + "\n" + section)
+    print(base)
+    print(summary_text(verdicts, rollout))
+    if section:
+        print(section)
     print(f"\npage: {page}   pictures: {', '.join(str(p) for p in pics)}")
     return 0
